@@ -1,0 +1,96 @@
+"""Command line: parse, build the config, run the supervisor, map errors to exit codes.
+
+Exit codes: 0 DONE, 1 FAILED (restart budget spent), 2 usage or configuration error,
+130 / 143 after a graceful shutdown on SIGINT / SIGTERM, 70 an internal error (a bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import OPTIONS, Config, build, ensure_writable_dir, read_toml
+from .errors import ConfigError, SupervisorError
+from .logs import make_logger
+from .supervisor import Supervisor
+
+EPILOG = """\
+exit codes: 0 DONE, 1 FAILED (max restarts exhausted), 2 usage or config error,
+130/143 stopped by SIGINT/SIGTERM, 70 internal error.
+Every option is also a key of the TOML config; the command line wins."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse would print usage too)
+        raise ConfigError(f"usage: {message} (see --help)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="supervisord-ft", description="Fault-tolerant supervisor for distributed "
+                  "PyTorch training: launches N workers, restarts the group from the newest "
+                  "valid checkpoint when one dies.", epilog=EPILOG,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = top.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    run = sub.add_parser(
+        "run", help="run a training job under supervision",
+        usage="supervisord-ft run [--config FILE] [options] [-- COMMAND [ARG ...]]",
+        description="Run the built-in training job, or COMMAND (a torchrun-style script) after "
+                    "`--`, as a supervised group of workers.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", type=Path, help="TOML run config")
+    for opt in OPTIONS:
+        meta = opt.kind.__name__.upper() if not opt.choices else "{" + ",".join(opt.choices) + "}"
+        run.add_argument(*opt.flags, dest=opt.name, metavar=meta, default=argparse.SUPPRESS,
+                         help=f"{opt.help} (default: {'off' if opt.default is None else opt.default})")
+    return top
+
+
+def load_config(argv: Sequence[str]) -> Config:
+    argv = list(argv)
+    command: list[str] | None = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+        if not command:
+            raise ConfigError("command: nothing after `--`")
+    ns = vars(parser().parse_args(argv))
+    ns.pop("subcommand")
+    config_path = ns.pop("config", None)
+    toml = read_toml(config_path) if config_path else {}
+    return build(toml, ns, command, config_path)
+
+
+async def _run(cfg: Config) -> int:
+    ensure_writable_dir("checkpoint_dir", cfg.checkpoint_dir)
+    ensure_writable_dir("run_dir", cfg.run_dir)
+    with open(cfg.run_dir / "events.jsonl", "a", encoding="utf-8") as events:
+        log = make_logger(cfg.log_format, events)
+        return await Supervisor(cfg, log).run()
+
+
+def _runner() -> asyncio.Runner:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = load_config(argv)
+        with _runner() as runner:
+            return runner.run(_run(cfg))
+    except SupervisorError as exc:
+        print(f"supervisord-ft: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

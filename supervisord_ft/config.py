@@ -1,0 +1,217 @@
+"""Run configuration: one frozen dataclass, built once from defaults < TOML file < command line.
+
+Every option is declared once in :data:`OPTIONS`; the TOML reader, the command-line parser,
+``--help`` and the README's reference all come from that table. All validation happens in
+:func:`build`, and every error names the offending key and value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+LOG_FORMATS = ("auto", "json", "console")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    kind: type  # int, float, str or Path
+    help: str
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+    builtin_job: bool = False  # applies only to the built-in `python -m worker` job
+
+    @property
+    def default(self) -> Any:
+        return Config.__dataclass_fields__[self.name].default
+
+    @property
+    def flags(self) -> list[str]:
+        dashed = "--" + self.name.replace("_", "-")
+        return [dashed] if "_" not in self.name else [dashed, "--" + self.name]
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("num_workers", int, "worker processes (ranks) in the group", minimum=1),
+    Option("max_restarts", int, "relaunches allowed before the run is FAILED", minimum=0),
+    Option("checkpoint_dir", Path, "where checkpoint_step_<N>.pt files live"),
+    Option("run_dir", Path, "where events.jsonl is written"),
+    Option("grace_period", float, "seconds between SIGTERM and SIGKILL at teardown", minimum=0),
+    Option("log_format", str, "stdout format; auto = console on a terminal, else json",
+           choices=LOG_FORMATS),
+    Option("poll_interval", float,
+           "seconds between periodic `status` events (failure detection is event-driven and "
+           "does not depend on it)", minimum=0.01),
+    Option("keep_checkpoints", int, "newest intact checkpoints kept; older ones are deleted",
+           minimum=2),
+    Option("master_addr", str, "rendezvous address given to workers as MASTER_ADDR"),
+    Option("max_line_bytes", int,
+           "longest worker output line kept; longer lines are cut and marked truncated",
+           minimum=1024),
+    Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
+    Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
+    Option("checkpoint_interval", int, "built-in job: save every N global steps", minimum=1,
+           builtin_job=True),
+    Option("seed", int, "built-in job: seed for weights and synthetic data", minimum=0,
+           builtin_job=True),
+    Option("crash_at_step", int,
+           "built-in job: fault injection, crash after global step K (first attempt only)",
+           minimum=1, builtin_job=True),
+    Option("crash_rank", int, "built-in job: the rank that crashes", minimum=0,
+           builtin_job=True),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    num_workers: int = 2
+    max_restarts: int = 3
+    checkpoint_dir: Path = Path("checkpoints")
+    run_dir: Path = Path("runs/latest")
+    grace_period: float = 10.0
+    log_format: str = "auto"
+    poll_interval: float = 30.0
+    keep_checkpoints: int = 3
+    master_addr: str = "127.0.0.1"
+    max_line_bytes: int = 65536
+    epochs: int = 20
+    steps: int = 30
+    checkpoint_interval: int = 10
+    seed: int = 0
+    crash_at_step: int | None = None
+    crash_rank: int = 0
+    # A custom command (after `--` or `command = [...]` in TOML); empty = the built-in job.
+    command: tuple[str, ...] = ()
+    # Extra environment for every worker (TOML `[env]` table).
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def builtin_job(self) -> bool:
+        return not self.command
+
+
+def _coerce(opt: Option, value: Any, source: str) -> Any:
+    """Convert a TOML value or a command-line string to the option's type, or raise."""
+    where = f"{opt.name} (from {source})"
+    from_cli = isinstance(value, str) and source == "command line"
+    try:
+        if opt.kind is int:
+            if from_cli:
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError
+        elif opt.kind is float:
+            if from_cli:
+                value = float(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        else:
+            if not isinstance(value, str):
+                raise TypeError
+            if not value:
+                raise ConfigError(f"{where}: must not be empty")
+            value = Path(value) if opt.kind is Path else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {opt.kind.__name__}, got {value!r}") from None
+    if opt.minimum is not None and value < opt.minimum:
+        raise ConfigError(f"{where}: must be >= {opt.minimum:g}, got {value!r}")
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(opt.choices)}, got {value!r}")
+    return value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+
+
+def _command(value: Any, source: str) -> tuple[str, ...]:
+    if not (isinstance(value, list) and value and all(isinstance(a, str) and a for a in value)):
+        raise ConfigError(f"command (from {source}): expected a non-empty list of strings, got {value!r}")
+    exe = value[0]
+    if os.sep in exe:
+        if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+            raise ConfigError(f"command (from {source}): {exe!r} is not an executable file")
+    elif shutil.which(exe) is None:
+        raise ConfigError(f"command (from {source}): {exe!r} not found on PATH")
+    return tuple(value)
+
+
+def _env(value: Any, source: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f"env (from {source}): expected a table of strings, got {value!r}")
+    return dict(value)
+
+
+def build(toml: Mapping[str, Any], cli: Mapping[str, str], command: list[str] | None = None,
+          config_path: Path | None = None) -> Config:
+    """Merge and validate. ``cli`` holds only the options given on the command line."""
+    source = str(config_path) if config_path else "config"
+    values: dict[str, Any] = {}
+    given: set[str] = set()
+    for key, value in toml.items():
+        if key == "command":
+            values["command"] = _command(value, source)
+        elif key == "env":
+            values["env"] = _env(value, source)
+        elif key in BY_NAME:
+            values[key] = _coerce(BY_NAME[key], value, source)
+            given.add(key)
+        else:
+            raise ConfigError(f"{source}: unknown key {key!r}")
+    for key, value in cli.items():
+        values[key] = _coerce(BY_NAME[key], value, "command line")
+        given.add(key)
+    if command:
+        values["command"] = _command(command, "command line")
+    cfg = Config(**values)
+    if cfg.command:
+        job_keys = sorted(k for k in given if BY_NAME[k].builtin_job)
+        if job_keys:
+            raise ConfigError(f"{job_keys[0]}: applies only to the built-in job, but a command was given")
+    if cfg.crash_rank >= cfg.num_workers:
+        raise ConfigError(f"crash_rank: must be < num_workers ({cfg.num_workers}), got {cfg.crash_rank}")
+    return cfg
+
+
+def ensure_writable_dir(key: str, path: Path) -> None:
+    """Create ``path`` if needed and check that files can be created in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot create directory {str(path)!r}: {exc.strerror}") from None
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {str(path)!r} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: directory {str(path)!r} is not writable")
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    """JSON-friendly view, for the `config` event at start-up."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+    out["env"] = dict(cfg.env)
+    return out
+

@@ -1,0 +1,120 @@
+"""Worker output → log events, without ever letting a worker block on a full pipe.
+
+One reader task per pipe reads chunks as fast as the kernel delivers them and splits them into
+lines (cheap C-level work); one emitter task turns lines into ``worker_output`` events. The two
+are joined by a backlog bounded in bytes: when the emitter falls behind a flood, new lines are
+dropped and counted, and a ``worker_output_dropped`` event reports how many. A line longer than
+``max_line_bytes`` is cut there and marked ``truncated``; the rest of it is discarded without
+being buffered. Bytes that are not UTF-8 are replaced, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+CHUNK = 1 << 16
+MAX_BACKLOG_BYTES = 16 << 20
+EMIT_BATCH = 256  # lines emitted before yielding to the readers
+# Keys of a worker's JSON line that would overwrite the daemon's own fields get a worker_ prefix.
+RESERVED = frozenset({"event", "timestamp", "level", "rank", "stream", "restart", "line", "truncated"})
+
+
+class OutputRouter:
+    """Owns the backlog and the emitter. ``on_line(rank)`` is called for every line read."""
+
+    def __init__(self, max_line_bytes: int, on_line: Callable[[int], None] | None = None,
+                 max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
+        self.max_line = max_line_bytes
+        self.max_backlog = max_backlog_bytes
+        self.on_line = on_line
+        self._backlog: deque[tuple[Any, int, str, bytes, bool]] = deque()
+        self._backlog_bytes = 0
+        self._dropped: dict[tuple[Any, int, str], int] = {}
+        self._ready = asyncio.Event()
+        self.lines = 0
+
+    def reader(self, log: Any, rank: int, stream: str, pipe: asyncio.StreamReader) -> asyncio.Task[None]:
+        return asyncio.create_task(self._read(log, rank, stream, pipe), name=f"read-{rank}-{stream}")
+
+    async def _read(self, log: Any, rank: int, stream: str, pipe: asyncio.StreamReader) -> None:
+        partial = bytearray()
+        discarding = False  # inside an over-long line, until its newline
+        limit = self.max_line
+        while chunk := await pipe.read(CHUNK):
+            start = 0
+            while (nl := chunk.find(b"\n", start)) >= 0:
+                if discarding:
+                    discarding = False
+                elif partial:
+                    partial += chunk[start:nl]
+                    self._push(log, rank, stream, bytes(partial[:limit]), len(partial) > limit)
+                    partial.clear()
+                else:
+                    self._push(log, rank, stream, chunk[start:min(nl, start + limit)], nl - start > limit)
+                start = nl + 1
+            if not discarding and start < len(chunk):
+                partial += chunk[start:]
+                if len(partial) > limit:
+                    self._push(log, rank, stream, bytes(partial[:limit]), True)
+                    partial.clear()
+                    discarding = True
+        if partial:
+            self._push(log, rank, stream, bytes(partial), False)
+
+    def _push(self, log: Any, rank: int, stream: str, raw: bytes, truncated: bool) -> None:
+        if self.on_line is not None:
+            self.on_line(rank)
+        if self._backlog_bytes + len(raw) > self.max_backlog:
+            key = (log, rank, stream)
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return
+        self._backlog.append((log, rank, stream, raw, truncated))
+        self._backlog_bytes += len(raw)
+        self._ready.set()
+
+    async def run(self) -> None:
+        """The emitter: runs until cancelled."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._backlog:
+                self.flush(EMIT_BATCH)
+                await asyncio.sleep(0)
+
+    def flush(self, limit: int | None = None) -> None:
+        """Emit up to ``limit`` pending lines now (all when None), then report drops."""
+        n = 0
+        while self._backlog and (limit is None or n < limit):
+            log, rank, stream, raw, truncated = self._backlog.popleft()
+            self._backlog_bytes -= len(raw)
+            _emit(log, stream, raw, truncated)
+            n += 1
+        self.lines += n
+        if self._dropped and not self._backlog:
+            for (log, rank, stream), count in self._dropped.items():
+                log.warning("worker_output_dropped", stream=stream, lines=count,
+                            reason="output faster than the daemon can log it")
+            self._dropped.clear()
+
+
+def _emit(log: Any, stream: str, raw: bytes, truncated: bool) -> None:
+    text = raw.decode("utf-8", "replace")
+    if text.endswith("\r"):
+        text = text[:-1]
+    if text.startswith("{") and not truncated:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            fields = {("worker_" + k if k in RESERVED else k): v for k, v in obj.items()}
+            log.info("worker_output", stream=stream, **fields)
+            return
+    if truncated:
+        log.info("worker_output", stream=stream, line=text, truncated=True)
+    else:
+        log.info("worker_output", stream=stream, line=text)

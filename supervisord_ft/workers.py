@@ -1,0 +1,152 @@
+"""Worker processes: spawn them, await their exits, stop them within a bound.
+
+Each worker runs in its own process session (so a signal to its process group reaches anything
+it forked, and a Ctrl+C on the daemon's terminal does not reach it directly) and gets the Linux
+parent-death signal, so a SIGKILLed daemon never leaves a worker behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import functools
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .output import OutputRouter
+from .rendezvous import RankInfo
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+# After a worker exits, its pipes normally reach EOF at once; a grandchild that inherited them
+# can hold them open, so the wait for its last lines is bounded.
+PIPE_DRAIN_TIMEOUT = 1.0
+# After SIGKILL a process dies unless stuck in uninterruptible I/O; past this we report it.
+KILL_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything needed to start one rank."""
+
+    rank: RankInfo
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the child between fork and exec."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the daemon died before prctl took effect
+        os._exit(1)
+
+
+class Launcher(Protocol):
+    """Starts one worker process. A standby-pool launcher can hand a spec to a warm process."""
+
+    async def start(self, spec: WorkerSpec) -> asyncio.subprocess.Process: ...
+
+
+class SubprocessLauncher:
+    async def start(self, spec: WorkerSpec) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *spec.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(spec.env),
+            start_new_session=True,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+        )
+
+
+class Worker:
+    """One running rank. ``exit`` completes with the return code once its output is read."""
+
+    def __init__(self, spec: WorkerSpec, proc: asyncio.subprocess.Process,
+                 readers: Sequence[asyncio.Task[None]]) -> None:
+        self.spec = spec
+        self.proc = proc
+        self.pid = proc.pid
+        self.started = time.monotonic()
+        self._readers = list(readers)
+        self.exit: asyncio.Task[int] = asyncio.create_task(self._wait(), name=f"exit-{self.rank}")
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank.rank
+
+    @property
+    def alive(self) -> bool:
+        return not self.exit.done()
+
+    async def _wait(self) -> int:
+        rc = await self.proc.wait()
+        try:
+            async with asyncio.timeout(PIPE_DRAIN_TIMEOUT):
+                await asyncio.gather(*self._readers)
+        except TimeoutError:
+            for task in self._readers:
+                task.cancel()
+        return rc
+
+    def signal_group(self, sig: int) -> bool:
+        """Signal the worker's process group; False when nothing is left to signal."""
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
+async def spawn(spec: WorkerSpec, launcher: Launcher, router: OutputRouter, log: Any) -> Worker:
+    proc = await launcher.start(spec)
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [router.reader(log, spec.rank.rank, "stdout", proc.stdout),
+               router.reader(log, spec.rank.rank, "stderr", proc.stderr)]
+    return Worker(spec, proc, readers)
+
+
+@dataclass(frozen=True)
+class StopReport:
+    seconds: float
+    terminated: list[int]  # ranks that exited within the grace period after SIGTERM
+    killed: list[int]      # ranks that needed SIGKILL
+    stuck: list[int]       # ranks still alive KILL_TIMEOUT after SIGKILL (uninterruptible)
+
+
+async def stop(workers: Sequence[Worker], grace: float, kill_now: asyncio.Event) -> StopReport:
+    """SIGTERM every live worker's group, wait ``grace`` (or until ``kill_now``), SIGKILL the rest.
+
+    Bounded by ``grace + KILL_TIMEOUT``. Each stopped group gets a final SIGKILL so that
+    processes a worker forked do not outlive it.
+    """
+    t0 = time.monotonic()
+    live = [w for w in workers if w.alive]
+    for w in live:
+        w.signal_group(signal.SIGTERM)
+    pending = {w.exit for w in live}
+    kill = asyncio.create_task(kill_now.wait())
+    try:
+        async with asyncio.timeout(grace):
+            while pending and not kill.done():
+                _, pending = await asyncio.wait(pending | {kill}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(kill)
+    except TimeoutError:
+        pass
+    finally:
+        kill.cancel()
+    terminated = [w.rank for w in live if not w.alive]
+    killed = [w.rank for w in live if w.alive]
+    # Only groups whose leader was alive at the start: an old leader's pid may have been reused.
+    for w in live:
+        w.signal_group(signal.SIGKILL)
+    remaining = {w.exit for w in live if w.alive}
+    if remaining:
+        await asyncio.wait(remaining, timeout=KILL_TIMEOUT)
+    stuck = [w.rank for w in live if w.alive]
+    return StopReport(time.monotonic() - t0, terminated, killed, stuck)
