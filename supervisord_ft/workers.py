@@ -122,8 +122,8 @@ class StopReport:
 async def stop(workers: Sequence[Worker], grace: float, kill_now: asyncio.Event) -> StopReport:
     """SIGTERM every live worker's group, wait ``grace`` (or until ``kill_now``), SIGKILL the rest.
 
-    Bounded by ``grace + KILL_TIMEOUT``. Each stopped group gets a final SIGKILL so that
-    processes a worker forked do not outlive it.
+    Bounded by ``grace + KILL_TIMEOUT``. Every group ends with a SIGKILL so that processes a
+    worker forked do not outlive it.
     """
     t0 = time.monotonic()
     live = [w for w in workers if w.alive]
@@ -142,8 +142,10 @@ async def stop(workers: Sequence[Worker], grace: float, kill_now: asyncio.Event)
         kill.cancel()
     terminated = [w.rank for w in live if not w.alive]
     killed = [w.rank for w in live if w.alive]
-    # Only groups whose leader was alive at the start: an old leader's pid may have been reused.
-    for w in live:
+    # Every group of this attempt, exited leaders included: what they forked may live on. The
+    # kernel does not reuse a process-group id while the group has members, so a group with
+    # members is still ours; an empty one just answers ESRCH.
+    for w in workers:
         w.signal_group(signal.SIGKILL)
     remaining = {w.exit for w in live if w.alive}
     if remaining:

@@ -1,0 +1,153 @@
+"""The real daemon supervising the torch-free fake worker: recovery, limits, signals, output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+from harness import FAKE_WORKER, pid_alive
+
+LONG = ["--steps", "2000", "--step-time", "0.01"]  # runs ~20 s unless stopped
+
+
+async def test_crash_tears_down_survivors_and_relaunches_the_group(daemon):
+    d = await daemon("--num-workers", "3", "--grace-period", "5",
+                     command=[*FAKE_WORKER, "--steps", "20", "--step-time", "0.02",
+                              "--fail-rank", "1", "--fail-at-step", "3", "--fail-code", "7"])
+    assert await d.finish() == 0
+    assert d.states() == ["LAUNCHING", "RUNNING", "RECOVERING", "LAUNCHING", "RUNNING", "DONE"]
+    failed = d.named("worker_exited", rank=1, restart=0)[0]
+    assert failed["returncode"] == 7
+    # the survivors were stopped by the supervisor (SIGTERM), not left to finish their 20 steps
+    teardown = d.named("teardown", why="recovery")[0]
+    assert sorted(teardown["terminated"]) == [0, 2]
+    assert all(max(e["step"] for e in d.named("worker_output", rank=r, restart=0)
+                   if e.get("worker_event") == "step") < 20 for r in (0, 2))
+    assert len(set(d.worker_pids())) == 6
+    assert len(d.named("worker_exited", restart=1, returncode=0)) == 3
+    exit_event = d.events[-1]
+    assert exit_event == {**exit_event, "event": "supervisor_exit", "state": "DONE",
+                          "restarts": 1, "exit_code": 0}
+
+
+async def test_restart_budget_exhausted_ends_failed_with_exit_1(daemon):
+    d = await daemon("--max-restarts", "2",
+                     command=[*FAKE_WORKER, "--fail-rank", "0", "--fail-attempts", "99"])
+    assert await d.finish() == 1
+    assert len(d.named("launching")) == 3
+    assert d.states()[-2:] == ["RECOVERING", "FAILED"]
+    assert d.events[-1]["state"] == "FAILED" and d.events[-1]["restarts"] == 2
+
+
+async def test_sigterm_is_forwarded_and_exit_code_is_143(daemon):
+    d = await daemon(command=[*FAKE_WORKER, *LONG])
+    for rank in (0, 1):  # both have installed their SIGTERM handler once they print a step
+        await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == rank)
+    d.signal(signal.SIGTERM)
+    assert await d.finish() == 143
+    assert d.states()[-2:] == ["STOPPING", "STOPPED"]
+    # each worker saw SIGTERM and stopped itself at a step boundary, within the grace period
+    assert len(d.named("worker_output", worker_event="stopped")) == 2
+    assert d.named("teardown")[0]["killed"] == []
+    assert not any(pid_alive(p) for p in d.worker_pids())
+
+
+async def test_sigint_gives_exit_130(daemon):
+    d = await daemon(command=[*FAKE_WORKER, *LONG])
+    await d.wait_for(lambda e: e["event"] == "state_changed" and e["to"] == "RUNNING")
+    d.signal(signal.SIGINT)
+    assert await d.finish() == 130
+    assert d.events[-1]["state"] == "STOPPED"
+
+
+async def test_worker_ignoring_sigterm_is_killed_after_the_grace_period(daemon):
+    d = await daemon("--grace-period", "0.5", "--max-restarts", "0",
+                     command=[*FAKE_WORKER, *LONG, "--ignore-sigterm", "--fail-rank", "1", "--fail-at-step", "2"])
+    assert await d.finish() == 1
+    teardown = d.named("teardown")[0]
+    assert teardown["killed"] == [0]
+    assert 0.5 <= teardown["seconds"] < 5
+    assert d.named("worker_exited", rank=0)[0]["signal"] == "SIGKILL"
+
+
+async def test_second_sigint_kills_at_once(daemon):
+    d = await daemon("--grace-period", "60", command=[*FAKE_WORKER, *LONG, "--ignore-sigterm"])
+    await d.wait_for(lambda e: e.get("worker_event") == "step")
+    d.signal(signal.SIGINT)
+    await d.wait_for(lambda e: e["event"] == "state_changed" and e["to"] == "STOPPING")
+    t0 = time.monotonic()
+    d.signal(signal.SIGINT)
+    assert await d.finish() == 130
+    assert time.monotonic() - t0 < 10  # not the 60 s grace period
+    assert sorted(d.named("teardown")[0]["killed"]) == [0, 1]
+
+
+async def test_teardown_kills_processes_a_worker_forked(daemon):
+    d = await daemon("--max-restarts", "0", "--grace-period", "1",
+                     command=[*FAKE_WORKER, *LONG, "--spawn-child", "--fail-rank", "1",
+                              "--fail-at-step", "3"])
+    assert await d.finish() == 1
+    children = [e["pid"] for e in d.named("worker_output", worker_event="child")]
+    assert len(children) == 2
+    assert not any(pid_alive(p) for p in children)
+
+
+async def test_sigkill_of_the_daemon_leaves_no_worker_alive(daemon):
+    d = await daemon(command=[*FAKE_WORKER, *LONG])
+    await d.wait_for(lambda e: e.get("worker_event") == "step")
+    pids = d.worker_pids()
+    assert all(pid_alive(p) for p in pids)
+    d.signal(signal.SIGKILL)
+    await asyncio.wait_for(d.proc.wait(), 10)
+    deadline = time.monotonic() + 2
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # observing the kernel: no event to await for another's death
+    assert not any(pid_alive(p) for p in pids)
+
+
+async def test_floods_long_lines_and_binary_output_do_not_break_the_daemon(daemon):
+    flood = 200_000
+    d = await daemon("--max-line-bytes", "4096",
+                     command=[*FAKE_WORKER, "--flood", str(flood), "--long-line", "5000000",
+                              "--binary"])
+    assert await d.finish(timeout=120) == 0
+    for rank in (0, 1):
+        out = d.named("worker_output", rank=rank)
+        dropped = sum(e["lines"] for e in d.named("worker_output_dropped", rank=rank))
+        assert sum(1 for e in out if e.get("line", "").startswith("flood line")) + dropped == flood
+        cut = [e for e in out if e.get("truncated")]
+        assert len(cut) == 1 and cut[0]["line"] == "x" * 4096
+        assert any(e.get("line") == "after long line" for e in out)
+        assert any(e.get("line") == "bad \ufffd\ufffd utf8 \x00 nul" for e in out)
+        assert any(e.get("line") == "{not json" for e in out)
+    assert d.events[-1]["state"] == "DONE"
+
+
+async def test_events_file_mirrors_stdout_and_json_lines_are_merged(daemon, tmp_path):
+    d = await daemon(command=[*FAKE_WORKER, "--steps", "2"])
+    assert await d.finish() == 0
+    written = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert written == d.events
+    step = d.named("worker_output", rank=1, worker_event="step")[0]
+    # the worker's own "rank" and "event" keys do not overwrite the daemon's
+    assert step["worker_rank"] == 1 and step["step"] == 1 and step["stream"] == "stdout"
+    for e in d.events:
+        assert list(e)[:3] == ["timestamp", "level", "event"]
+
+
+async def test_workers_get_the_torchrun_environment_and_a_fresh_port_per_attempt(daemon, tmp_path):
+    d = await daemon("--num-workers", "2", "--max-restarts", "1",
+                     command=[*FAKE_WORKER, "--print-env", "--fail-rank", "0", "--fail-at-step", "1"])
+    assert await d.finish() == 0
+    envs = {(e["rank"], e["restart"]): e["env"] for e in d.named("worker_output", worker_event="env")}
+    # rank 1 of attempt 0 may be torn down before it prints; the others always print
+    assert {(0, 0), (0, 1), (1, 1)} <= set(envs)
+    env = envs[(1, 1)]
+    assert env["RANK"] == env["LOCAL_RANK"] == "1"
+    assert env["WORLD_SIZE"] == env["LOCAL_WORLD_SIZE"] == "2"
+    assert env["TORCHELASTIC_RESTART_COUNT"] == env["SUPERVISORD_FT_RESTART_COUNT"] == "1"
+    assert env["SUPERVISORD_FT_CHECKPOINT_DIR"] == str(tmp_path / "ckpt")
+    assert "SUPERVISORD_FT_RESUME_FROM" not in env  # no checkpoint exists: a fresh start
+    assert envs[(0, 1)]["MASTER_PORT"] == env["MASTER_PORT"] != envs[(0, 0)]["MASTER_PORT"]
