@@ -33,7 +33,7 @@ class OutputRouter:
         self.on_line = on_line
         self._backlog: deque[tuple[Any, int, str, bytes, bool]] = deque()
         self._backlog_bytes = 0
-        self._dropped: dict[tuple[Any, int, str], int] = {}
+        self._dropped: dict[tuple[int, str], tuple[Any, int]] = {}  # (rank, stream) -> (log, lines)
         self._ready = asyncio.Event()
         self.lines = 0
 
@@ -69,8 +69,8 @@ class OutputRouter:
         if self.on_line is not None:
             self.on_line(rank)
         if self._backlog_bytes + len(raw) > self.max_backlog:
-            key = (log, rank, stream)
-            self._dropped[key] = self._dropped.get(key, 0) + 1
+            _, count = self._dropped.get((rank, stream), (log, 0))
+            self._dropped[(rank, stream)] = (log, count + 1)
             return
         self._backlog.append((log, rank, stream, raw, truncated))
         self._backlog_bytes += len(raw)
@@ -95,7 +95,7 @@ class OutputRouter:
             n += 1
         self.lines += n
         if self._dropped and not self._backlog:
-            for (log, rank, stream), count in self._dropped.items():
+            for (_, stream), (log, count) in self._dropped.items():
                 log.warning("worker_output_dropped", stream=stream, lines=count,
                             reason="output faster than the daemon can log it")
             self._dropped.clear()

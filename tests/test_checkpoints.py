@@ -1,0 +1,141 @@
+"""Checkpoint discovery: the newest intact file wins; every bad file is skipped with a reason."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from supervisord_ft import checkpoints as ck
+from supervisord_ft.errors import CheckpointError
+
+
+def save(directory: Path, step: int, size: int = 1000) -> Path:
+    state = {"w": torch.arange(size, dtype=torch.float32), "step": step}
+    return ck.atomic_write(ck.checkpoint_path(directory, step), lambda fh: torch.save(state, fh))
+
+
+def reasons(directory: Path) -> dict[str, str]:
+    return {r.path.name: r.reason for r in ck.discover(directory).rejected}
+
+
+def test_newest_intact_checkpoint_is_selected(tmp_path):
+    for step in (10, 30, 20):
+        save(tmp_path, step)
+    found = ck.discover(tmp_path)
+    assert found.newest == ck.Checkpoint(30, tmp_path / "checkpoint_step_30.pt")
+    assert found.rejected == []
+    assert torch.load(found.newest.path, weights_only=True)["step"] == 30
+
+
+def test_empty_or_missing_directory_has_no_checkpoint(tmp_path):
+    assert ck.discover(tmp_path).newest is None
+    assert ck.discover(tmp_path / "absent").newest is None
+
+
+def corrupt_truncated(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def corrupt_zero(p: Path) -> None:
+    p.write_bytes(b"")
+
+
+def corrupt_garbage(p: Path) -> None:
+    p.write_bytes(os.urandom(4096))
+
+
+def corrupt_bitflip(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the tensor payload: torch.load would not notice
+    p.write_bytes(bytes(data))
+
+
+def corrupt_not_torch(p: Path) -> None:
+    import zipfile
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("hello.txt", "a zip, but not a torch.save file")
+
+
+def corrupt_directory(p: Path) -> None:
+    p.unlink()
+    p.mkdir()
+
+
+def corrupt_symlink(p: Path) -> None:
+    target = p.with_name("elsewhere.bin")
+    p.rename(target)
+    p.symlink_to(target)
+
+
+@pytest.mark.parametrize("corrupt, reason", [
+    (corrupt_truncated, "truncated or garbage"),
+    (corrupt_zero, "empty"),
+    (corrupt_garbage, "truncated or garbage"),
+    (corrupt_bitflip, "CRC"),
+    (corrupt_not_torch, "not a torch.save file"),
+    (corrupt_directory, "not a regular file"),
+    (corrupt_symlink, "symlink"),
+])
+def test_a_bad_newest_file_is_skipped_with_its_reason_and_the_previous_one_is_used(tmp_path, corrupt, reason):
+    save(tmp_path, 10)
+    newest = save(tmp_path, 20)
+    corrupt(newest)
+    found = ck.discover(tmp_path)
+    assert found.newest is not None and found.newest.step == 10
+    assert reason in reasons(tmp_path)[newest.name]
+
+
+def test_bitflip_goes_unnoticed_by_torch_but_not_by_discovery(tmp_path):
+    p = save(tmp_path, 5, size=100_000)
+    corrupt_bitflip(p)
+    torch.load(p, weights_only=True)  # torch loads the corrupted tensor without complaint
+    with pytest.raises(CheckpointError, match="CRC"):
+        ck.verify(p)
+
+
+def test_misnamed_files_temporaries_and_huge_step_numbers_are_never_candidates(tmp_path):
+    good = save(tmp_path, 7)
+    data = good.read_bytes()
+    (tmp_path / "checkpoint_step_abc.pt").write_bytes(data)
+    (tmp_path / "checkpoint_step_12.pt.bak").write_bytes(data)
+    (tmp_path / ("checkpoint_step_" + "9" * 30 + ".pt")).write_bytes(data)
+    (tmp_path / ".checkpoint_step_99.pt.tmp-123").write_bytes(data[:100])  # a write in progress
+    (tmp_path / "notes.txt").write_text("unrelated")
+    found = ck.discover(tmp_path)
+    assert found.newest.step == 7
+    assert set(reasons(tmp_path)) == {"checkpoint_step_abc.pt", "checkpoint_step_12.pt.bak",
+                                      "checkpoint_step_" + "9" * 30 + ".pt"}
+
+
+def test_atomic_write_failure_leaves_no_final_name_and_keeps_the_old_file(tmp_path):
+    old = save(tmp_path, 10)
+
+    def write_half_then_fail(fh):
+        fh.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        ck.atomic_write(ck.checkpoint_path(tmp_path, 20), write_half_then_fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]
+    assert ck.discover(tmp_path).newest.step == 10
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    save(tmp_path, 1)
+    stale = tmp_path / ".checkpoint_step_2.pt.tmp-999"
+    stale.write_bytes(b"partial")
+    assert ck.remove_stale_temporaries(tmp_path) == [stale]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_step_1.pt"]
+
+
+def test_prune_keeps_the_newest_intact_and_the_protected_one(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        save(tmp_path, step)
+    corrupt_garbage(tmp_path / "checkpoint_step_50.pt")  # a bad newest does not count as kept
+    removed = ck.prune(tmp_path, keep=2, protect=[tmp_path / "checkpoint_step_10.pt"])
+    assert sorted(p.name for p in removed) == ["checkpoint_step_20.pt"]
+    left = sorted(ck.parse_step(p.name) for p in tmp_path.iterdir())
+    assert left == [10, 30, 40, 50]
