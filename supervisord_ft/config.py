@@ -24,7 +24,7 @@ LOG_FORMATS = ("auto", "json", "console")
 @dataclass(frozen=True)
 class Option:
     name: str
-    kind: type  # int, float, str or Path
+    kind: type  # int, float, str, Path, or tuple (of exit codes)
     help: str
     minimum: float | None = None
     choices: tuple[str, ...] = ()
@@ -54,6 +54,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("keep_checkpoints", int, "newest intact checkpoints kept; older ones are deleted",
            minimum=2),
     Option("master_addr", str, "rendezvous address given to workers as MASTER_ADDR"),
+    Option("master_port", int, "MASTER_PORT; 0 = a fresh free port on every launch", minimum=0),
+    Option("hang_timeout", float, "seconds without a line of output after which a rank is "
+           "declared hung (0 disables)", minimum=0),
+    Option("startup_timeout", float, "seconds a rank may take from launch to its first step "
+           "report (imports, rendezvous, checkpoint load)", minimum=0),
+    Option("restart_window", float, "max_restarts counts the relaunches within this many "
+           "seconds (0 = the whole run)", minimum=0),
+    Option("restart_backoff", float, "delay before the second relaunch in a window; doubles "
+           "with each further one (the first is immediate)", minimum=0),
+    Option("restart_backoff_max", float, "cap on the relaunch delay", minimum=0),
+    Option("no_retry_exit_codes", tuple, "worker exit codes that fail the run at once, "
+           "comma-separated (e.g. 2,3)"),
     Option("max_line_bytes", int,
            "longest worker output line kept; longer lines are cut and marked truncated",
            minimum=1024),
@@ -83,6 +95,13 @@ class Config:
     poll_interval: float = 30.0
     keep_checkpoints: int = 3
     master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    hang_timeout: float = 600.0
+    startup_timeout: float = 1200.0
+    restart_window: float = 3600.0
+    restart_backoff: float = 1.0
+    restart_backoff_max: float = 30.0
+    no_retry_exit_codes: tuple[int, ...] = ()
     max_line_bytes: int = 65536
     epochs: int = 20
     steps: int = 30
@@ -118,6 +137,13 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
             value = float(value)
             if not math.isfinite(value):
                 raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        elif opt.kind is tuple:
+            if from_cli:
+                value = [int(v) for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 255 for v in value):
+                raise TypeError
+            value = tuple(value)
         else:
             if not isinstance(value, str):
                 raise TypeError
@@ -125,7 +151,8 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
                 raise ConfigError(f"{where}: must not be empty")
             value = Path(value) if opt.kind is Path else value
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected {opt.kind.__name__}, got {value!r}") from None
+        expected = "a list of exit codes (1-255)" if opt.kind is tuple else opt.kind.__name__
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
     if opt.minimum is not None and value < opt.minimum:
         raise ConfigError(f"{where}: must be >= {opt.minimum:g}, got {value!r}")
     if opt.choices and value not in opt.choices:
@@ -189,6 +216,8 @@ def build(toml: Mapping[str, Any], cli: Mapping[str, str], command: list[str] | 
         job_keys = sorted(k for k in given if BY_NAME[k].builtin_job)
         if job_keys:
             raise ConfigError(f"{job_keys[0]}: applies only to the built-in job, but a command was given")
+    if cfg.master_port > 65535:
+        raise ConfigError(f"master_port: must be <= 65535, got {cfg.master_port}")
     if cfg.crash_rank >= cfg.num_workers:
         raise ConfigError(f"crash_rank: must be < num_workers ({cfg.num_workers}), got {cfg.crash_rank}")
     return cfg

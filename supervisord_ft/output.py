@@ -14,6 +14,7 @@ import asyncio
 import json
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 CHUNK = 1 << 16
@@ -23,24 +24,40 @@ EMIT_BATCH = 256  # lines emitted before yielding to the readers
 RESERVED = frozenset({"event", "timestamp", "level", "rank", "stream", "restart", "line", "truncated"})
 
 
-class OutputRouter:
-    """Owns the backlog and the emitter. ``on_line(rank)`` is called for every line read."""
+@dataclass(frozen=True, eq=True)
+class Source:
+    """One pipe of one worker of one launch attempt."""
 
-    def __init__(self, max_line_bytes: int, on_line: Callable[[int], None] | None = None,
+    rank: int
+    restart: int
+    stream: str  # "stdout" or "stderr"
+    log: Any = field(compare=False, hash=False)  # bound with rank and restart
+
+
+class OutputRouter:
+    """Owns the backlog and the emitter.
+
+    ``on_line(source, raw)`` runs in the reader for every line, dropped or not (liveness);
+    ``on_json(source, fields)`` runs in the emitter for every line that is a JSON object.
+    """
+
+    def __init__(self, max_line_bytes: int, on_line: Callable[[Source, bytes], None] | None = None,
+                 on_json: Callable[[Source, dict[str, Any]], None] | None = None,
                  max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
         self.max_line = max_line_bytes
         self.max_backlog = max_backlog_bytes
         self.on_line = on_line
-        self._backlog: deque[tuple[Any, int, str, bytes, bool]] = deque()
+        self.on_json = on_json
+        self._backlog: deque[tuple[Source, bytes, bool]] = deque()
         self._backlog_bytes = 0
-        self._dropped: dict[tuple[int, str], tuple[Any, int]] = {}  # (rank, stream) -> (log, lines)
+        self._dropped: dict[Source, int] = {}
         self._ready = asyncio.Event()
         self.lines = 0
 
-    def reader(self, log: Any, rank: int, stream: str, pipe: asyncio.StreamReader) -> asyncio.Task[None]:
-        return asyncio.create_task(self._read(log, rank, stream, pipe), name=f"read-{rank}-{stream}")
+    def reader(self, source: Source, pipe: asyncio.StreamReader) -> asyncio.Task[None]:
+        return asyncio.create_task(self._read(source, pipe), name=f"read-{source.rank}-{source.stream}")
 
-    async def _read(self, log: Any, rank: int, stream: str, pipe: asyncio.StreamReader) -> None:
+    async def _read(self, source: Source, pipe: asyncio.StreamReader) -> None:
         partial = bytearray()
         discarding = False  # inside an over-long line, until its newline
         limit = self.max_line
@@ -51,28 +68,27 @@ class OutputRouter:
                     discarding = False
                 elif partial:
                     partial += chunk[start:nl]
-                    self._push(log, rank, stream, bytes(partial[:limit]), len(partial) > limit)
+                    self._push(source, bytes(partial[:limit]), len(partial) > limit)
                     partial.clear()
                 else:
-                    self._push(log, rank, stream, chunk[start:min(nl, start + limit)], nl - start > limit)
+                    self._push(source, chunk[start:min(nl, start + limit)], nl - start > limit)
                 start = nl + 1
             if not discarding and start < len(chunk):
                 partial += chunk[start:]
                 if len(partial) > limit:
-                    self._push(log, rank, stream, bytes(partial[:limit]), True)
+                    self._push(source, bytes(partial[:limit]), True)
                     partial.clear()
                     discarding = True
         if partial:
-            self._push(log, rank, stream, bytes(partial), False)
+            self._push(source, bytes(partial), False)
 
-    def _push(self, log: Any, rank: int, stream: str, raw: bytes, truncated: bool) -> None:
+    def _push(self, source: Source, raw: bytes, truncated: bool) -> None:
         if self.on_line is not None:
-            self.on_line(rank)
+            self.on_line(source, raw)
         if self._backlog_bytes + len(raw) > self.max_backlog:
-            _, count = self._dropped.get((rank, stream), (log, 0))
-            self._dropped[(rank, stream)] = (log, count + 1)
+            self._dropped[source] = self._dropped.get(source, 0) + 1
             return
-        self._backlog.append((log, rank, stream, raw, truncated))
+        self._backlog.append((source, raw, truncated))
         self._backlog_bytes += len(raw)
         self._ready.set()
 
@@ -89,19 +105,23 @@ class OutputRouter:
         """Emit up to ``limit`` pending lines now (all when None), then report drops."""
         n = 0
         while self._backlog and (limit is None or n < limit):
-            log, rank, stream, raw, truncated = self._backlog.popleft()
+            source, raw, truncated = self._backlog.popleft()
             self._backlog_bytes -= len(raw)
-            _emit(log, stream, raw, truncated)
+            fields = _emit(source, raw, truncated)
+            if fields is not None and self.on_json is not None:
+                self.on_json(source, fields)
             n += 1
         self.lines += n
         if self._dropped and not self._backlog:
-            for (_, stream), (log, count) in self._dropped.items():
-                log.warning("worker_output_dropped", stream=stream, lines=count,
-                            reason="output faster than the daemon can log it")
+            for source, count in self._dropped.items():
+                source.log.warning("worker_output_dropped", stream=source.stream, lines=count,
+                                   reason="output faster than the daemon can log it")
             self._dropped.clear()
 
 
-def _emit(log: Any, stream: str, raw: bytes, truncated: bool) -> None:
+def _emit(source: Source, raw: bytes, truncated: bool) -> dict[str, Any] | None:
+    """Log one line; return the worker's own fields when the line was a JSON object."""
+    log, stream = source.log, source.stream
     text = raw.decode("utf-8", "replace")
     if text.endswith("\r"):
         text = text[:-1]
@@ -111,10 +131,11 @@ def _emit(log: Any, stream: str, raw: bytes, truncated: bool) -> None:
         except ValueError:
             obj = None
         if isinstance(obj, dict):
-            fields = {("worker_" + k if k in RESERVED else k): v for k, v in obj.items()}
-            log.info("worker_output", stream=stream, **fields)
-            return
+            log.info("worker_output", stream=stream,
+                     **{("worker_" + k if k in RESERVED else k): v for k, v in obj.items()})
+            return obj
     if truncated:
         log.info("worker_output", stream=stream, line=text, truncated=True)
     else:
         log.info("worker_output", stream=stream, line=text)
+    return None

@@ -8,9 +8,12 @@ one that agrees on the endpoint and the node's rank offset through a c10d store.
 
 from __future__ import annotations
 
+import errno
 import socket
 from dataclasses import dataclass
 from typing import Protocol
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -29,25 +32,39 @@ class Endpoint:
 
 
 class Rendezvous(Protocol):
+    def check(self) -> None:
+        """Raise :class:`ConfigError` if the group could never meet; called once at start-up."""
+        ...
+
     def next_round(self, attempt: int, local_world_size: int) -> tuple[Endpoint, list[RankInfo]]:
         """The endpoint and this node's ranks for launch attempt ``attempt``."""
         ...
 
 
 class LocalRendezvous:
-    """Single node: ranks 0..N-1, a fresh free port for each attempt."""
+    """Single node: ranks 0..N-1; a fixed port, or a fresh free one for each attempt (port 0)."""
 
-    def __init__(self, addr: str) -> None:
+    def __init__(self, addr: str, port: int = 0) -> None:
         self.addr = addr
+        self.port = port
+
+    def check(self) -> None:
+        """Before any worker starts: the address must be local and a fixed port free."""
+        try:
+            bind_port(self.addr, self.port)
+        except OSError as exc:
+            key = "master_port" if exc.errno == errno.EADDRINUSE else "master_addr"
+            raise ConfigError(f"{key}: cannot listen on {self.addr}:{self.port}: {exc.strerror}") from None
 
     def next_round(self, attempt: int, local_world_size: int) -> tuple[Endpoint, list[RankInfo]]:
         ranks = [RankInfo(r, r, local_world_size, local_world_size) for r in range(local_world_size)]
-        return Endpoint(self.addr, free_port(self.addr)), ranks
+        return Endpoint(self.addr, self.port or bind_port(self.addr, 0)), ranks
 
 
-def free_port(addr: str) -> int:
-    """A port the kernel considers free on ``addr`` right now (the usual torchrun approach)."""
+def bind_port(addr: str, port: int) -> int:
+    """Bind and release ``addr:port``; with port 0, a port the kernel considers free right now
+    (the usual torchrun approach)."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
+        s.bind((addr, port))
         return s.getsockname()[1]

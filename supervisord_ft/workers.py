@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .output import OutputRouter
+from .output import OutputRouter, Source
 from .rendezvous import RankInfo
 
 _PR_SET_PDEATHSIG = 1
@@ -103,11 +103,12 @@ class Worker:
         return True
 
 
-async def spawn(spec: WorkerSpec, launcher: Launcher, router: OutputRouter, log: Any) -> Worker:
+async def spawn(spec: WorkerSpec, restart: int, launcher: Launcher, router: OutputRouter,
+                log: Any) -> Worker:
     proc = await launcher.start(spec)
     assert proc.stdout is not None and proc.stderr is not None
-    readers = [router.reader(log, spec.rank.rank, "stdout", proc.stdout),
-               router.reader(log, spec.rank.rank, "stderr", proc.stderr)]
+    readers = [router.reader(Source(spec.rank.rank, restart, name, log), pipe)
+               for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))]
     return Worker(spec, proc, readers)
 
 

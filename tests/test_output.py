@@ -7,7 +7,7 @@ import io
 import json
 
 from supervisord_ft.logs import make_logger
-from supervisord_ft.output import OutputRouter
+from supervisord_ft.output import OutputRouter, Source
 
 
 async def pump(chunks: list[bytes], max_line: int = 16, backlog: int = 1 << 20) -> tuple[list[dict], OutputRouter]:
@@ -19,7 +19,7 @@ async def pump(chunks: list[bytes], max_line: int = 16, backlog: int = 1 << 20) 
         reader.feed_data(c)
     reader.feed_eof()
     async with asyncio.timeout(5):
-        await router.reader(log, 0, "stdout", reader)
+        await router.reader(Source(0, 0, "stdout", log), reader)
     router.flush()
     return [json.loads(line) for line in sink.getvalue().splitlines()], router
 

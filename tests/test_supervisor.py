@@ -33,8 +33,9 @@ async def test_crash_tears_down_survivors_and_relaunches_the_group(daemon):
 
 
 async def test_restart_budget_exhausted_ends_failed_with_exit_1(daemon):
-    d = await daemon("--max-restarts", "2",
-                     command=[*FAKE_WORKER, "--fail-rank", "0", "--fail-attempts", "99"])
+    d = await daemon("--max-restarts", "2", "--restart-backoff", "0",
+                     command=[*FAKE_WORKER, "--fail-rank", "0", "--fail-at-step", "1",
+                              "--fail-attempts", "99"])
     assert await d.finish() == 1
     assert len(d.named("launching")) == 3
     assert d.states()[-2:] == ["RECOVERING", "FAILED"]

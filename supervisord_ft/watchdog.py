@@ -1,0 +1,57 @@
+"""Hang detection: a per-rank progress clock for one launch attempt.
+
+A rank makes progress whenever it prints a line. Until it reports its first step (a JSON line
+with ``"event": "step"``, see ``worker/contract.py``) it is also allowed ``startup_timeout``
+from the launch, which covers imports, rendezvous and checkpoint loading. The watchdog sleeps
+until the earliest deadline and re-checks (progress only ever moves deadlines later), so it
+costs nothing per line beyond a clock read and wakes once per deadline, not on a polling tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Hang:
+    rank: int
+    silent_for: float  # seconds since the rank's last line (or since launch)
+    before_first_step: bool
+
+
+class Watchdog:
+    def __init__(self, ranks: Iterable[int], hang_timeout: float, startup_timeout: float,
+                 clock: Callable[[], float]) -> None:
+        self.hang_timeout = hang_timeout
+        self.startup_timeout = startup_timeout
+        self.clock = clock
+        self.launched = clock()
+        self.last = {r: self.launched for r in ranks}
+        self.stepped: set[int] = set()
+
+    def output(self, rank: int) -> None:
+        self.last[rank] = self.clock()
+
+    def step(self, rank: int) -> None:
+        self.stepped.add(rank)
+
+    def _deadline(self, rank: int) -> float:
+        deadline = self.last[rank] + self.hang_timeout
+        if rank not in self.stepped:
+            deadline = max(deadline, self.launched + self.startup_timeout)
+        return deadline
+
+    async def expired(self, alive: Callable[[], Iterable[int]]) -> list[Hang]:
+        """Return the ranks past their deadline, once there are any (never, if disabled)."""
+        while True:
+            now = self.clock()
+            deadlines = {r: self._deadline(r) for r in alive()} if self.hang_timeout > 0 else {}
+            if not deadlines:  # disabled, or nobody left to watch: cancelled with the attempt
+                await asyncio.get_running_loop().create_future()
+            hung = [Hang(r, now - self.last[r], r not in self.stepped)
+                    for r, d in deadlines.items() if d <= now]
+            if hung:
+                return hung
+            await asyncio.sleep(min(deadlines.values()) - now)
