@@ -3,8 +3,9 @@
 A rank makes progress whenever it prints a line. Until it reports its first step (a JSON line
 with ``"event": "step"``, see ``worker/contract.py``) it is also allowed ``startup_timeout``
 from the launch, which covers imports, rendezvous and checkpoint loading. The watchdog sleeps
-until the earliest deadline and re-checks (progress only ever moves deadlines later), so it
-costs nothing per line beyond a clock read and wakes once per deadline, not on a polling tick.
+until the earliest deadline and re-checks; output only moves deadlines later, and the one
+change that moves a deadline earlier (a rank's first step ends its startup allowance) wakes it.
+So it costs a clock read per line and wakes once per deadline, not on a polling tick.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ class Watchdog:
         self.launched = clock()
         self.last = {r: self.launched for r in ranks}
         self.stepped: set[int] = set()
+        self._first_step = asyncio.Event()
 
     def output(self, rank: int) -> None:
         self.last[rank] = self.clock()
 
     def step(self, rank: int) -> None:
-        self.stepped.add(rank)
+        if rank not in self.stepped:
+            self.stepped.add(rank)
+            self._first_step.set()
 
     def _deadline(self, rank: int) -> float:
         deadline = self.last[rank] + self.hang_timeout
@@ -54,4 +58,9 @@ class Watchdog:
                     for r, d in deadlines.items() if d <= now]
             if hung:
                 return hung
-            await asyncio.sleep(min(deadlines.values()) - now)
+            self._first_step.clear()
+            try:
+                async with asyncio.timeout(min(deadlines.values()) - now):
+                    await self._first_step.wait()
+            except TimeoutError:
+                pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import functools
 import os
 import signal
@@ -21,6 +22,8 @@ from .output import OutputRouter, Source
 from .rendezvous import RankInfo
 
 _PR_SET_PDEATHSIG = 1
+_F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 _libc = ctypes.CDLL(None, use_errno=True)
 # After a worker exits, its pipes normally reach EOF at once; a grandchild that inherited them
 # can hold them open, so the wait for its last lines is bounded.
@@ -45,35 +48,81 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+@dataclass(frozen=True)
+class Started:
+    proc: asyncio.subprocess.Process
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+    pipes: tuple[asyncio.BaseTransport, ...]  # closed by the owner once the output is read
+
+
 class Launcher(Protocol):
     """Starts one worker process. A standby-pool launcher can hand a spec to a warm process."""
 
-    async def start(self, spec: WorkerSpec) -> asyncio.subprocess.Process: ...
+    async def start(self, spec: WorkerSpec) -> Started: ...
 
 
 class SubprocessLauncher:
-    async def start(self, spec: WorkerSpec) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            *spec.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=dict(spec.env),
-            start_new_session=True,
-            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
-        )
+    """A fresh process per rank, its stdout and stderr on pipes enlarged to ``PIPE_SIZE``.
+
+    A bigger pipe gives the daemon slack: a worker printing 200k lines/s fills the default
+    64 KiB in about 10 ms, so a short scheduling gap in the daemon would block it.
+    """
+
+    async def start(self, spec: WorkerSpec) -> Started:
+        pipes = [_pipe(), _pipe()]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=pipes[0][1],
+                stderr=pipes[1][1],
+                env=dict(spec.env),
+                start_new_session=True,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+            )
+        except BaseException:
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
+            raise
+        readers, transports = [], []
+        for r, w in pipes:
+            os.close(w)  # the child holds its copy; EOF comes when it (and its children) close it
+            reader, transport = await _stream(r)
+            readers.append(reader)
+            transports.append(transport)
+        return Started(proc, *readers, tuple(transports))
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(r, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size: the default size still works
+    return r, w
+
+
+async def _stream(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                os.fdopen(fd, "rb", 0))
+    return reader, transport
 
 
 class Worker:
     """One running rank. ``exit`` completes with the return code once its output is read."""
 
-    def __init__(self, spec: WorkerSpec, proc: asyncio.subprocess.Process,
+    def __init__(self, spec: WorkerSpec, started: Started,
                  readers: Sequence[asyncio.Task[None]]) -> None:
         self.spec = spec
-        self.proc = proc
-        self.pid = proc.pid
+        self.proc = started.proc
+        self.pid = started.proc.pid
         self.started = time.monotonic()
         self._readers = list(readers)
+        self._pipes = started.pipes
         self.exit: asyncio.Task[int] = asyncio.create_task(self._wait(), name=f"exit-{self.rank}")
 
     @property
@@ -92,6 +141,11 @@ class Worker:
         except TimeoutError:
             for task in self._readers:
                 task.cancel()
+        finally:
+            # uvloop keeps a pipe open after EOF (the stream protocol asks for half-close), so
+            # closing is ours to do, or every relaunch would leak two descriptors per rank.
+            for pipe in self._pipes:
+                pipe.close()
         return rc
 
     def signal_group(self, sig: int) -> bool:
@@ -105,11 +159,10 @@ class Worker:
 
 async def spawn(spec: WorkerSpec, restart: int, launcher: Launcher, router: OutputRouter,
                 log: Any) -> Worker:
-    proc = await launcher.start(spec)
-    assert proc.stdout is not None and proc.stderr is not None
+    started = await launcher.start(spec)
     readers = [router.reader(Source(spec.rank.rank, restart, name, log), pipe)
-               for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))]
-    return Worker(spec, proc, readers)
+               for name, pipe in (("stdout", started.stdout), ("stderr", started.stderr))]
+    return Worker(spec, started, readers)
 
 
 @dataclass(frozen=True)

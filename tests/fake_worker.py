@@ -1,12 +1,13 @@
 """A torch-free stand-in for a training script, for fast supervisor tests.
 
 Behaviour comes from command-line flags; rank and attempt come from the supervisor's
-environment, so one command line can make rank 1 of attempt 0 crash while all else succeeds.
+environment, so one command line can make rank 1 of attempt 0 fail while all else succeeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -20,17 +21,53 @@ ENV_KEYS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR
             "SUPERVISORD_FT_RESUME_FROM", "SUPERVISORD_FT_KEEP_CHECKPOINTS", "PYTHONUNBUFFERED"}
 
 
+def emit(event: str, **fields) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def flood(seconds: float, rate: int, rank: int) -> None:
+    """Print ``rate`` lines/s for ``seconds`` with non-blocking writes; report every time the pipe
+    was full (EAGAIN), i.e. every time the supervisor would have blocked us."""
+    fd = sys.stdout.fileno()
+    os.set_blocking(fd, False)
+    full = sent = 0
+    batch = 1000
+    line = b"flood line from rank %d, padding to a typical log line length ......\n" % rank
+    t0 = time.monotonic()
+    while (elapsed := time.monotonic() - t0) < seconds:
+        if sent > elapsed * rate:
+            time.sleep(batch / rate / 4)
+            continue
+        data = line * batch
+        while data:
+            try:
+                data = data[os.write(fd, data):]
+            except BlockingIOError:
+                full += 1
+                time.sleep(0.001)
+        sent += batch
+    os.set_blocking(fd, True)
+    # A file, not stdout: after a flood the daemon may rightly drop a few lines, this one too.
+    with open(f"flood-{rank}.json", "w") as fh:
+        json.dump({"rank": rank, "lines": sent, "pipe_full": full,
+                   "seconds": round(time.monotonic() - t0, 3)}, fh)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--step-time", type=float, default=0.0)
+    p.add_argument("--startup-delay", type=float, default=0.0, help="silence before any output")
     p.add_argument("--fail-rank", type=int, default=None)
     p.add_argument("--fail-at-step", type=int, default=0, help="0: before the first step")
     p.add_argument("--fail-code", type=int, default=1)
     p.add_argument("--fail-attempts", type=int, default=1, help="attempts (from 0) that fail")
+    p.add_argument("--hang", action="store_true", help="the failing rank hangs instead of exiting")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--spawn-child", action="store_true", help="fork a sleeping grandchild")
     p.add_argument("--flood", type=int, default=0, help="print this many lines first")
+    p.add_argument("--flood-seconds", type=float, default=0.0)
+    p.add_argument("--flood-rate", type=int, default=200_000, help="lines per second")
     p.add_argument("--long-line", type=int, default=0, help="print one line of this many bytes")
     p.add_argument("--binary", action="store_true", help="print invalid UTF-8 and NUL bytes")
     p.add_argument("--print-env", action="store_true", help="print the supervisor's variables")
@@ -45,13 +82,16 @@ def main() -> int:
         stop = True
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_sigterm else on_term)
+    time.sleep(args.startup_delay)
     if args.spawn_child:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        print(json.dumps({"event": "child", "pid": child.pid}), flush=True)
+        emit("child", pid=child.pid)
     out = sys.stdout.buffer
     if args.flood:
         out.write(b"".join(b"flood line %d from rank %d\n" % (i, rank) for i in range(args.flood)))
         out.flush()
+    if args.flood_seconds:
+        flood(args.flood_seconds, args.flood_rate, rank)
     if args.long_line:
         out.write(b"x" * args.long_line + b"\nafter long line\n")
         out.flush()
@@ -59,20 +99,19 @@ def main() -> int:
         out.write(b"bad \xff\xfe utf8 \x00 nul\n{not json\n")
         out.flush()
     if args.print_env:
-        print(json.dumps({"event": "env", "env": {k: v for k, v in os.environ.items() if k in ENV_KEYS}}),
-              flush=True)
+        emit("env", env={k: v for k, v in os.environ.items() if k in ENV_KEYS})
     failing = rank == args.fail_rank and attempt < args.fail_attempts
-    if failing and args.fail_at_step == 0:
-        return args.fail_code
     for step in range(1, args.steps + 1):
+        if failing and step - 1 == args.fail_at_step:
+            print(f"rank {rank} failing at step {step - 1}", file=sys.stderr, flush=True)
+            if args.hang:
+                time.sleep(3600)
+            return args.fail_code
         if stop:
-            print(json.dumps({"event": "stopped", "step": step - 1}), flush=True)
+            emit("stopped", step=step - 1)
             return 0
         time.sleep(args.step_time)
-        print(json.dumps({"event": "step", "step": step, "rank": rank}), flush=True)
-        if failing and step == args.fail_at_step:
-            print(f"rank {rank} failing at step {step}", file=sys.stderr, flush=True)
-            return args.fail_code
+        emit("step", step=step, rank=rank)
     return 0
 
 

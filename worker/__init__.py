@@ -1,0 +1,6 @@
+"""The training side of supervisord-ft.
+
+``contract`` (torch-free) is what any training script needs to cooperate with the supervisor;
+``checkpoint`` and ``rng`` move torch state in and out of checkpoint files; ``train`` is the
+built-in job, run as ``python -m worker``.
+"""

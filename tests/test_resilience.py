@@ -1,0 +1,145 @@
+"""Hangs, crash loops, restart budgets and hostile output, against the real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+from harness import FAKE_WORKER, pid_alive
+
+FAST = ["--grace-period", "0.3", "--restart-backoff", "0"]
+
+
+async def test_a_hung_rank_is_detected_killed_and_the_group_recovered(daemon):
+    d = await daemon(*FAST, "--hang-timeout", "0.5", "--startup-timeout", "10",
+                     command=[*FAKE_WORKER, "--steps", "30", "--step-time", "0.02", "--fail-rank", "1",
+                              "--fail-at-step", "5", "--hang", "--ignore-sigterm"])
+    assert await d.finish() == 0
+    hang = d.named("hang_detected")
+    assert [h["rank"] for h in hang] == [1] and hang[0]["silent_for"] >= 0.5
+    assert hang[0]["before_first_step"] is False
+    assert d.named("teardown")[0]["killed"] == [1]  # it ignored SIGTERM: the grace period bounded it
+    assert d.states() == ["LAUNCHING", "RUNNING", "RECOVERING", "LAUNCHING", "RUNNING", "DONE"]
+    assert d.named("recovered")[0]["seconds"] < 5
+
+
+async def test_a_sigstopped_worker_is_a_hang(daemon):
+    d = await daemon(*FAST, "--hang-timeout", "0.5",
+                     command=[*FAKE_WORKER, "--steps", "100", "--step-time", "0.02"])
+    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == 0)
+    stopped = d.named("worker_started", rank=0)[0]["pid"]
+    os.kill(stopped, signal.SIGSTOP)
+    assert await d.finish() == 0
+    assert [h["rank"] for h in d.named("hang_detected")] == [0]
+    assert d.named("worker_exited", pid=stopped)[0]["signal"] == "SIGKILL"
+    assert not pid_alive(stopped)
+
+
+async def test_slow_startup_is_allowed_up_to_startup_timeout(daemon):
+    d = await daemon(*FAST, "--hang-timeout", "0.3", "--startup-timeout", "10",
+                     command=[*FAKE_WORKER, "--startup-delay", "1", "--steps", "3"])
+    assert await d.finish() == 0
+    assert d.named("hang_detected") == []
+
+
+async def test_startup_beyond_startup_timeout_is_a_hang(daemon):
+    d = await daemon(*FAST, "--hang-timeout", "0.2", "--startup-timeout", "0.5", "--max-restarts", "0",
+                     command=[*FAKE_WORKER, "--startup-delay", "30"])
+    assert await d.finish() == 1
+    assert all(h["before_first_step"] for h in d.named("hang_detected"))
+
+
+async def test_crash_loop_before_first_step_fails_early_with_the_error(daemon):
+    d = await daemon(*FAST, "--max-restarts", "10",
+                     command=[os.sys.executable, "-c", "import no_such_module_xyz"])
+    assert await d.finish() == 1
+    assert len(d.named("launching")) == 2  # not the 11 the budget would allow
+    reason = d.named("state_changed", to="FAILED")[0]["reason"]
+    assert "crash loop" in reason and "ModuleNotFoundError" in reason
+
+
+async def test_no_retry_exit_code_fails_at_once(daemon):
+    d = await daemon(*FAST, "--max-restarts", "5", "--no-retry-exit-codes", "3,4",
+                     command=[*FAKE_WORKER, "--fail-rank", "0", "--fail-at-step", "1", "--fail-code", "4"])
+    assert await d.finish() == 1
+    assert len(d.named("launching")) == 1
+    assert "no_retry_exit_codes" in d.named("state_changed", to="FAILED")[0]["reason"]
+
+
+async def test_relaunches_back_off_exponentially_up_to_the_cap(daemon):
+    d = await daemon("--grace-period", "0.3", "--max-restarts", "4", "--restart-backoff", "0.1",
+                     "--restart-backoff-max", "0.25",
+                     command=[*FAKE_WORKER, "--fail-rank", "0", "--fail-at-step", "1", "--fail-attempts", "4"])
+    assert await d.finish() == 0
+    assert [e["seconds"] for e in d.named("restart_backoff")] == [0.1, 0.2, 0.25]
+    assert d.events[-1]["restarts"] == 4
+
+
+async def test_restart_window_gives_a_long_clean_run_its_budget_back(daemon):
+    job = [*FAKE_WORKER, "--steps", "40", "--step-time", "0.02", "--fail-rank", "0",
+           "--fail-at-step", "20", "--fail-attempts", "3"]  # each attempt runs ~0.4 s, then fails
+    windowed = await daemon(*FAST, "--max-restarts", "1", "--restart-window", "0.2", command=job)
+    assert await windowed.finish() == 0
+    assert windowed.events[-1]["restarts"] == 3
+    whole_run = await daemon(*FAST, "--max-restarts", "1", "--restart-window", "0", command=job)
+    assert await whole_run.finish() == 1
+
+
+async def test_fifty_recoveries_leak_no_fds_memory_or_zombies(daemon):
+    d = await daemon(*FAST, "--max-restarts", "60",
+                     command=[*FAKE_WORKER, "--fail-rank", "1", "--fail-at-step", "1",
+                              "--fail-attempts", "50"])
+    zombies = []
+    for restart in range(51):
+        await d.wait_for(lambda e: e["event"] == "launching" and e["restart"] == restart, timeout=120)
+        zombies += [p for p in children_of(d.proc.pid) if not pid_alive(p)]
+    assert await d.finish() == 0
+    launches = d.named("launching")
+    assert len(launches) == 51 and d.events[-1]["restarts"] == 50
+    assert zombies == []
+    assert launches[50]["daemon_open_fds"] == launches[5]["daemon_open_fds"]
+    growth_kb = launches[50]["daemon_max_rss_kb"] - launches[5]["daemon_max_rss_kb"]
+    assert growth_kb < 8 * 1024, growth_kb
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+async def test_a_port_already_taken_is_a_config_error_before_any_worker(daemon):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        d = await daemon("--master-port", str(port), command=[*FAKE_WORKER])
+        assert await d.finish() == 2
+    assert d.events == []
+    assert d.stderr.count("\n") == 1 and "master_port" in d.stderr
+
+
+async def test_flooding_workers_are_never_blocked_and_the_daemon_stays_responsive(daemon, tmp_path):
+    d = await daemon("--poll-interval", "0.1",
+                     command=[*FAKE_WORKER, "--flood-seconds", "2", "--flood-rate", "200000"])
+    assert await d.finish(timeout=120) == 0
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"flood-{rank}.json").read_text())
+        assert report["pipe_full"] == 0, report  # never a full pipe: never blocked
+        assert report["lines"] >= 400_000
+        shown = len([e for e in d.named("worker_output", rank=report["rank"]) if "line" in e])
+        dropped = sum(e["lines"] for e in d.named("worker_output_dropped", rank=report["rank"]))
+        assert shown + dropped == report["lines"]  # every line is either logged or counted
+    status = [e for e in d.events if e["event"] == "status"]
+    assert len(status) >= 10  # the daemon's own events kept flowing during the flood
+    assert max(e["daemon_max_rss_kb"] for e in status) < 300 * 1024

@@ -1,0 +1,69 @@
+"""Training state in and out of the supervisor's checkpoint files.
+
+Naming, atomic writes, verification and retention belong to :mod:`supervisord_ft.checkpoints`
+(torch-free, shared with the daemon); this module adds only torch serialisation. Loads use
+``weights_only=True``, so a state may hold tensors and primitive containers only, and a crafted
+file cannot run code.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from supervisord_ft.checkpoints import atomic_write, checkpoint_path, prune, verify
+from supervisord_ft.errors import CheckpointError
+
+from .contract import SupervisorEnv, emit
+
+
+def save_checkpoint(
+    state: dict[str, Any],
+    step: int,
+    directory: Path | str,
+    *,
+    keep: int | None = None,
+    protect: Iterable[Path] | None = None,
+) -> Path:
+    """Write ``state`` as ``checkpoint_step_<step>.pt``, then delete all but the ``keep`` newest.
+
+    The name appears only once the file is complete and durable. ``keep`` and ``protect`` default
+    to the supervisor's SUPERVISORD_FT_KEEP_CHECKPOINTS and resume file: the file this attempt
+    resumed from is never deleted under it. Prints a ``checkpoint_saved`` event.
+    """
+    started = time.monotonic()
+    if keep is None or protect is None:
+        env = SupervisorEnv.from_env()
+        keep = env.keep_checkpoints if keep is None else keep
+        protect = ([env.resume_from] if env.resume_from else []) if protect is None else protect
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = atomic_write(checkpoint_path(directory, step), lambda fh: torch.save(state, fh))
+    prune(directory, keep, protect)
+    emit("checkpoint_saved", step=step, path=str(path), seconds=round(time.monotonic() - started, 4))
+    return path
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Load a state written by :func:`save_checkpoint`; :class:`CheckpointError` if it is unusable.
+
+    The file is verified first (zip CRCs), because torch's loader would happily unpickle a
+    corrupted file into wrong numbers.
+    """
+    path = Path(path)
+    try:
+        verify(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path} {exc}") from None
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} holds objects a weights-only load refuses: {reason}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return state
