@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from harness import ROOT
 from supervisord_ft import checkpoints as ck
 from supervisord_ft.errors import CheckpointError
 
@@ -139,3 +143,35 @@ def test_prune_keeps_the_newest_intact_and_the_protected_one(tmp_path):
     assert sorted(p.name for p in removed) == ["checkpoint_step_20.pt"]
     left = sorted(ck.parse_step(p.name) for p in tmp_path.iterdir())
     assert left == [10, 30, 40, 50]
+
+
+def test_a_writer_sigkilled_mid_write_leaves_only_a_temporary_that_is_never_selected(tmp_path):
+    old = save(tmp_path, 10)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert writer.stdout.readline().strip() == "half written"
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    temporaries = [p for p in tmp_path.iterdir() if ck.TEMP_MARKER in p.name]
+    assert len(temporaries) == 1 and temporaries[0].stat().st_size > 0
+    assert ck.discover(tmp_path).newest == ck.Checkpoint(10, old)
+    assert ck.remove_stale_temporaries(tmp_path) == temporaries
+
+
+# Writes half of a checkpoint's bytes through atomic_write, says so, then waits to be killed.
+WRITER = """
+import sys, time
+from harness import ROOT
+from supervisord_ft import checkpoints as ck
+def write(fh):
+    fh.write(b"PK\\x03\\x04" + b"x" * 100000)
+    fh.flush()
+    print("half written", flush=True)
+    time.sleep(60)
+ck.atomic_write(ck.checkpoint_path(sys.argv[1], 20), write)
+"""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -34,10 +35,15 @@ DROPOUT = 0.1
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
 EXIT_REFUSED = 2  # bad arguments or a checkpoint this run must not resume from: retrying cannot help
-EXIT_INJECTED_CRASH = 1
+EXIT_CHECKPOINT_FAILED = 3  # a save failed (disk full, I/O error); the previous checkpoint stands
+DISK_FULL_LIMIT = 4096  # bytes a file may grow to once --disk_full_at_step has struck
 STATE_KEYS = frozenset(
     {"model", "optimizer", "epoch", "global_step", "steps_per_epoch", "world_size", "seed", "rng_states"}
 )
+
+
+class CheckpointWriteError(Exception):
+    """Saving failed; unlike :class:`CheckpointError` this is the disk, not the file's content."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class Options:
     resume_from_checkpoint: Path | None
     crash_at_step: int | None
     crash_rank: int
+    crash_exit_code: int
+    disk_full_at_step: int | None
     seed: int
     keep_checkpoints: int
     batch_size: int
@@ -91,6 +99,10 @@ def parse_args(argv: Sequence[str] | None, env: SupervisorEnv) -> Options:
     option("resume_from_checkpoint", type=Path, default=env.resume_from, metavar="PATH")
     option("crash_at_step", type=_positive, default=None, metavar="K", help="fault injection: die after step K")
     option("crash_rank", type=int, default=0, metavar="R", help="the rank that dies")
+    option("crash_exit_code", type=int, default=1, metavar="C",
+           help="its exit status; 0 makes it a rank that quits early without an error")
+    option("disk_full_at_step", type=_positive, default=None, metavar="K",
+           help="fault injection: from step K on, rank 0's writes fail as on a full disk")
     option("seed", type=int, default=0)
     option("keep_checkpoints", type=_positive, default=env.keep_checkpoints)
     option("batch_size", type=_positive, default=32)
@@ -99,6 +111,8 @@ def parse_args(argv: Sequence[str] | None, env: SupervisorEnv) -> Options:
     args = parser.parse_args(argv)
     if not 0 <= args.crash_rank < env.world_size:
         parser.error(f"--crash_rank {args.crash_rank} is not a rank of WORLD_SIZE={env.world_size}")
+    if max(env.restart_count, env.torchelastic_restart_count) > 0:  # faults strike the first attempt only
+        args.crash_at_step = args.disk_full_at_step = None
     return Options(**vars(args))
 
 
@@ -265,9 +279,16 @@ class Trainer:
             }
             resumed = self.opts.resume_from_checkpoint
             protect = [resumed] if resumed else []
-            save_checkpoint(
-                state, self.step, self.opts.checkpoint_dir, keep=self.opts.keep_checkpoints, protect=protect
-            )
+            if self.step == self.opts.disk_full_at_step:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_FULL_LIMIT, resource.RLIM_INFINITY))
+            try:
+                save_checkpoint(
+                    state, self.step, self.opts.checkpoint_dir, keep=self.opts.keep_checkpoints, protect=protect
+                )
+            except OSError as exc:
+                # atomic_write removed its temporary: the newest complete checkpoint is still the last one.
+                emit("checkpoint_failed", step=self.step, error=exc.strerror or str(exc))
+                raise CheckpointWriteError(f"cannot save the checkpoint of step {self.step}: {exc}") from None
         # No rank runs ahead (to an injected crash, or to exit) while the file is still being written.
         dist.barrier()
 
@@ -287,8 +308,8 @@ def train(opts: Options, env: SupervisorEnv) -> None:
             if stop or trainer.step % opts.checkpoint_interval == 0 or trainer.step == opts.total_steps:
                 trainer.save()
             if trainer.step == opts.crash_at_step and env.rank == opts.crash_rank:
-                emit("injected_crash", step=trainer.step)
-                os._exit(EXIT_INJECTED_CRASH)  # abrupt on purpose: no cleanup, like a real fault
+                emit("injected_crash", step=trainer.step, exit_code=opts.crash_exit_code)
+                os._exit(opts.crash_exit_code)  # abrupt on purpose: no cleanup, like a real fault
             if stop and trainer.step < opts.total_steps:
                 emit("stopped", step=trainer.step)
                 return
@@ -305,4 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except CheckpointWriteError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED
     return 0

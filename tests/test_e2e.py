@@ -1,0 +1,133 @@
+"""End to end: the real daemon supervising the real 2-rank torch worker over gloo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sys
+import time
+
+import pytest
+
+from harness import Daemon, pid_alive
+from supervisord_ft import checkpoints
+
+pytestmark = pytest.mark.e2e
+
+# 60 global steps, a checkpoint every 5. Sizes and seed match between a run and its reference.
+SIZES = ["--epochs", "3", "--steps", "20", "--checkpoint-interval", "5"]
+WORKER = [sys.executable, "-m", "worker", "--epochs", "3", "--steps", "20", "--checkpoint_interval", "5"]
+COMMON = ["--grace-period", "5", "--restart-backoff", "0", "--hang-timeout", "20"]
+
+
+def final_sha(d: Daemon) -> str:
+    shas = {e["weights_sha256"] for e in d.named("worker_output", worker_event="training_done")}
+    assert len(shas) == 1, shas  # every rank reports the same weights
+    return shas.pop()
+
+
+def steps_seen(d: Daemon, restart: int) -> list[int]:
+    return [e["step"] for e in d.named("worker_output", rank=0, restart=restart, worker_event="step")]
+
+
+@pytest.fixture(scope="module")
+def reference_sha(tmp_path_factory) -> str:
+    """The uninterrupted run's final weights, computed once for the module."""
+    async def run() -> str:
+        d = await Daemon.start(tmp_path_factory.mktemp("reference"), *COMMON, *SIZES)
+        try:
+            assert await d.finish(timeout=120) == 0
+        finally:
+            await d.kill()
+        assert d.events[-1]["restarts"] == 0
+        return final_sha(d)
+    return asyncio.run(run())
+
+
+async def test_crash_is_recovered_from_the_newest_checkpoint_with_bit_identical_weights(daemon, reference_sha):
+    d = await daemon(*COMMON, *SIZES, "--crash-at-step", "23", "--crash-rank", "1")
+    assert await d.finish(timeout=120) == 0
+    assert d.named("worker_exited", rank=1, restart=0)[0]["returncode"] == 1
+    assert d.named("checkpoint_selected")[-1]["step"] == 20
+    assert steps_seen(d, 1)[0] == 21  # resumed right after the checkpoint: 3 steps redone
+    assert d.named("recovered")[0]["step"] == 21
+    assert final_sha(d) == reference_sha
+
+
+async def test_sigterm_checkpoints_exits_143_and_a_rerun_resumes_with_no_lost_step(daemon, reference_sha):
+    slow = [*WORKER, "--step_time", "0.05"]
+    d = await daemon(*COMMON, command=slow)
+    for rank in (0, 1):
+        await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == rank and e["step"] >= 8)
+    d.signal(signal.SIGTERM)
+    assert await d.finish(timeout=60) == 143
+    stopped = {e["step"] for e in d.named("worker_output", worker_event="stopped")}
+    assert len(stopped) == 1  # both ranks agreed on one stop step
+    stop_step = stopped.pop()
+    assert checkpoints.discover(d.workdir / "ckpt").newest.step == stop_step
+
+    again = await daemon(*COMMON, command=slow)
+    assert await again.finish(timeout=120) == 0
+    assert again.named("checkpoint_selected")[0]["step"] == stop_step
+    assert steps_seen(again, 0)[0] == stop_step + 1
+    assert final_sha(again) == reference_sha
+
+
+async def test_a_rank_that_exits_0_early_blocks_its_peer_and_the_group_recovers(daemon, reference_sha):
+    d = await daemon(*COMMON, command=[*WORKER, "--crash_at_step", "12", "--crash_rank", "1",
+                                       "--crash_exit_code", "0"])
+    assert await d.finish(timeout=120) == 0
+    assert d.named("worker_exited", rank=1, restart=0)[0]["returncode"] == 0
+    assert d.states()[2] == "RECOVERING"  # rank 0 failed (or hung) without its peer
+    assert final_sha(d) == reference_sha
+
+
+async def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(daemon, reference_sha):
+    d = await daemon(*COMMON, command=[*WORKER, "--disk_full_at_step", "15"])
+    assert await d.finish(timeout=120) == 0
+    failed = d.named("worker_output", rank=0, worker_event="checkpoint_failed")
+    assert failed[0]["step"] == 15 and "too large" in failed[0]["error"]
+    assert d.named("worker_exited", rank=0, restart=0)[0]["returncode"] == 3
+    # no partial file took a final name: the recovery found step 10 intact, nothing rejected
+    assert d.named("checkpoint_selected")[1]["step"] == 10
+    assert d.named("checkpoint_rejected") == []
+    assert final_sha(d) == reference_sha
+
+
+async def test_random_sigkills_of_random_ranks_still_end_bit_identical(daemon, reference_sha):
+    rnd = random.Random(1234)
+    d = await daemon(*COMMON, "--max-restarts", "10", command=[*WORKER, "--step_time", "0.01"])
+    kills = 0
+    for restart in range(3):
+        target = rnd.randrange(2, 19)  # a random step, often beside a checkpoint write
+        event = await d.wait_for(lambda e: e.get("worker_event") == "step" and e["restart"] == restart
+                                 and e["step"] >= target, timeout=60)
+        victim = rnd.choice(d.named("worker_started", restart=restart))
+        if event["step"] < 55 and pid_alive(victim["pid"]):
+            os.kill(victim["pid"], signal.SIGKILL)
+            kills += 1
+            await d.wait_for(lambda e: e["event"] == "launching" and e["restart"] == restart + 1)
+    assert await d.finish(timeout=120) == 0
+    assert kills == 3 and d.events[-1]["restarts"] == 3
+    assert d.named("checkpoint_rejected") == []
+    assert final_sha(d) == reference_sha
+
+
+async def test_sigkill_of_the_daemon_kills_torch_workers_and_a_rerun_resumes(daemon, reference_sha):
+    d = await daemon(*COMMON, command=[*WORKER, "--step_time", "0.02"])
+    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["step"] >= random.randrange(6, 30))
+    pids = d.worker_pids()
+    d.signal(signal.SIGKILL)
+    await asyncio.wait_for(d.proc.wait(), 10)
+    deadline = time.monotonic() + 2
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # observing the kernel: there is no event for another's death
+    assert not any(pid_alive(p) for p in pids)
+    newest = checkpoints.discover(d.workdir / "ckpt").newest
+
+    again = await daemon(*COMMON, command=[*WORKER, "--step_time", "0.02"])
+    assert await again.finish(timeout=120) == 0
+    assert again.named("checkpoint_selected")[0]["step"] == (newest.step if newest else None)
+    assert final_sha(again) == reference_sha
