@@ -166,7 +166,6 @@ def test_a_writer_sigkilled_mid_write_leaves_only_a_temporary_that_is_never_sele
 # Writes half of a checkpoint's bytes through atomic_write, says so, then waits to be killed.
 WRITER = """
 import sys, time
-from harness import ROOT
 from supervisord_ft import checkpoints as ck
 def write(fh):
     fh.write(b"PK\\x03\\x04" + b"x" * 100000)
