@@ -25,5 +25,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not e2e'
 
+bench: $(STAMP)
+	$(PY) -m bench
+
+bench-quick: $(STAMP)
+	$(PY) -m bench --quick
+
+soak: $(STAMP)
+	$(PY) -m pytest -q -m soak tests/test_soak.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
