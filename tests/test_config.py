@@ -111,3 +111,10 @@ def test_the_real_process_exits_2_on_bad_config(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip() == "supervisord-ft: error: num_workers (from command line): must be >= 1, got -2"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # their relative paths are relative to the repository root
+    cfg = load_config(["run", "--config", str(path)])
+    assert cfg.num_workers >= 1

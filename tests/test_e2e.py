@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import Daemon, pid_alive
+from harness import ROOT, Daemon, pid_alive
 from supervisord_ft import checkpoints
 
 pytestmark = pytest.mark.e2e
@@ -131,3 +131,23 @@ async def test_sigkill_of_the_daemon_kills_torch_workers_and_a_rerun_resumes(dae
     assert await again.finish(timeout=120) == 0
     assert again.named("checkpoint_selected")[0]["step"] == (newest.step if newest else None)
     assert final_sha(again) == reference_sha
+
+
+async def test_the_readme_demo_recovers_from_its_injected_crash_and_ends_done(daemon):
+    d = await daemon("--config", str(ROOT / "configs" / "demo.toml"))
+    assert await d.finish(timeout=180) == 0
+    assert d.states() == ["LAUNCHING", "RUNNING", "RECOVERING", "LAUNCHING", "RUNNING", "DONE"]
+    assert d.named("checkpoint_selected")[-1]["step"] == 250
+    assert d.named("recovered")[0]["step"] == 251
+
+
+async def test_the_example_script_resumes_after_a_rank_is_killed(daemon):
+    d = await daemon(*COMMON, command=[sys.executable, str(ROOT / "examples" / "minimal_train.py"),
+                                       "--steps", "400", "--checkpoint-every", "20"])
+    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == 1 and e["step"] >= 50)
+    os.kill(d.named("worker_started", rank=1)[0]["pid"], signal.SIGKILL)
+    assert await d.finish(timeout=120) == 0
+    selected = d.named("checkpoint_selected")[-1]["step"]
+    assert selected >= 40
+    assert steps_seen(d, 1)[0] == selected + 1
+    assert max(steps_seen(d, 1)) == 400

@@ -1,0 +1,69 @@
+"""A torchrun-style training script that cooperates fully with supervisord-ft.
+
+Runs unchanged under `torchrun` too. The four things a script needs (see README, "The worker
+contract"): resume from SUPERVISORD_FT_RESUME_FROM, write checkpoints atomically under the
+supervisor's naming, stop at a step boundary on SIGTERM, report progress as JSON lines.
+
+    supervisord-ft run --num-workers 2 -- python examples/minimal_train.py --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from worker.checkpoint import load_checkpoint, save_checkpoint
+from worker.contract import StopFlag, SupervisorEnv, emit, report_progress
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--checkpoint-every", type=int, default=20)
+    args = parser.parse_args()
+
+    env = SupervisorEnv.from_env()
+    stop = StopFlag().install()  # first SIGTERM: finish this step, save, exit 0
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    step = 0
+    if env.resume_from is not None:  # set by the supervisor when a checkpoint exists
+        state = load_checkpoint(env.resume_from)  # verified (zip CRCs) before it is unpickled
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+
+    ckdir = env.checkpoint_dir or Path("checkpoints")
+    while step < args.steps:
+        g = torch.Generator().manual_seed(step * env.world_size + env.rank)
+        x = torch.randn(16, 8, generator=g)
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= env.world_size
+        opt.step()
+        step += 1
+        report_progress(step, loss=loss.item())  # {"event": "step", ...}: the hang watchdog's progress
+        # Every rank must agree to stop at the same step, or peers block in the next all_reduce.
+        stopping = torch.tensor([float(stop.requested)])
+        dist.all_reduce(stopping)
+        if step % args.checkpoint_every == 0 or stopping.item() > 0:
+            if env.rank == 0:
+                save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "step": step}, step, ckdir)
+            dist.barrier()
+        if stopping.item() > 0:
+            emit("stopped", step=step)
+            break
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
