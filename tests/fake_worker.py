@@ -7,7 +7,6 @@ environment, so one command line can make rank 1 of attempt 0 fail while all els
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import signal

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,16 @@ class Daemon:
 
     def worker_pids(self) -> list[int]:
         return [e["pid"] for e in self.named("worker_started")]
+
+    async def sigkill(self, within: float = 2.0) -> list[int]:
+        """SIGKILL the daemon; return its workers still alive ``within`` seconds later."""
+        pids = [p for p in self.worker_pids() if pid_alive(p)]
+        self.proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(self.proc.wait(), 10)
+        deadline = time.monotonic() + within
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # observing the kernel: there is no event for another's death
+        return [p for p in pids if pid_alive(p)]
 
     async def kill(self) -> None:
         """Cleanup: SIGKILL the daemon and, by pid, every worker it reported."""
