@@ -8,6 +8,7 @@ only record the request; output readers only stamp progress clocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import resource
 import signal
@@ -280,8 +281,7 @@ class Supervisor:
         self.resume_from = self._select_checkpoint()
         assert self.failure is not None
         newer = self.resume_from is not None and (before is None or self.resume_from.step > before.step)
-        failure = Failure(self.failure.rank, self.failure.returncode, self.failure.last_error,
-                          self.failure.progressed or newer)
+        failure = dataclasses.replace(self.failure, progressed=self.failure.progressed or newer)
         decision = self.policy.decide(failure, time.monotonic())
         if self._stop_requested.is_set():
             self.fsm.transition(State.STOPPING, self._stop_reason())
