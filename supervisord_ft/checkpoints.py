@@ -92,6 +92,8 @@ def _candidates(directory: Path) -> tuple[list[Checkpoint], list[Rejected]]:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return [], []
+    except OSError as exc:  # starting fresh here could overwrite the progress we cannot see
+        raise CheckpointError(f"cannot list {directory}: {exc.strerror}") from None
     for entry in entries:
         name = entry.name
         if TEMP_MARKER in name:
@@ -108,7 +110,8 @@ def _candidates(directory: Path) -> tuple[list[Checkpoint], list[Rejected]]:
 def discover(directory: Path | str) -> Discovery:
     """Find the newest intact checkpoint, newest first; every skipped file comes with a reason.
 
-    Older files below the first intact one are not read: they cannot be selected.
+    Older files below the first intact one are not read: they cannot be selected. Raises
+    :class:`CheckpointError` when the directory exists but cannot be listed.
     """
     found, rejected = _candidates(Path(directory))
     for cp in found:

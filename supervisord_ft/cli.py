@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SupervisorError as exc:
         print(f"supervisord-ft: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception:  # a bug: say so, keep the traceback, and exit with a code of its own
+        traceback.print_exc()
+        print("supervisord-ft: internal error (a bug, please report it)", file=sys.stderr)
+        return SupervisorError.exit_code
 
 
 if __name__ == "__main__":

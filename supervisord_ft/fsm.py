@@ -28,7 +28,8 @@ class State(enum.Enum):
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.LAUNCHING: frozenset({State.RUNNING, State.RECOVERING, State.STOPPING}),
+    # LAUNCHING -> FAILED: the checkpoint directory cannot be read at start-up.
+    State.LAUNCHING: frozenset({State.RUNNING, State.RECOVERING, State.STOPPING, State.FAILED}),
     State.RUNNING: frozenset({State.DONE, State.RECOVERING, State.STOPPING}),
     State.RECOVERING: frozenset({State.LAUNCHING, State.FAILED, State.STOPPING}),
     State.STOPPING: frozenset({State.STOPPED}),

@@ -18,6 +18,7 @@ from typing import Any
 
 from . import checkpoints
 from .config import Config, as_dict
+from .errors import CheckpointError
 from .fsm import State, StateMachine
 from .output import OutputRouter, Source
 from .rendezvous import Endpoint, LocalRendezvous, RankInfo, Rendezvous
@@ -98,7 +99,10 @@ class Supervisor:
             State.STOPPING: self._shutdown,
         }
         try:
-            self.resume_from = self._select_checkpoint()
+            try:
+                self.resume_from = self._select_checkpoint()
+            except CheckpointError as exc:
+                self.fsm.transition(State.FAILED, f"checkpoint_dir: {exc}")
             while not self.fsm.state.terminal:
                 await steps[self.fsm.state]()
         finally:
@@ -157,8 +161,11 @@ class Supervisor:
     def _select_checkpoint(self) -> checkpoints.Checkpoint | None:
         """Runs only while no worker is alive: stale temporaries cannot be writes in progress."""
         ckdir = self.cfg.checkpoint_dir
-        for path in checkpoints.remove_stale_temporaries(ckdir):
-            self.log.warning("stale_temporary_removed", path=str(path))
+        try:
+            for path in checkpoints.remove_stale_temporaries(ckdir):
+                self.log.warning("stale_temporary_removed", path=str(path))
+        except OSError as exc:  # harmless: temporaries are never candidates
+            self.log.warning("stale_temporary_not_removed", reason=str(exc))
         found = checkpoints.discover(ckdir)
         for bad in found.rejected:
             self.log.warning("checkpoint_rejected", path=str(bad.path), reason=bad.reason)
@@ -167,8 +174,11 @@ class Supervisor:
                           reason=f"no intact checkpoint in {ckdir}: starting fresh")
             return None
         self.log.info("checkpoint_selected", path=str(found.newest.path), step=found.newest.step)
-        for path in checkpoints.prune(ckdir, self.cfg.keep_checkpoints, protect=[found.newest.path]):
-            self.log.info("checkpoint_pruned", path=str(path))
+        try:
+            for path in checkpoints.prune(ckdir, self.cfg.keep_checkpoints, protect=[found.newest.path]):
+                self.log.info("checkpoint_pruned", path=str(path))
+        except OSError as exc:  # old files stay; nothing is lost
+            self.log.warning("checkpoint_prune_failed", reason=str(exc))
         return found.newest
 
     def _argv(self) -> tuple[str, ...]:
@@ -278,7 +288,11 @@ class Supervisor:
     async def _recover(self) -> None:
         await self._teardown("recovery")
         before = self.resume_from
-        self.resume_from = self._select_checkpoint()
+        try:
+            self.resume_from = self._select_checkpoint()
+        except CheckpointError as exc:
+            self.fsm.transition(State.FAILED, f"checkpoint_dir: {exc}")
+            return
         assert self.failure is not None
         newer = self.resume_from is not None and (before is None or self.resume_from.step > before.step)
         failure = dataclasses.replace(self.failure, progressed=self.failure.progressed or newer)

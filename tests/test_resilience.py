@@ -143,3 +143,14 @@ async def test_flooding_workers_are_never_blocked_and_the_daemon_stays_responsiv
     status = [e for e in d.events if e["event"] == "status"]
     assert len(status) >= 10  # the daemon's own events kept flowing during the flood
     assert max(e["daemon_max_rss_kb"] for e in status) < 300 * 1024
+
+
+async def test_an_unreadable_checkpoint_dir_at_recovery_fails_instead_of_starting_fresh(daemon, tmp_path):
+    d = await daemon(*FAST, command=[*FAKE_WORKER, "--steps", "20", "--step-time", "0.3",
+                                     "--fail-rank", "0", "--fail-at-step", "3"])
+    await d.wait_for(lambda e: e.get("worker_event") == "step")
+    (tmp_path / "ckpt").rmdir()
+    (tmp_path / "ckpt").write_text("not a directory any more")
+    assert await d.finish() == 1
+    reason = d.named("state_changed", to="FAILED")[0]["reason"]
+    assert reason.startswith("checkpoint_dir: cannot list") and len(d.named("launching")) == 1
