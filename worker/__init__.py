@@ -2,5 +2,5 @@
 
 ``contract`` (torch-free) is what any training script needs to cooperate with the supervisor;
 ``checkpoint`` and ``rng`` move torch state in and out of checkpoint files; ``train`` is the
-built-in job, run as ``python -m worker``.
+built-in job, run as ``python -m worker``; ``startup`` (torch-free) times a rank's start-up phases.
 """

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from supervisord_ft.checkpoints import atomic_write, checkpoint_path, prune, verify
+from supervisord_ft.checkpoints import atomic_write, checkpoint_path, discover, prune, verify
 from supervisord_ft.errors import CheckpointError
 
 from .contract import SupervisorEnv, emit
@@ -67,3 +67,12 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def newest_checkpoint(directory: Path | str) -> Path | None:
+    """The newest intact checkpoint in ``directory``, or None: how a rank resumes when no supervisor
+    names the file (under torchrun). Each skipped file is reported as a ``checkpoint_rejected`` event."""
+    found = discover(directory)
+    for bad in found.rejected:
+        emit("checkpoint_rejected", path=str(bad.path), reason=bad.reason)
+    return found.newest.path if found.newest is not None else None

@@ -27,8 +27,9 @@ from torch import nn
 from supervisord_ft.errors import CheckpointError, ConfigError
 
 from . import rng
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
 from .contract import StopFlag, SupervisorEnv, emit, report_progress
+from .startup import CLOCK
 
 IN_FEATURES = 16
 DROPOUT = 0.1
@@ -37,6 +38,7 @@ MOMENTUM = 0.9
 EXIT_REFUSED = 2  # bad arguments or a checkpoint this run must not resume from: retrying cannot help
 EXIT_CHECKPOINT_FAILED = 3  # a save failed (disk full, I/O error); the previous checkpoint stands
 DISK_FULL_LIMIT = 4096  # bytes a file may grow to once --disk_full_at_step has struck
+AUTO = Path("auto")  # --resume_from_checkpoint auto
 STATE_KEYS = frozenset(
     {"model", "optimizer", "epoch", "global_step", "steps_per_epoch", "world_size", "seed", "rng_states"}
 )
@@ -96,7 +98,9 @@ def parse_args(argv: Sequence[str] | None, env: SupervisorEnv) -> Options:
     option("steps", type=_positive, default=30, help="steps per epoch")
     option("checkpoint_interval", type=_positive, default=10, help="save every N global steps")
     option("checkpoint_dir", type=Path, default=env.checkpoint_dir or Path("checkpoints"))
-    option("resume_from_checkpoint", type=Path, default=env.resume_from, metavar="PATH")
+    option("resume_from_checkpoint", type=Path, default=env.resume_from, metavar="PATH|auto",
+           help="auto: the supervisor's choice, else the newest intact checkpoint in --checkpoint_dir "
+           "(so the same command resumes under torchrun, which names no file)")
     option("crash_at_step", type=_positive, default=None, metavar="K", help="fault injection: die after step K")
     option("crash_rank", type=int, default=0, metavar="R", help="the rank that dies")
     option("crash_exit_code", type=int, default=1, metavar="C",
@@ -113,6 +117,8 @@ def parse_args(argv: Sequence[str] | None, env: SupervisorEnv) -> Options:
         parser.error(f"--crash_rank {args.crash_rank} is not a rank of WORLD_SIZE={env.world_size}")
     if max(env.restart_count, env.torchelastic_restart_count) > 0:  # faults strike the first attempt only
         args.crash_at_step = args.disk_full_at_step = None
+    if args.resume_from_checkpoint == AUTO:
+        args.resume_from_checkpoint = env.resume_from or newest_checkpoint(args.checkpoint_dir)
     return Options(**vars(args))
 
 
@@ -300,15 +306,22 @@ def train(opts: Options, env: SupervisorEnv) -> None:
     if opts.resume_from_checkpoint is not None:
         # Before the rendezvous: every rank refuses a bad file alike, and none is left waiting for a peer.
         trainer.restore(opts.resume_from_checkpoint)
+    resumed_at = trainer.step
+    CLOCK.mark("load")
     dist.init_process_group("gloo", init_method="env://", rank=env.rank, world_size=env.world_size)
+    CLOCK.mark("rendezvous")
     try:
         while trainer.step < opts.total_steps:
             loss, stop = trainer.train_step(stop_flag)
-            report_progress(trainer.step, epoch=trainer.epoch_of(trainer.step), loss=loss)
+            report_progress(trainer.step, epoch=trainer.epoch_of(trainer.step), loss=loss, time=time.time())
+            if trainer.step == resumed_at + 1:
+                CLOCK.mark("first_step")
+                emit("startup_timings", rank=env.rank, pid=os.getpid(), resumed_at=resumed_at,
+                     attempt=max(env.restart_count, env.torchelastic_restart_count), **CLOCK.report())
             if stop or trainer.step % opts.checkpoint_interval == 0 or trainer.step == opts.total_steps:
                 trainer.save()
             if trainer.step == opts.crash_at_step and env.rank == opts.crash_rank:
-                emit("injected_crash", step=trainer.step, exit_code=opts.crash_exit_code)
+                emit("injected_crash", step=trainer.step, exit_code=opts.crash_exit_code, time=time.time())
                 os._exit(opts.crash_exit_code)  # abrupt on purpose: no cleanup, like a real fault
             if stop and trainer.step < opts.total_steps:
                 emit("stopped", step=trainer.step)
@@ -320,6 +333,7 @@ def train(opts: Options, env: SupervisorEnv) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; the one place that turns errors into exit codes."""
+    CLOCK.mark("import")
     try:
         env = SupervisorEnv.from_env()
         train(parse_args(argv, env), env)

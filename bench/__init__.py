@@ -1,0 +1,1 @@
+"""The benchmark suite: supervisord-ft against ``torchrun --max-restarts`` on the same job (see BENCHMARKS.md)."""

@@ -1,0 +1,48 @@
+"""Where a rank's start-up goes: process start, interpreter, imports, checkpoint load, rendezvous, first step.
+
+A relaunched group's recovery time is mostly its ranks' start-up, and which phase dominates
+decides what to make faster (a warm process pool for imports, a faster load, a quicker
+rendezvous). Torch-free, and imported by ``python -m worker`` before anything else, so its clock
+starts before torch is imported. Marks are wall-clock (``time.time()``): they line up with the
+supervisor's event timestamps and with other processes' marks on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+# /proc/<pid>/stat field 22: the process's start in clock ticks after boot.
+_STARTTIME_FIELD = 22
+
+
+def process_start_time() -> float:
+    """Wall-clock time the kernel created this process, to a clock tick (10 ms on most kernels)."""
+    with open("/proc/self/stat") as fh:
+        after_name = fh.read().rsplit(")", 1)[1].split()
+    ticks = int(after_name[_STARTTIME_FIELD - 3])  # fields 1 and 2 (pid, name) come before ")"
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
+
+
+class StartupClock:
+    """Marks phases as they end; :meth:`report` gives each phase's seconds, in order."""
+
+    def __init__(self) -> None:
+        self.process_start = process_start_time()
+        self.marks: dict[str, float] = {"interpreter": time.time()}
+
+    def mark(self, phase: str) -> None:
+        self.marks[phase] = time.time()
+
+    def report(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"process_start": round(self.process_start, 6)}
+        before = self.process_start
+        for phase, at in self.marks.items():
+            fields[f"{phase}_s"] = round(at - before, 4)
+            before = at
+        return fields
+
+
+CLOCK = StartupClock()
