@@ -174,3 +174,19 @@ def write(fh):
     time.sleep(60)
 ck.atomic_write(ck.checkpoint_path(sys.argv[1], 20), write)
 """
+
+
+def test_prune_reads_each_unchanged_kept_file_once(tmp_path, monkeypatch):
+    for step in (10, 20, 30):
+        save(tmp_path, step)
+    reads = []
+    real_verify = ck.verify
+    monkeypatch.setattr(ck, "verify", lambda p: reads.append(p.name) or real_verify(p))
+    ck.prune(tmp_path, keep=3)
+    ck.prune(tmp_path, keep=3)
+    assert sorted(reads) == ["checkpoint_step_10.pt", "checkpoint_step_20.pt", "checkpoint_step_30.pt"]
+    corrupt_garbage(tmp_path / "checkpoint_step_30.pt")  # a changed file is read again, and fails
+    ck.prune(tmp_path, keep=2)
+    assert reads[-1] == "checkpoint_step_30.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_step_10.pt", "checkpoint_step_20.pt", "checkpoint_step_30.pt"]
