@@ -19,6 +19,9 @@ from typing import Any
 
 CHUNK = 1 << 16
 MAX_BACKLOG_BYTES = 16 << 20
+# What a queued line costs beyond its bytes (bytes object, tuple, deque slot): counted against
+# MAX_BACKLOG_BYTES, or a flood of short lines would hold several times the budget.
+LINE_OVERHEAD = 160
 EMIT_BATCH = 256  # lines emitted before yielding to the readers
 # Keys of a worker's JSON line that would overwrite the daemon's own fields get a worker_ prefix.
 RESERVED = frozenset({"event", "timestamp", "level", "rank", "stream", "restart", "line", "truncated"})
@@ -85,11 +88,12 @@ class OutputRouter:
     def _push(self, source: Source, raw: bytes, truncated: bool) -> None:
         if self.on_line is not None:
             self.on_line(source, raw)
-        if self._backlog_bytes + len(raw) > self.max_backlog:
+        cost = len(raw) + LINE_OVERHEAD
+        if self._backlog_bytes + cost > self.max_backlog:
             self._dropped[source] = self._dropped.get(source, 0) + 1
             return
         self._backlog.append((source, raw, truncated))
-        self._backlog_bytes += len(raw)
+        self._backlog_bytes += cost
         self._ready.set()
 
     async def run(self) -> None:
@@ -106,7 +110,7 @@ class OutputRouter:
         n = 0
         while self._backlog and (limit is None or n < limit):
             source, raw, truncated = self._backlog.popleft()
-            self._backlog_bytes -= len(raw)
+            self._backlog_bytes -= len(raw) + LINE_OVERHEAD
             fields = _emit(source, raw, truncated)
             if fields is not None and self.on_json is not None:
                 self.on_json(source, fields)

@@ -7,7 +7,7 @@ import io
 import json
 
 from supervisord_ft.logs import make_logger
-from supervisord_ft.output import OutputRouter, Source
+from supervisord_ft.output import LINE_OVERHEAD, OutputRouter, Source
 
 
 async def pump(chunks: list[bytes], max_line: int = 16, backlog: int = 1 << 20) -> tuple[list[dict], OutputRouter]:
@@ -49,7 +49,8 @@ async def test_json_objects_are_merged_and_reserved_keys_renamed_but_other_json_
 
 
 async def test_a_full_backlog_drops_lines_and_reports_how_many():
-    events, router = await pump([b"".join(b"line %03d\n" % i for i in range(100))], backlog=80)
+    per_line = 8 + LINE_OVERHEAD
+    events, router = await pump([b"".join(b"line %03d\n" % i for i in range(100))], backlog=10 * per_line)
     kept = [e for e in events if e["event"] == "worker_output"]
     dropped = [e for e in events if e["event"] == "worker_output_dropped"]
     assert len(kept) == 10 and kept[0]["line"] == "line 000"

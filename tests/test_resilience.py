@@ -131,7 +131,7 @@ async def test_a_port_already_taken_is_a_config_error_before_any_worker(daemon):
 
 async def test_flooding_workers_are_never_blocked_and_the_daemon_stays_responsive(daemon, tmp_path):
     d = await daemon("--poll-interval", "0.1",
-                     command=[*FAKE_WORKER, "--flood-seconds", "2", "--flood-rate", "200000"])
+                     command=[*FAKE_WORKER, "--flood-seconds", "2", "--flood-rate", "200000", "--steps", "0"])
     assert await d.finish(timeout=120) == 0
     for rank in (0, 1):
         report = json.loads((tmp_path / f"flood-{rank}.json").read_text())
@@ -142,7 +142,7 @@ async def test_flooding_workers_are_never_blocked_and_the_daemon_stays_responsiv
         assert shown + dropped == report["lines"]  # every line is either logged or counted
     status = [e for e in d.events if e["event"] == "status"]
     assert len(status) >= 10  # the daemon's own events kept flowing during the flood
-    assert max(e["daemon_max_rss_kb"] for e in status) < 300 * 1024
+    assert max(e["daemon_max_rss_kb"] for e in status) < 100 * 1024  # ~40 MB measured
 
 
 async def test_an_unreadable_checkpoint_dir_at_recovery_fails_instead_of_starting_fresh(daemon, tmp_path):

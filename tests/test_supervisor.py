@@ -105,7 +105,7 @@ async def test_floods_long_lines_and_binary_output_do_not_break_the_daemon(daemo
     flood = 200_000
     d = await daemon("--max-line-bytes", "4096",
                      command=[*FAKE_WORKER, "--flood", str(flood), "--long-line", "5000000",
-                              "--binary"])
+                              "--binary", "--steps", "0"])
     assert await d.finish(timeout=120) == 0
     for rank in (0, 1):
         out = d.named("worker_output", rank=rank)
