@@ -312,6 +312,7 @@ def train(opts: Options, env: SupervisorEnv) -> None:
     CLOCK.mark("load")
     dist.init_process_group("gloo", init_method="env://", rank=env.rank, world_size=env.world_size)
     CLOCK.mark("rendezvous")
+    finished = False
     try:
         while trainer.step < opts.total_steps:
             loss, stop = trainer.train_step(stop_flag)
@@ -327,10 +328,13 @@ def train(opts: Options, env: SupervisorEnv) -> None:
                 os._exit(opts.crash_exit_code)  # abrupt on purpose: no cleanup, like a real fault
             if stop and trainer.step < opts.total_steps:
                 emit("stopped", step=trainer.step)
+                finished = True
                 return
         emit("training_done", step=trainer.step, weights_sha256=weights_sha256(trainer.model))
+        finished = True
     finally:
-        dist.destroy_process_group()
+        if finished:  # after an error the group is broken: main exits without tearing it down
+            dist.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -343,8 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except CheckpointWriteError as exc:
-        print(f"worker: {exc}", file=sys.stderr)
-        return EXIT_CHECKPOINT_FAILED
+        print(f"worker: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # At once: a slow exit lets the peers, failing at the barrier, be reported first.
+        os._exit(EXIT_CHECKPOINT_FAILED)
     except RuntimeError:
         # Mostly a collective that failed because a peer died (gloo raises RuntimeError): the
         # group is being torn down and relaunched, and nothing can be saved. Report it, then skip
