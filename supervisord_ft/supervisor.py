@@ -247,7 +247,9 @@ class Supervisor:
                             before_first_step=h.before_first_step)
                     first = hung[0]
                     why = f"no output for {first.silent_for:.1f} s"
-                    self._fail(first.rank, None, f"hang: {why}")
+                    # No seconds in the signature: two identical hangs must compare equal.
+                    self._fail(first.rank, None, "hang before the first step"
+                               if first.before_first_step else "hang")
                     self.fsm.transition(State.RECOVERING, f"rank {first.rank} hung: {why}")
                     return
                 if stop_wait in done:

@@ -51,6 +51,14 @@ async def test_startup_beyond_startup_timeout_is_a_hang(daemon):
     assert all(h["before_first_step"] for h in d.named("hang_detected"))
 
 
+async def test_hanging_at_every_start_is_a_crash_loop_too(daemon):
+    d = await daemon(*FAST, "--hang-timeout", "0.2", "--startup-timeout", "0.5", "--max-restarts", "10",
+                     command=[*FAKE_WORKER, "--startup-delay", "30"])
+    assert await d.finish() == 1
+    assert len(d.named("launching")) == 2
+    assert "crash loop" in d.named("state_changed", to="FAILED")[0]["reason"]
+
+
 async def test_crash_loop_before_first_step_fails_early_with_the_error(daemon):
     d = await daemon(*FAST, "--max-restarts", "10",
                      command=[os.sys.executable, "-c", "import no_such_module_xyz"])
