@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from supervisord_ft import envvars
+
 from .workloads import PYTHON, Job, Program
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +38,6 @@ KILL_WAIT = 10.0  # seconds a SIGKILLed process may take to be gone
 STDERR_TAIL = 2000
 _PR_SET_CHILD_SUBREAPER = 36
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class BenchError(Exception):
@@ -156,7 +157,7 @@ class Torchrun:
 def job_env(extra: dict[str, str]) -> dict[str, str]:
     """The bench's environment minus any launcher variables, with the repo importable."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SUPERVISORD_FT_", "TORCHELASTIC_", "TORCH_DISABLE_SHARE")) and k not in _RANK_VARS}
+           if not k.startswith(("SUPERVISORD_FT_", "TORCHELASTIC_", "TORCH_DISABLE_SHARE")) and k not in envvars.ALL}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"  # torchrun sets it for its workers anyway: the same for both
     return {**env, **extra}

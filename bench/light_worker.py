@@ -17,6 +17,8 @@ import signal
 import sys
 import time
 
+from supervisord_ft import envvars
+
 BATCH = 100  # flood lines per write: one timestamp per batch keeps the worker well ahead of the daemon
 
 
@@ -32,8 +34,8 @@ def main() -> int:
     p.add_argument("--hold", type=float, default=600.0, help="seconds to live when nothing else ends it")
     args = p.parse_args()
 
-    rank = int(os.environ["RANK"])
-    attempt = max(int(os.environ.get(k) or 0) for k in ("SUPERVISORD_FT_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+    rank = int(os.environ[envvars.RANK])
+    attempt = max(int(os.environ.get(k) or 0) for k in (envvars.RESTART_COUNT, envvars.TORCHELASTIC_RESTART_COUNT))
 
     def emit(event: str, **fields: object) -> None:
         line = json.dumps({"event": event, "rank": rank, "attempt": attempt, "pid": os.getpid(),

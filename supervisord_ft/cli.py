@@ -1,7 +1,6 @@
 """Command line: parse, build the config, run the supervisor, map errors to exit codes.
 
-Exit codes: 0 DONE, 1 FAILED (restart budget spent), 2 usage or configuration error,
-130 / 143 after a graceful shutdown on SIGINT / SIGTERM, 70 an internal error (a bug).
+The exit codes are :data:`errors.EXIT_CODES`; ``--help`` prints them from there.
 """
 
 from __future__ import annotations
@@ -15,15 +14,14 @@ from pathlib import Path
 
 from . import __version__
 from .config import OPTIONS, Config, build, ensure_writable_dir, read_toml
-from .errors import ConfigError, SupervisorError
+from .errors import EXIT_CODES, ConfigError, SupervisorError
 from .logs import make_logger
 from .rendezvous import LocalRendezvous
 from .supervisor import Supervisor
 
-EPILOG = """\
-exit codes: 0 DONE, 1 FAILED (max restarts exhausted), 2 usage or config error,
-130/143 stopped by SIGINT/SIGTERM, 70 internal error.
-Every option is also a key of the TOML config; the command line wins."""
+EPILOG = "exit codes:\n" + "".join(f"  {code:<10} {meaning.replace('`', '')}\n"
+                                   for code, meaning in EXIT_CODES) + \
+    "Every option is also a key of the TOML config; the command line wins."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     for opt in OPTIONS:
         meta = opt.kind.__name__.upper() if not opt.choices else "{" + ",".join(opt.choices) + "}"
         run.add_argument(*opt.flags, dest=opt.name, metavar=meta, default=argparse.SUPPRESS,
-                         help=f"{opt.help} (default: {'off' if opt.default is None else opt.default})")
+                         help=f"{opt.help.replace('`', '')} "
+                              f"(default: {'off' if opt.default is None else opt.default})")
     return top
 
 

@@ -16,15 +16,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import builtin_job
 from .errors import ConfigError
 
 LOG_FORMATS = ("auto", "json", "console")
 
 
+class ExitCodes(tuple):
+    """The kind of an option that is a list of worker exit codes (1-255)."""
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
-    kind: type  # int, float, str, Path, or tuple (of exit codes)
+    kind: type  # int, float, str, Path, or ExitCodes
     help: str
     minimum: float | None = None
     choices: tuple[str, ...] = ()
@@ -42,41 +47,45 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("num_workers", int, "worker processes (ranks) in the group", minimum=1),
-    Option("max_restarts", int, "relaunches allowed before the run is FAILED", minimum=0),
-    Option("checkpoint_dir", Path, "where checkpoint_step_<N>.pt files live"),
-    Option("run_dir", Path, "where events.jsonl is written"),
+    Option("max_restarts", int, "relaunches allowed; the next failure ends the run FAILED", minimum=0),
+    Option("checkpoint_dir", Path, "where `checkpoint_step_<N>.pt` files live"),
+    Option("run_dir", Path, "where `events.jsonl` is written (appended to)"),
     Option("grace_period", float, "seconds between SIGTERM and SIGKILL at teardown", minimum=0),
-    Option("log_format", str, "stdout format; auto = console on a terminal, else json",
+    Option("log_format", str, "stdout format: `json`, `console`, or `auto` (console on a terminal, else json); "
+           "`events.jsonl` is always JSON",
            choices=LOG_FORMATS),
     Option("poll_interval", float,
            "seconds between periodic `status` events (failure detection is event-driven and "
            "does not depend on it)", minimum=0.01),
-    Option("keep_checkpoints", int, "newest intact checkpoints kept; older ones are deleted",
+    Option("keep_checkpoints", int, "newest intact checkpoints kept; older ones are deleted once newer ones are "
+           "complete, never the one being resumed from",
            minimum=2),
-    Option("master_addr", str, "rendezvous address given to workers as MASTER_ADDR"),
-    Option("master_port", int, "MASTER_PORT; 0 = a fresh free port on every launch", minimum=0),
+    Option("master_addr", str, "rendezvous address (`MASTER_ADDR`); checked at start-up"),
+    Option("master_port", int, "`MASTER_PORT`; 0 = a fresh free port on every launch (a fixed port must be "
+           "free at start-up)", minimum=0),
     Option("hang_timeout", float, "seconds without a line of output after which a rank is "
-           "declared hung (0 disables)", minimum=0),
+           "declared hung and the group recovered (0 disables)", minimum=0),
     Option("startup_timeout", float, "seconds a rank may take from launch to its first step "
            "report (imports, rendezvous, checkpoint load)", minimum=0),
-    Option("restart_window", float, "max_restarts counts the relaunches within this many "
+    Option("restart_window", float, "`max_restarts` counts the relaunches within this many "
            "seconds (0 = the whole run)", minimum=0),
-    Option("restart_backoff", float, "delay before the second relaunch in a window; doubles "
-           "with each further one (the first is immediate)", minimum=0),
+    Option("restart_backoff", float, "delay before the second relaunch within the window; "
+           "doubles with each further one (the first relaunch is immediate)", minimum=0),
     Option("restart_backoff_max", float, "cap on the relaunch delay", minimum=0),
-    Option("no_retry_exit_codes", tuple, "worker exit codes that fail the run at once, "
-           "comma-separated (e.g. 2,3)"),
+    Option("no_retry_exit_codes", ExitCodes, "worker exit codes that fail the run at once (a TOML "
+           "list, or `2,3` on the command line)"),
     Option("max_line_bytes", int,
-           "longest worker output line kept; longer lines are cut and marked truncated",
+           "longest worker output line kept; longer lines are cut and marked `truncated`",
            minimum=1024),
     Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
     Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
-    Option("checkpoint_interval", int, "built-in job: save every N global steps", minimum=1,
+    Option("checkpoint_interval", int, "built-in job: checkpoint every N global steps", minimum=1,
            builtin_job=True),
-    Option("seed", int, "built-in job: seed for weights and synthetic data", minimum=0,
+    Option("seed", int, "built-in job: seed for the weights and the synthetic data", minimum=0,
            builtin_job=True),
     Option("crash_at_step", int,
-           "built-in job: fault injection, crash after global step K (first attempt only)",
+           "built-in job: fault injection, rank `crash_rank` exits 1 after global step K, "
+           "first attempt only",
            minimum=1, builtin_job=True),
     Option("crash_rank", int, "built-in job: the rank that crashes", minimum=0,
            builtin_job=True),
@@ -93,7 +102,7 @@ class Config:
     grace_period: float = 10.0
     log_format: str = "auto"
     poll_interval: float = 30.0
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = builtin_job.KEEP_CHECKPOINTS
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     hang_timeout: float = 600.0
@@ -103,10 +112,10 @@ class Config:
     restart_backoff_max: float = 30.0
     no_retry_exit_codes: tuple[int, ...] = ()
     max_line_bytes: int = 65536
-    epochs: int = 20
-    steps: int = 30
-    checkpoint_interval: int = 10
-    seed: int = 0
+    epochs: int = builtin_job.EPOCHS
+    steps: int = builtin_job.STEPS_PER_EPOCH
+    checkpoint_interval: int = builtin_job.CHECKPOINT_INTERVAL
+    seed: int = builtin_job.SEED
     crash_at_step: int | None = None
     crash_rank: int = 0
     # A custom command (after `--` or `command = [...]` in TOML); empty = the built-in job.
@@ -137,7 +146,7 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
             value = float(value)
             if not math.isfinite(value):
                 raise ConfigError(f"{where}: must be a finite number, got {value!r}")
-        elif opt.kind is tuple:
+        elif opt.kind is ExitCodes:
             if from_cli:
                 value = [int(v) for v in value.split(",") if v.strip()]
             if not isinstance(value, list) or not all(
@@ -151,7 +160,7 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
                 raise ConfigError(f"{where}: must not be empty")
             value = Path(value) if opt.kind is Path else value
     except (TypeError, ValueError):
-        expected = "a list of exit codes (1-255)" if opt.kind is tuple else opt.kind.__name__
+        expected = "a list of exit codes (1-255)" if opt.kind is ExitCodes else opt.kind.__name__
         raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
     if opt.minimum is not None and value < opt.minimum:
         raise ConfigError(f"{where}: must be >= {opt.minimum:g}, got {value!r}")
@@ -233,6 +242,26 @@ def ensure_writable_dir(key: str, path: Path) -> None:
         raise ConfigError(f"{key}: {str(path)!r} is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}: directory {str(path)!r} is not writable")
+
+
+def reference_table() -> str:
+    """The README's table of options, generated here so that it cannot drift from the code."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for opt in OPTIONS:
+        default = opt.default
+        if default is None:
+            shown = "off"
+        elif default == ():
+            shown = "(none)"
+        elif isinstance(default, (str, Path)):
+            shown = f"`{default}`"
+        else:
+            shown = str(default)
+        rows.append(f"| `{opt.name}` | {shown} | {opt.help} |")
+    rows.append("| `command` | (built-in job) | TOML only (or after `--`): the command each rank "
+                "runs, a list of strings |")
+    rows.append("| `[env]` | | TOML only: a table of extra environment variables for every worker |")
+    return "\n".join(rows) + "\n"
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

@@ -1,22 +1,43 @@
-"""The daemon's error hierarchy. Each maps to one exit code at the edge (``cli``)."""
+"""The daemon's error hierarchy and its exit codes, each named once.
+
+Errors are mapped to exit codes at the edge (``cli``); :data:`EXIT_CODES` is the one table that
+``--help``, the README and the loop's final state all read.
+"""
+
+EXIT_DONE = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the user's input
+EXIT_SIGNAL_BASE = 128  # a graceful stop on signal n exits 128 + n, as a shell reports it
+
+EXIT_CODES: tuple[tuple[str, str], ...] = (
+    (str(EXIT_DONE), "DONE: every worker exited 0"),
+    (str(EXIT_FAILED), "FAILED: a worker failed and `max_restarts` relaunches were already spent"),
+    (str(EXIT_USAGE), "usage or configuration error (one line on stderr naming the key); "
+                      "nothing was started"),
+    ("130 / 143", "stopped gracefully after SIGINT / SIGTERM (128 + the signal number)"),
+    (str(EXIT_INTERNAL), "internal error (a bug: please report it)"),
+)
 
 
 class SupervisorError(Exception):
     """Base class: an error the daemon reports in one line and exits on."""
 
-    exit_code = 70  # EX_SOFTWARE: a bug, not the user's input
+    exit_code = EXIT_INTERNAL
 
 
 class ConfigError(SupervisorError):
     """Bad configuration or command line. The message names the key and the value."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
-class CheckpointError(SupervisorError):
-    """A file in the checkpoint directory cannot be used; the message says why."""
+class CheckpointError(Exception):
+    """A checkpoint file, or the checkpoint directory, cannot be used; the message says why.
 
-    exit_code = 1
+    It carries no exit code: the daemon ends the run FAILED on an unlistable directory, the
+    built-in worker refuses to resume (its exit 2); each decides at its own edge.
+    """
 
 
 class TransitionError(SupervisorError):

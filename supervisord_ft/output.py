@@ -24,7 +24,8 @@ MAX_BACKLOG_BYTES = 16 << 20
 LINE_OVERHEAD = 160
 EMIT_BATCH = 256  # lines emitted before yielding to the readers
 # Keys of a worker's JSON line that would overwrite the daemon's own fields get a worker_ prefix.
-RESERVED = frozenset({"event", "timestamp", "level", "rank", "stream", "restart", "line", "truncated"})
+RESERVED = frozenset({"event", "timestamp", "level", "rank", "stream", "restart", "attempt", "line",
+                      "truncated"})
 
 
 @dataclass(frozen=True, eq=True)
@@ -32,9 +33,9 @@ class Source:
     """One pipe of one worker of one launch attempt."""
 
     rank: int
-    restart: int
+    attempt: int
     stream: str  # "stdout" or "stderr"
-    log: Any = field(compare=False, hash=False)  # bound with rank and restart
+    log: Any = field(compare=False, hash=False)  # bound with rank, restart and attempt
 
 
 class OutputRouter:

@@ -16,17 +16,18 @@ import sys
 import time
 from typing import Any
 
-from . import checkpoints
+from . import builtin_job, checkpoints, envvars
+from .attempt import Attempt, first_to_fail
 from .config import Config, as_dict
-from .errors import CheckpointError
+from .errors import EXIT_DONE, EXIT_FAILED, EXIT_SIGNAL_BASE, CheckpointError
 from .fsm import State, StateMachine
 from .output import OutputRouter, Source
-from .rendezvous import Endpoint, LocalRendezvous, RankInfo, Rendezvous
-from .restarts import Failure, RestartPolicy
+from .rendezvous import LocalRendezvous, RankInfo, Rendezvous
+from .restarts import RestartPolicy
 from .watchdog import Watchdog
 from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, stop
 
-EXIT_CODES = {State.DONE: 0, State.FAILED: 1}
+EXIT_CODES = {State.DONE: EXIT_DONE, State.FAILED: EXIT_FAILED}
 STEP_EVENT = "step"
 
 
@@ -41,21 +42,19 @@ class Supervisor:
         self.policy = RestartPolicy(cfg.max_restarts, cfg.restart_window, cfg.restart_backoff,
                                     cfg.restart_backoff_max, cfg.no_retry_exit_codes)
         self.router = OutputRouter(cfg.max_line_bytes, on_line=self._on_line, on_json=self._on_json)
-        self.workers: list[Worker] = []
+        self.attempt: Attempt | None = None  # the current (or last) launch attempt
         self.resume_from: checkpoints.Checkpoint | None = None
         self.stop_signal: int | None = None
         self._stop_requested = asyncio.Event()
         self._kill_now = asyncio.Event()
-        # The current attempt, reset at each launch.
-        self.watchdog: Watchdog | None = None
-        self.stepped = False
-        self.failure: Failure | None = None
-        self.failed_at: float | None = None  # when the last failure was detected
-        self.last_stderr: dict[int, bytes] = {}
 
     @property
     def restarts(self) -> int:
         return self.policy.total
+
+    @property
+    def workers(self) -> list[Worker]:
+        return self.attempt.workers if self.attempt is not None else []
 
     # -- signals and output: record, nothing else --------------------------------------------
     def request_stop(self, sig: int) -> None:
@@ -65,23 +64,27 @@ class Supervisor:
         else:
             self._kill_now.set()
 
+    def _current(self, source: Source) -> Attempt | None:
+        """The attempt ``source`` belongs to, or None for a late line of a torn-down one."""
+        a = self.attempt
+        return a if a is not None and source.attempt == a.id else None
+
     def _on_line(self, source: Source, raw: bytes) -> None:
-        if source.restart != self.restarts or self.watchdog is None:
-            return  # a late line of a torn-down attempt
-        self.watchdog.output(source.rank)
+        if (a := self._current(source)) is None:
+            return
+        a.watchdog.output(source.rank)
         if source.stream == "stderr" and raw.strip():
-            self.last_stderr[source.rank] = raw
+            a.last_stderr[source.rank] = raw
 
     def _on_json(self, source: Source, fields: dict[str, Any]) -> None:
-        if fields.get("event") != STEP_EVENT or source.restart != self.restarts:
+        if fields.get("event") != STEP_EVENT or (a := self._current(source)) is None:
             return
-        if self.watchdog is not None:
-            self.watchdog.step(source.rank)
-        if not self.stepped:
-            self.stepped = True
-            if self.failed_at is not None:
+        a.watchdog.step(source.rank)
+        if not a.stepped:
+            a.stepped = True
+            if a.recovering_since is not None:
                 source.log.info("recovered", step=fields.get("step"),
-                                seconds=round(time.monotonic() - self.failed_at, 3))
+                                seconds=round(time.monotonic() - a.recovering_since, 3))
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -110,17 +113,19 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             if any(w.alive for w in self.workers):  # only on an internal error: never orphan
                 await stop(self.workers, 0, self._kill_now)
+            await self.launcher.close()
             ticker.cancel()
             emitter.cancel()
             self.router.flush()
-        code = EXIT_CODES.get(self.fsm.state, 128 + (self.stop_signal or 0))
+        code = EXIT_CODES.get(self.fsm.state, EXIT_SIGNAL_BASE + (self.stop_signal or 0))
         self.log.info("supervisor_exit", state=self.fsm.state.value, restarts=self.restarts,
-                      exit_code=code)
+                      attempts=self.attempt.id + 1 if self.attempt else 0, exit_code=code)
         return code
 
     def _log_transition(self, before: State, after: State, reason: str) -> None:
         self.log.info("state_changed", **{"from": before.value, "to": after.value},
-                      restart=self.restarts, reason=reason)
+                      restart=self.restarts, attempt=self.attempt.id if self.attempt else None,
+                      reason=reason)
 
     def _stop_reason(self) -> str:
         return f"signal {signal.Signals(self.stop_signal or 0).name}"
@@ -129,28 +134,37 @@ class Supervisor:
         while True:
             await asyncio.sleep(self.cfg.poll_interval)
             self.log.info("status", state=self.fsm.state.value, restarts=self.restarts,
-                          alive=[w.rank for w in self.workers if w.alive],
+                          attempt=self.attempt.id if self.attempt else None,
+                          alive=self.attempt.alive() if self.attempt else [],
                           output_lines=self.router.lines, **daemon_usage())
 
     # -- LAUNCHING ------------------------------------------------------------------------------
+    def _next_attempt(self) -> Attempt:
+        previous = self.attempt
+        attempt_id = previous.id + 1 if previous is not None else 0
+        endpoint, ranks = self.rendezvous.next_round(attempt_id, self.cfg.num_workers)
+        return Attempt(attempt_id, self.restarts, endpoint, ranks,
+                       Watchdog((r.rank for r in ranks), self.cfg.hang_timeout,
+                                self.cfg.startup_timeout, time.monotonic),
+                       self.resume_from,
+                       recovering_since=previous.failed_at if previous is not None else None)
+
     async def _launch(self) -> None:
-        endpoint, ranks = self.rendezvous.next_round(self.restarts, self.cfg.num_workers)
-        self.log.info("launching", restart=self.restarts, master_addr=endpoint.addr,
-                      master_port=endpoint.port, num_workers=len(ranks),
-                      resume_from=str(self.resume_from.path) if self.resume_from else None,
+        a = self.attempt = self._next_attempt()
+        self.log.info("launching", restart=a.restart, attempt=a.id, master_addr=a.endpoint.addr,
+                      master_port=a.endpoint.port, num_workers=len(a.ranks),
+                      resume_from=str(a.resume_from.path) if a.resume_from else None,
                       **daemon_usage())
-        self.workers, self.stepped, self.last_stderr = [], False, {}
-        self.watchdog = Watchdog((r.rank for r in ranks), self.cfg.hang_timeout,
-                                 self.cfg.startup_timeout, time.monotonic)
+        argv = self._argv(a)
         try:
-            for rank in ranks:
-                spec = WorkerSpec(rank, self._argv(), self._env(rank, endpoint))
-                log = self.log.bind(rank=rank.rank, restart=self.restarts)
-                worker = await spawn(spec, self.restarts, self.launcher, self.router, log)
-                self.workers.append(worker)
+            for rank in a.ranks:
+                spec = WorkerSpec(rank, argv, self._env(a, rank))
+                log = self.log.bind(rank=rank.rank, restart=a.restart, attempt=a.id)
+                worker = await spawn(spec, a.id, self.launcher, self.router, log)
+                a.workers.append(worker)
                 log.info("worker_started", pid=worker.pid)
         except OSError as exc:
-            self._fail(rank.rank, None, f"spawn failed: {exc}")
+            a.fail(rank.rank, None, f"spawn failed: {exc}")
             self.fsm.transition(State.RECOVERING, f"rank {rank.rank}: spawn failed: {exc}")
             return
         if self._stop_requested.is_set():
@@ -181,75 +195,58 @@ class Supervisor:
             self.log.warning("checkpoint_prune_failed", reason=str(exc))
         return found.newest
 
-    def _argv(self) -> tuple[str, ...]:
+    def _argv(self, a: Attempt) -> tuple[str, ...]:
         if self.cfg.command:
             return self.cfg.command
         c = self.cfg
-        argv = [sys.executable, "-m", "worker", "--epochs", str(c.epochs), "--steps", str(c.steps),
-                "--checkpoint_interval", str(c.checkpoint_interval), "--seed", str(c.seed),
-                "--checkpoint_dir", str(c.checkpoint_dir.resolve()),
-                "--keep_checkpoints", str(c.keep_checkpoints)]
-        if c.crash_at_step is not None and self.restarts == 0:
-            argv += ["--crash_at_step", str(c.crash_at_step), "--crash_rank", str(c.crash_rank)]
-        if self.resume_from is not None:
-            argv += ["--resume_from_checkpoint", str(self.resume_from.path.resolve())]
-        return tuple(argv)
+        crash = (c.crash_at_step, c.crash_rank) if c.crash_at_step is not None and a.id == 0 else None
+        return builtin_job.argv(epochs=c.epochs, steps=c.steps,
+                                checkpoint_interval=c.checkpoint_interval, seed=c.seed,
+                                checkpoint_dir=c.checkpoint_dir,
+                                keep_checkpoints=c.keep_checkpoints,
+                                resume_from=a.resume_from.path if a.resume_from else None,
+                                crash=crash)
 
-    def _env(self, rank: RankInfo, endpoint: Endpoint) -> dict[str, str]:
-        env = {**os.environ, **self.cfg.env}
-        env.update(
-            RANK=str(rank.rank), LOCAL_RANK=str(rank.local_rank), GROUP_RANK=str(rank.node_rank),
-            WORLD_SIZE=str(rank.world_size), LOCAL_WORLD_SIZE=str(rank.local_world_size),
-            MASTER_ADDR=endpoint.addr, MASTER_PORT=str(endpoint.port),
-            TORCHELASTIC_RESTART_COUNT=str(self.restarts),
-            TORCHELASTIC_MAX_RESTARTS=str(self.cfg.max_restarts),
-            SUPERVISORD_FT_RESTART_COUNT=str(self.restarts),
-            SUPERVISORD_FT_CHECKPOINT_DIR=str(self.cfg.checkpoint_dir.resolve()),
-            SUPERVISORD_FT_KEEP_CHECKPOINTS=str(self.cfg.keep_checkpoints),
-            PYTHONUNBUFFERED="1",  # a Python worker's lines reach us as they are printed
-        )
-        env.pop("SUPERVISORD_FT_RESUME_FROM", None)
-        if self.resume_from is not None:
-            env["SUPERVISORD_FT_RESUME_FROM"] = str(self.resume_from.path.resolve())
-        return env
+    def _env(self, a: Attempt, rank: RankInfo) -> dict[str, str]:
+        return envvars.for_rank({**os.environ, **self.cfg.env}, rank, a.endpoint,
+                                restart=a.restart, max_restarts=self.cfg.max_restarts,
+                                checkpoint_dir=self.cfg.checkpoint_dir,
+                                keep_checkpoints=self.cfg.keep_checkpoints,
+                                resume_from=a.resume_from.path if a.resume_from else None)
 
     # -- RUNNING --------------------------------------------------------------------------------
     async def _watch(self) -> None:
-        by_task = {w.exit: w for w in self.workers}
-        pending = set(by_task)
+        a = self.attempt
+        assert a is not None
+        pending: set[asyncio.Future[Any]] = {w.exit for w in a.workers}
         stop_wait = asyncio.create_task(self._stop_requested.wait())
-        assert self.watchdog is not None
-        hang_wait = asyncio.create_task(
-            self.watchdog.expired(lambda: [w.rank for w in self.workers if w.alive]))
+        hang_wait = asyncio.create_task(a.watchdog.expired(a.alive))
         waiters = {stop_wait, hang_wait}
+        by_task = {w.exit: w for w in a.workers}
         try:
             while pending:
                 done, pending = await asyncio.wait(pending | waiters,
                                                    return_when=asyncio.FIRST_COMPLETED)
                 pending -= waiters
-                failed = None
-                for task in done - waiters:
-                    worker = by_task[task]
-                    self._report_exit(worker)
-                    if task.result() != 0 and failed is None:
-                        failed = worker
-                if failed is not None:
+                exited = sorted((by_task[t] for t in done - waiters), key=lambda w: w.exited_at or 0)
+                for worker in exited:
+                    self._report_exit(a, worker)
+                if (failed := first_to_fail(exited)) is not None:
                     rc = failed.exit.result()
-                    self._fail(failed.rank, rc, self.last_stderr.get(failed.rank, b"").decode(
-                        "utf-8", "replace").strip()[:500])
+                    a.fail(failed.rank, rc, a.last_error(failed.rank))
                     self.fsm.transition(State.RECOVERING, f"rank {failed.rank} exited with {rc}")
                     return
                 if hang_wait in done:
                     hung = hang_wait.result()
                     for h in hung:
-                        self.log.bind(rank=h.rank, restart=self.restarts).error(
+                        self.log.bind(rank=h.rank, restart=a.restart, attempt=a.id).error(
                             "hang_detected", silent_for=round(h.silent_for, 3),
                             before_first_step=h.before_first_step)
                     first = hung[0]
                     why = f"no output for {first.silent_for:.1f} s"
                     # No seconds in the signature: two identical hangs must compare equal.
-                    self._fail(first.rank, None, "hang before the first step"
-                               if first.before_first_step else "hang")
+                    a.fail(first.rank, None, "hang before the first step"
+                           if first.before_first_step else "hang")
                     self.fsm.transition(State.RECOVERING, f"rank {first.rank} hung: {why}")
                     return
                 if stop_wait in done:
@@ -260,44 +257,43 @@ class Supervisor:
                 task.cancel()
         self.fsm.transition(State.DONE, "all workers exited 0")
 
-    def _fail(self, rank: int, returncode: int | None, last_error: str) -> None:
-        self.failed_at = time.monotonic()
-        self.failure = Failure(rank, returncode, last_error, self.stepped)
-
-    def _report_exit(self, worker: Worker) -> None:
+    def _report_exit(self, a: Attempt, worker: Worker) -> None:
         self.router.flush()  # the worker's last lines come before its exit
         rc = worker.exit.result()
-        log = self.log.bind(rank=worker.rank, restart=self.restarts)
+        log = self.log.bind(rank=worker.rank, restart=a.restart, attempt=a.id)
         fields: dict[str, Any] = dict(pid=worker.pid, returncode=rc,
-                                      runtime=round(time.monotonic() - worker.started, 3))
+                                      runtime=round((worker.exited_at or time.monotonic())
+                                                    - worker.started, 3))
         if rc < 0:
             fields["signal"] = signal.Signals(-rc).name
         (log.info if rc == 0 else log.warning)("worker_exited", **fields)
 
     # -- RECOVERING / STOPPING ------------------------------------------------------------------
     async def _teardown(self, why: str) -> None:
-        live = [w for w in self.workers if w.alive]
-        report = await stop(self.workers, self.cfg.grace_period, self._kill_now)
-        for w in live:
-            if not w.alive:
-                self._report_exit(w)
-        self.log.info("teardown", why=why, seconds=round(report.seconds, 3),
+        a = self.attempt
+        assert a is not None
+        live = [w for w in a.workers if w.alive]
+        report = await stop(a.workers, self.cfg.grace_period, self._kill_now)
+        for w in sorted((w for w in live if not w.alive), key=lambda w: w.exited_at or 0):
+            self._report_exit(a, w)
+        self.log.info("teardown", why=why, attempt=a.id, seconds=round(report.seconds, 3),
                       terminated=report.terminated, killed=report.killed)
         if report.stuck:
-            self.log.error("workers_stuck", ranks=report.stuck,
+            self.log.error("workers_stuck", attempt=a.id, ranks=report.stuck,
                            reason="still alive after SIGKILL (uninterruptible sleep?)")
 
     async def _recover(self) -> None:
         await self._teardown("recovery")
-        before = self.resume_from
+        a = self.attempt
+        assert a is not None and a.failure is not None
+        before = a.resume_from
         try:
             self.resume_from = self._select_checkpoint()
         except CheckpointError as exc:
             self.fsm.transition(State.FAILED, f"checkpoint_dir: {exc}")
             return
-        assert self.failure is not None
         newer = self.resume_from is not None and (before is None or self.resume_from.step > before.step)
-        failure = dataclasses.replace(self.failure, progressed=self.failure.progressed or newer)
+        failure = dataclasses.replace(a.failure, progressed=a.failure.progressed or newer)
         decision = self.policy.decide(failure, time.monotonic())
         if self._stop_requested.is_set():
             self.fsm.transition(State.STOPPING, self._stop_reason())

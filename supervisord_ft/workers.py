@@ -14,7 +14,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,16 +50,26 @@ def _die_with_parent(parent_pid: int) -> None:
 
 @dataclass(frozen=True)
 class Started:
-    proc: asyncio.subprocess.Process
+    """A rank as its launcher hands it over: a process, its two output pipes, and its controls."""
+
+    pid: int
+    wait: Callable[[], Awaitable[int]]  # the exit status (negative: killed by that signal)
+    signal_group: Callable[[int], bool]  # signal its process group; False when nothing is left
     stdout: asyncio.StreamReader
     stderr: asyncio.StreamReader
-    pipes: tuple[asyncio.BaseTransport, ...]  # closed by the owner once the output is read
+    pipes: tuple[asyncio.BaseTransport, ...] = ()  # closed by the owner once the output is read
 
 
 class Launcher(Protocol):
-    """Starts one worker process. A standby-pool launcher can hand a spec to a warm process."""
+    """Starts ranks and owns whatever it needs to (a pool of warm interpreters, one day).
+
+    ``start`` hands out one process per spec; ``close`` releases what the launcher holds when
+    the run ends. The loop never assumes a process was created by fork/exec.
+    """
 
     async def start(self, spec: WorkerSpec) -> Started: ...
+
+    async def close(self) -> None: ...
 
 
 class SubprocessLauncher:
@@ -92,7 +102,20 @@ class SubprocessLauncher:
             reader, transport = await _stream(r)
             readers.append(reader)
             transports.append(transport)
-        return Started(proc, *readers, tuple(transports))
+        return Started(proc.pid, proc.wait, functools.partial(signal_group, proc.pid),
+                       *readers, tuple(transports))
+
+    async def close(self) -> None:
+        """Nothing is held between launches."""
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Signal a process group; False when nothing is left to signal."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _pipe() -> tuple[int, int]:
@@ -118,9 +141,10 @@ class Worker:
     def __init__(self, spec: WorkerSpec, started: Started,
                  readers: Sequence[asyncio.Task[None]]) -> None:
         self.spec = spec
-        self.proc = started.proc
-        self.pid = started.proc.pid
+        self.pid = started.pid
         self.started = time.monotonic()
+        self.exited_at: float | None = None  # when its exit was noticed
+        self._process = started
         self._readers = list(readers)
         self._pipes = started.pipes
         self.exit: asyncio.Task[int] = asyncio.create_task(self._wait(), name=f"exit-{self.rank}")
@@ -134,7 +158,8 @@ class Worker:
         return not self.exit.done()
 
     async def _wait(self) -> int:
-        rc = await self.proc.wait()
+        rc = await self._process.wait()
+        self.exited_at = time.monotonic()
         try:
             async with asyncio.timeout(PIPE_DRAIN_TIMEOUT):
                 await asyncio.gather(*self._readers)
@@ -150,17 +175,13 @@ class Worker:
 
     def signal_group(self, sig: int) -> bool:
         """Signal the worker's process group; False when nothing is left to signal."""
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        return self._process.signal_group(sig)
 
 
-async def spawn(spec: WorkerSpec, restart: int, launcher: Launcher, router: OutputRouter,
+async def spawn(spec: WorkerSpec, attempt: int, launcher: Launcher, router: OutputRouter,
                 log: Any) -> Worker:
     started = await launcher.start(spec)
-    readers = [router.reader(Source(spec.rank.rank, restart, name, log), pipe)
+    readers = [router.reader(Source(spec.rank.rank, attempt, name, log), pipe)
                for name, pipe in (("stdout", started.stdout), ("stderr", started.stderr))]
     return Worker(spec, started, readers)
 

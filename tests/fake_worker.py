@@ -9,32 +9,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 
-ENV_KEYS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
-            "SUPERVISORD_FT_RESTART_COUNT", "SUPERVISORD_FT_CHECKPOINT_DIR",
-            "SUPERVISORD_FT_RESUME_FROM", "SUPERVISORD_FT_KEEP_CHECKPOINTS", "PYTHONUNBUFFERED"}
+from supervisord_ft import envvars
 
 
 def emit(event: str, **fields) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-def flood(seconds: float, rate: int, rank: int) -> None:
-    """Print ``rate`` lines/s for ``seconds`` with non-blocking writes; report every time the pipe
-    was full (EAGAIN), i.e. every time the supervisor would have blocked us."""
+def flood(lines: int, rate: int, rank: int) -> None:
+    """Print ``lines`` lines at ``rate`` lines/s with non-blocking writes; report every time the
+    pipe was full (EAGAIN), i.e. every time the supervisor would have blocked us. The count is
+    fixed and the rate a ceiling, so a loaded machine slows the flood down but never shortens it."""
     fd = sys.stdout.fileno()
     os.set_blocking(fd, False)
     full = sent = 0
+    blocked = 0.0
     batch = 1000
     line = b"flood line from rank %d, padding to a typical log line length ......\n" % rank
     t0 = time.monotonic()
-    while (elapsed := time.monotonic() - t0) < seconds:
-        if sent > elapsed * rate:
+    while sent < lines:
+        if sent > (time.monotonic() - t0) * rate:
             time.sleep(batch / rate / 4)
             continue
         data = line * batch
@@ -43,12 +43,14 @@ def flood(seconds: float, rate: int, rank: int) -> None:
                 data = data[os.write(fd, data):]
             except BlockingIOError:
                 full += 1
-                time.sleep(0.001)
+                t_block = time.monotonic()
+                select.select([], [fd], [], 1.0)
+                blocked += time.monotonic() - t_block
         sent += batch
     os.set_blocking(fd, True)
     # A file, not stdout: after a flood the daemon may rightly drop a few lines, this one too.
     with open(f"flood-{rank}.json", "w") as fh:
-        json.dump({"rank": rank, "lines": sent, "pipe_full": full,
+        json.dump({"rank": rank, "lines": sent, "pipe_full": full, "blocked": round(blocked, 3),
                    "seconds": round(time.monotonic() - t0, 3)}, fh)
 
 
@@ -65,15 +67,15 @@ def main() -> int:
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--spawn-child", action="store_true", help="fork a sleeping grandchild")
     p.add_argument("--flood", type=int, default=0, help="print this many lines first")
-    p.add_argument("--flood-seconds", type=float, default=0.0)
+    p.add_argument("--flood-lines", type=int, default=0, help="print this many lines, paced")
     p.add_argument("--flood-rate", type=int, default=200_000, help="lines per second")
     p.add_argument("--long-line", type=int, default=0, help="print one line of this many bytes")
     p.add_argument("--binary", action="store_true", help="print invalid UTF-8 and NUL bytes")
     p.add_argument("--print-env", action="store_true", help="print the supervisor's variables")
     args = p.parse_args()
 
-    rank = int(os.environ["RANK"])
-    attempt = int(os.environ["SUPERVISORD_FT_RESTART_COUNT"])
+    rank = int(os.environ[envvars.RANK])
+    attempt = int(os.environ[envvars.RESTART_COUNT])
     stop = False
 
     def on_term(signum, frame):
@@ -89,8 +91,8 @@ def main() -> int:
     if args.flood:
         out.write(b"".join(b"flood line %d from rank %d\n" % (i, rank) for i in range(args.flood)))
         out.flush()
-    if args.flood_seconds:
-        flood(args.flood_seconds, args.flood_rate, rank)
+    if args.flood_lines:
+        flood(args.flood_lines, args.flood_rate, rank)
     if args.long_line:
         out.write(b"x" * args.long_line + b"\nafter long line\n")
         out.flush()
@@ -98,7 +100,7 @@ def main() -> int:
         out.write(b"bad \xff\xfe utf8 \x00 nul\n{not json\n")
         out.flush()
     if args.print_env:
-        emit("env", env={k: v for k, v in os.environ.items() if k in ENV_KEYS})
+        emit("env", env={k: v for k, v in os.environ.items() if k in envvars.ALL})
     failing = rank == args.fail_rank and attempt < args.fail_attempts
     for step in range(1, args.steps + 1):
         if failing and step - 1 == args.fail_at_step:

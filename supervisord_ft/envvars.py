@@ -1,0 +1,52 @@
+"""The environment every rank is started with: torchrun's variables and our own, each named once.
+
+The daemon writes them (:func:`for_rank`); ``worker.contract`` and the test fake read them by
+these names. Torch-free, so any of them may import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from .rendezvous import Endpoint, RankInfo
+
+# torchrun's names and meanings
+RANK = "RANK"
+LOCAL_RANK = "LOCAL_RANK"
+GROUP_RANK = "GROUP_RANK"
+WORLD_SIZE = "WORLD_SIZE"
+LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+MASTER_ADDR = "MASTER_ADDR"
+MASTER_PORT = "MASTER_PORT"
+TORCHELASTIC_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+TORCHELASTIC_MAX_RESTARTS = "TORCHELASTIC_MAX_RESTARTS"
+# ours
+RESTART_COUNT = "SUPERVISORD_FT_RESTART_COUNT"
+CHECKPOINT_DIR = "SUPERVISORD_FT_CHECKPOINT_DIR"
+RESUME_FROM = "SUPERVISORD_FT_RESUME_FROM"  # unset on a fresh start
+KEEP_CHECKPOINTS = "SUPERVISORD_FT_KEEP_CHECKPOINTS"
+UNBUFFERED = "PYTHONUNBUFFERED"  # a Python worker's lines reach the daemon as they are printed
+
+ALL = (RANK, LOCAL_RANK, GROUP_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+       TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, RESTART_COUNT, CHECKPOINT_DIR,
+       RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED)
+
+
+def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, restart: int,
+             max_restarts: int, checkpoint_dir: Path, keep_checkpoints: int,
+             resume_from: Path | None) -> dict[str, str]:
+    """``base`` with every variable above set for ``rank`` (and a stale RESUME_FROM removed)."""
+    env = dict(base)
+    env.update({
+        RANK: str(rank.rank), LOCAL_RANK: str(rank.local_rank), GROUP_RANK: str(rank.node_rank),
+        WORLD_SIZE: str(rank.world_size), LOCAL_WORLD_SIZE: str(rank.local_world_size),
+        MASTER_ADDR: endpoint.addr, MASTER_PORT: str(endpoint.port),
+        TORCHELASTIC_RESTART_COUNT: str(restart), TORCHELASTIC_MAX_RESTARTS: str(max_restarts),
+        RESTART_COUNT: str(restart), CHECKPOINT_DIR: str(checkpoint_dir.resolve()),
+        KEEP_CHECKPOINTS: str(keep_checkpoints), UNBUFFERED: "1",
+    })
+    env.pop(RESUME_FROM, None)
+    if resume_from is not None:
+        env[RESUME_FROM] = str(resume_from.resolve())
+    return env

@@ -1,0 +1,147 @@
+"""The loop's collaborators are real seams: an in-process launcher and rendezvous drive it.
+
+As torch's elastic tests script their agent, these fakes script every rank of every attempt in
+the test's own event loop, so the loop's decisions are checked without a process in sight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from supervisord_ft import envvars
+from supervisord_ft.config import Config
+from supervisord_ft.logs import EventBus, make_logger
+from supervisord_ft.rendezvous import Endpoint, RankInfo
+from supervisord_ft.supervisor import Supervisor
+from supervisord_ft.workers import Started, WorkerSpec
+
+FAKE_PID_BASE = 1 << 30  # above pid_max: never a real process, and never signalled for real
+
+
+class FakeRank:
+    """One scripted rank: it prints steps, exits when told, and obeys SIGTERM like a good worker."""
+
+    def __init__(self, spec: WorkerSpec, pid: int) -> None:
+        self.spec = spec
+        self.pid = pid
+        self.stdout, self.stderr = asyncio.StreamReader(), asyncio.StreamReader()
+        self.status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.signals: list[int] = []
+
+    def step(self, n: int) -> None:
+        self.stdout.feed_data(b'{"event": "step", "step": %d}\n' % n)
+
+    def exit(self, code: int, last_error: bytes = b"") -> None:
+        if last_error:
+            self.stderr.feed_data(last_error + b"\n")
+        for pipe in (self.stdout, self.stderr):
+            pipe.feed_eof()
+        self.status.set_result(code)
+
+    def signal_group(self, sig: int) -> bool:
+        if self.status.done():
+            return False
+        self.signals.append(sig)
+        self.exit(-sig)
+        return True
+
+
+class FakeLauncher:
+    def __init__(self, script: Callable[[FakeRank, int], Awaitable[None]]) -> None:
+        self.script = script
+        self.ranks: list[FakeRank] = []
+        self.closed = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, spec: WorkerSpec) -> Started:
+        rank = FakeRank(spec, FAKE_PID_BASE + len(self.ranks))
+        self.ranks.append(rank)
+        attempt = int(spec.env[envvars.RESTART_COUNT])
+        self._tasks.append(asyncio.create_task(self.script(rank, attempt)))
+        return Started(rank.pid, lambda: rank.status, rank.signal_group, rank.stdout, rank.stderr)
+
+    async def close(self) -> None:
+        self.closed = True
+        for task in self._tasks:
+            task.cancel()
+
+
+class FakeRendezvous:
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+
+    def check(self) -> None:
+        pass
+
+    def next_round(self, attempt: int, local_world_size: int) -> tuple[Endpoint, list[RankInfo]]:
+        self.rounds.append(attempt)
+        ranks = [RankInfo(r, r, local_world_size, local_world_size) for r in range(local_world_size)]
+        return Endpoint("fake-host", 40000 + attempt), ranks
+
+
+async def supervise(tmp_path: Path, launcher: FakeLauncher, rendezvous: FakeRendezvous,
+                    **overrides: object) -> tuple[int, list[dict], Supervisor]:
+    cfg = Config(**{"num_workers": 2, "checkpoint_dir": tmp_path / "ckpt", "run_dir": tmp_path,
+                    "restart_backoff": 0.0, "command": ("fake-train",), **overrides})
+    bus, events = EventBus(), []
+    bus.subscribe(events.append)
+    sup = Supervisor(cfg, make_logger("json", None, stream=io.StringIO(), bus=bus),
+                     launcher=launcher, rendezvous=rendezvous)
+    async with asyncio.timeout(10):
+        code = await sup.run()
+    return code, events, sup
+
+
+def named(events: list[dict], name: str) -> list[dict]:
+    return [e for e in events if e["event"] == name]
+
+
+async def test_a_scripted_crash_is_recovered_through_the_seams(tmp_path):
+    async def script(rank: FakeRank, attempt: int) -> None:
+        for n in range(1, 4):
+            rank.step(n)
+            await asyncio.sleep(0)
+        if attempt == 0 and rank.spec.rank.rank == 1:
+            rank.exit(7, b"RuntimeError: injected")
+        elif attempt > 0:
+            rank.exit(0)  # attempt 0's rank 0 waits for SIGTERM
+
+    launcher, rendezvous = FakeLauncher(script), FakeRendezvous()
+    code, events, sup = await supervise(tmp_path, launcher, rendezvous)
+    assert code == 0
+    assert [e["to"] for e in named(events, "state_changed")] == [
+        "RUNNING", "RECOVERING", "LAUNCHING", "RUNNING", "DONE"]
+    assert rendezvous.rounds == [0, 1]
+    assert [e["attempt"] for e in named(events, "worker_started")] == [0, 0, 1, 1]
+    assert [e["master_port"] for e in named(events, "launching")] == [40000, 40001]
+    assert launcher.ranks[0].signals == [signal.SIGTERM]  # the survivor was torn down
+    assert named(events, "state_changed")[1]["reason"] == "rank 1 exited with 7"
+    relaunched = launcher.ranks[2].spec
+    assert relaunched.env[envvars.TORCHELASTIC_RESTART_COUNT] == "1"
+    assert relaunched.env[envvars.MASTER_PORT] == "40001" and relaunched.argv == ("fake-train",)
+    assert named(events, "recovered")[0]["attempt"] == 1
+    assert launcher.closed and sup.restarts == 1
+    assert named(events, "supervisor_exit")[0]["attempts"] == 2
+
+
+async def test_the_first_failure_is_chosen_by_time_not_by_set_order(tmp_path):
+    async def script(rank: FakeRank, attempt: int) -> None:
+        if attempt > 0:
+            rank.exit(0)
+            return
+        rank.step(1)
+        await asyncio.sleep(0.05)
+        if rank.spec.rank.rank == 3:  # ranks 3 then 1 fail in the same loop iteration
+            rank.exit(7, b"first")
+            launcher.ranks[1].exit(9, b"second")
+
+    launcher, rendezvous = FakeLauncher(script), FakeRendezvous()
+    code, events, _ = await supervise(tmp_path, launcher, rendezvous, num_workers=4)
+    assert code == 0
+    assert named(events, "state_changed")[1]["reason"] == "rank 3 exited with 7"
+    exits = [(e["rank"], e["returncode"]) for e in named(events, "worker_exited") if e["attempt"] == 0]
+    assert exits[:2] == [(3, 7), (1, 9)]
