@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from supervisord_ft import envvars
+from supervisord_ft import envvars, procfs
 
 from .workloads import PYTHON, Job, Program
 
@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 KILL_WAIT = 10.0  # seconds a SIGKILLed process may take to be gone
 STDERR_TAIL = 2000
 _PR_SET_CHILD_SUBREAPER = 36
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class BenchError(Exception):
@@ -190,34 +189,23 @@ def watch_exit(pid: int) -> asyncio.Future[float]:
     return fut
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU of ``pid`` itself (children excluded); readable from a zombie too."""
-    stat = _proc_stat(pid)
-    return None if stat is None else (int(stat[11]) + int(stat[12])) / _CLK_TCK
+    stat = procfs.stat(pid)
+    return None if stat is None else stat.cpu_ticks / procfs.CLK_TCK
 
 
 def peak_rss_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None  # gone, or a zombie (no memory left to report)
+    """None when gone, or a zombie (no memory left to report)."""
+    hwm = procfs.status_field(pid, "VmHWM")
+    return None if hwm is None else int(hwm.split()[0])
 
 
 def descendants(root: int) -> list[int]:
     """Every process under ``root``, zombies included, found through the parent links in /proc."""
     children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-            children.setdefault(int(stat[1]), []).append(int(entry.name))
+    for stat in procfs.processes():
+        children.setdefault(stat.ppid, []).append(stat.pid)
     found, todo = [], [root]
     while todo:
         kids = children.get(todo.pop(), [])
@@ -228,12 +216,7 @@ def descendants(root: int) -> list[int]:
 
 def live_children(pid: int) -> list[int]:
     """``pid``'s direct children that still run: for both launchers, exactly its workers."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-            if int(stat[1]) == pid and stat[0] != "Z":
-                out.append(int(entry.name))
-    return out
+    return [stat.pid for stat in procfs.children(pid) if not stat.zombie]
 
 
 @dataclass

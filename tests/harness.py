@@ -12,18 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from supervisord_ft.procfs import alive as pid_alive
+
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_WORKER = [sys.executable, str(Path(__file__).with_name("fake_worker.py"))]
 Event = dict[str, Any]
 
-
-def pid_alive(pid: int) -> bool:
-    """True for a live process; a zombie counts as dead (it runs no code)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 class Daemon:

@@ -9,6 +9,8 @@ import socket
 
 from harness import FAKE_WORKER, pid_alive
 
+from supervisord_ft import procfs
+
 FAST = ["--grace-period", "0.3", "--restart-backoff", "0"]
 
 
@@ -102,7 +104,7 @@ async def test_fifty_recoveries_leak_no_fds_memory_or_zombies(daemon):
     zombies = []
     for restart in range(51):
         await d.wait_for(lambda e: e["event"] == "launching" and e["restart"] == restart, timeout=120)
-        zombies += [p for p in children_of(d.proc.pid) if not pid_alive(p)]
+        zombies += [c.pid for c in procfs.children(d.proc.pid) if c.zombie]
     assert await d.finish() == 0
     launches = d.named("launching")
     assert len(launches) == 51 and d.events[-1]["restarts"] == 50
@@ -110,20 +112,6 @@ async def test_fifty_recoveries_leak_no_fds_memory_or_zombies(daemon):
     assert launches[50]["daemon_open_fds"] == launches[5]["daemon_open_fds"]
     growth_kb = launches[50]["daemon_max_rss_kb"] - launches[5]["daemon_max_rss_kb"]
     assert growth_kb < 8 * 1024, growth_kb
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 async def test_a_port_already_taken_is_a_config_error_before_any_worker(daemon):

@@ -9,20 +9,17 @@ supervisor's event timestamps and with other processes' marks on the same machin
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
-# /proc/<pid>/stat field 22: the process's start in clock ticks after boot.
-_STARTTIME_FIELD = 22
+from supervisord_ft import procfs
 
 
 def process_start_time() -> float:
     """Wall-clock time the kernel created this process, to a clock tick (10 ms on most kernels)."""
-    with open("/proc/self/stat") as fh:
-        after_name = fh.read().rsplit(")", 1)[1].split()
-    ticks = int(after_name[_STARTTIME_FIELD - 3])  # fields 1 and 2 (pid, name) come before ")"
-    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    stat = procfs.stat()
+    assert stat is not None  # our own process
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - stat.start_ticks / procfs.CLK_TCK
     return time.time() - age
 
 

@@ -1,0 +1,87 @@
+"""The one reader of ``/proc``: what the kernel says about a process, by pid.
+
+Torch-free, used by the daemon, the built-in worker, the tests and the benchmarks alike. A
+process can vanish between any two reads, so every reader answers None (or an empty result)
+for a process that is gone instead of raising.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")  # the unit of start and CPU times in /proc/<pid>/stat
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Fields of ``/proc/<pid>/stat`` (proc(5) numbers them from 1; ``comm`` is field 2)."""
+
+    pid: int
+    state: str        # 3: R, S, D, Z, ...
+    ppid: int         # 4
+    pgid: int         # 5
+    cpu_ticks: int    # 14 + 15: user + system time of the process itself
+    start_ticks: int  # 22: clock ticks after boot (CLOCK_BOOTTIME) when it was created
+
+    @property
+    def zombie(self) -> bool:
+        return self.state == "Z"
+
+
+def stat(pid: int | str = "self") -> Stat | None:
+    """The process's stat line, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            line = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The name (field 2) is in parentheses and may itself contain ") ": split at the last one.
+    f = line.rpartition(")")[2].split()  # f[0] is field 3
+    return Stat(int(line.split(" ", 1)[0]), f[0], int(f[1]), int(f[2]),
+                int(f[11]) + int(f[12]), int(f[19]))
+
+
+def alive(pid: int) -> bool:
+    """True for a process that runs code; a zombie (exited, not yet reaped) counts as dead."""
+    st = stat(pid)
+    return st is not None and not st.zombie
+
+
+def processes() -> Iterator[Stat]:
+    """Every process on the machine (in this pid namespace), zombies included."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (st := stat(entry.name)) is not None:
+            yield st
+
+
+def children(pid: int) -> list[Stat]:
+    """The direct children of ``pid``, zombies included (/proc has no index: one scan)."""
+    return [st for st in processes() if st.ppid == pid]
+
+
+def status_field(pid: int | str, name: str) -> str | None:
+    """One ``Name:\\tvalue`` field of ``/proc/<pid>/status``; None when gone or absent."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key == name:
+                    return value.strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def caught_signals(pid: int | str) -> set[int] | None:
+    """Signals the process has a handler for (``SigCgt``); None when it is gone.
+
+    Signal n is bit n-1 of the hex mask. A signal whose default action is to terminate must
+    only be forwarded to a process in this set.
+    """
+    mask = status_field(pid, "SigCgt")
+    if mask is None:
+        return None
+    bits = int(mask, 16)
+    return {n for n in range(1, bits.bit_length() + 1) if bits >> (n - 1) & 1}
