@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from worker.checkpoint import load_checkpoint, save_checkpoint
-from worker.contract import StopFlag, SupervisorEnv, emit, report_progress
+from worker.contract import CheckpointRequest, StopFlag, SupervisorEnv, emit, report_progress
 
 
 def main() -> None:
@@ -27,6 +27,7 @@ def main() -> None:
 
     env = SupervisorEnv.from_env()
     stop = StopFlag().install()  # first SIGTERM: finish this step, save, exit 0
+    save_now = CheckpointRequest().install()  # SIGUSR1/2: save at the next step, keep training
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
@@ -51,15 +52,17 @@ def main() -> None:
         opt.step()
         step += 1
         report_progress(step, loss=loss.item())  # {"event": "step", ...}: the hang watchdog's progress
-        # Every rank must agree to stop at the same step, or peers block in the next all_reduce.
-        stopping = torch.tensor([float(stop.requested)])
-        dist.all_reduce(stopping)
-        if step % args.checkpoint_every == 0 or stopping.item() > 0:
+        # Every rank must agree to stop (or save) at the same step, or peers block in the next
+        # collective: one all_reduce carries both votes.
+        votes = torch.tensor([float(stop.requested), float(save_now.take())])
+        dist.all_reduce(votes)
+        stopping, asked = votes.tolist()
+        if step % args.checkpoint_every == 0 or stopping > 0 or asked > 0:
             if env.rank == 0:
                 save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "step": step}, step, ckdir)
             dist.barrier()
-        if stopping.item() > 0:
+        if stopping > 0:
             emit("stopped", step=step)
             break
     dist.destroy_process_group()

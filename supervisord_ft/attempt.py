@@ -32,6 +32,7 @@ class Attempt:
     resume_from: Checkpoint | None
     # When the failure that this attempt recovers from was detected (None on the first launch).
     recovering_since: float | None = None
+    launched_at: float = field(default_factory=time.monotonic)
     workers: list[Worker] = field(default_factory=list)
     stepped: bool = False  # some rank reported a step
     failure: Failure | None = None
@@ -44,11 +45,17 @@ class Attempt:
     def last_error(self, rank: int) -> str:
         return self.last_stderr.get(rank, b"").decode("utf-8", "replace").strip()[:MAX_ERROR_CHARS]
 
-    def fail(self, rank: int, returncode: int | None, last_error: str) -> Failure:
-        """Record the attempt's failure; the first one recorded stands."""
+    def fail(self, rank: int, returncode: int | None, last_error: str, startup_window: float,
+             hung_before_first_step: bool = False) -> Failure:
+        """Record the attempt's failure; the first one recorded stands.
+
+        It is a start-up failure when no rank had reported a step and it came within
+        ``startup_window`` seconds of the launch, or was a hang before the first step.
+        """
         if self.failure is None:
             self.failed_at = time.monotonic()
-            self.failure = Failure(rank, returncode, last_error, self.stepped)
+            early = self.failed_at - self.launched_at < startup_window or hung_before_first_step
+            self.failure = Failure(rank, returncode, last_error, not self.stepped and early)
         return self.failure
 
 

@@ -2,7 +2,10 @@
 
 Torch-free on purpose. A ``torch.save`` file is a zip archive whose members carry CRC32s, so
 ``zipfile`` can prove a file complete and unmodified without unpickling it (about 1.7 GB/s;
-torch's own loader does not check the CRCs). A final name only ever names a complete file:
+torch's own loader does not check the CRCs). Beyond the CRCs, its ``data.pkl`` must be one
+complete pickle stream whose every tensor storage is in the archive at its recorded size: the
+stream is parsed with every global it names replaced by an inert stand-in, so nothing in it runs.
+A final name only ever names a complete file:
 writers go through :func:`atomic_write`, which writes a hidden temporary, fsyncs it, renames
 it over the final name and fsyncs the directory.
 """
@@ -10,19 +13,23 @@ it over the final name and fsyncs the directory.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import CheckpointError
 
 PREFIX = "checkpoint_step_"
 SUFFIX = ".pt"
 TEMP_MARKER = ".tmp-"
+# A checkpoint that a group could not resume from is renamed aside with this suffix, never
+# deleted: no longer a candidate, still there for a person to look at (or to rename back).
+BAD_SUFFIX = ".bad"
 _NAME = re.compile(rf"^{PREFIX}(\d+){re.escape(SUFFIX)}$")
 _MAX_STEP_DIGITS = 18  # fits an int64; anything longer is not a step count we wrote
 
@@ -71,18 +78,83 @@ def verify(path: Path) -> None:
         if path.stat().st_size == 0:
             raise CheckpointError("is empty (zero bytes)")
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not pickles:
                 raise CheckpointError("is a zip archive but not a torch.save file (no data.pkl)")
             bad = archive.testzip()
             if bad is not None:
                 raise CheckpointError(f"member {bad!r} fails its CRC check (corrupted)")
+            _check_storages(archive, pickles[0])
     except zipfile.BadZipFile as exc:
         raise CheckpointError(f"is not a complete zip archive (truncated or garbage): {exc}") from None
     except (zlib.error, EOFError, ValueError, NotImplementedError) as exc:
         raise CheckpointError(f"cannot be read as an archive: {exc}") from None
     except OSError as exc:
         raise CheckpointError(f"cannot be read: {exc.strerror or exc}") from None
+
+
+# Bytes per element of the storage classes torch.save names, to check each storage's size.
+_ITEM_SIZE = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+              "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1,
+              "ByteStorage": 1, "BoolStorage": 1, "ComplexFloatStorage": 8,
+              "ComplexDoubleStorage": 16, "UntypedStorage": 1}
+
+
+class _Inert:
+    """Stands in for every global a checkpoint's pickle names: built and filled, never run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _StorageLister(pickle.Unpickler):
+    """Parses a torch ``data.pkl`` without importing or calling anything, listing its storages."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file)
+        self.storages: list[tuple[str, str, int]] = []  # (key, storage class name, elements)
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_Inert,), {})
+
+    def persistent_load(self, pid: Any) -> _Inert:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.80}")
+        _, kind, key, _location, numel = pid
+        self.storages.append((str(key), getattr(kind, "__name__", ""), int(numel)))
+        return _Inert()
+
+
+def _check_storages(archive: zipfile.ZipFile, pickle_name: str) -> None:
+    prefix = pickle_name[: -len("data.pkl")]
+    try:
+        with archive.open(pickle_name) as fh:
+            lister = _StorageLister(fh)
+            lister.load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, RecursionError, MemoryError) as exc:
+        raise CheckpointError(f"data.pkl is not a complete torch pickle: {exc!r:.200}") from None
+    for key, kind, numel in lister.storages:
+        try:
+            info = archive.getinfo(f"{prefix}data/{key}")
+        except KeyError:
+            raise CheckpointError(f"tensor storage {key!r} is missing from the archive") from None
+        size = _ITEM_SIZE.get(kind)
+        if size is not None and info.file_size != numel * size:
+            raise CheckpointError(f"tensor storage {key!r} holds {info.file_size} bytes, "
+                                  f"its {kind} of {numel} elements needs {numel * size}")
 
 
 def _candidates(directory: Path) -> tuple[list[Checkpoint], list[Rejected]]:
@@ -96,8 +168,8 @@ def _candidates(directory: Path) -> tuple[list[Checkpoint], list[Rejected]]:
         raise CheckpointError(f"cannot list {directory}: {exc.strerror}") from None
     for entry in entries:
         name = entry.name
-        if TEMP_MARKER in name:
-            continue  # a write in progress or a stale temporary: never a candidate
+        if TEMP_MARKER in name or name.endswith(BAD_SUFFIX):
+            continue  # a write in progress, a stale temporary or one set aside: never a candidate
         step = parse_step(name)
         if step is not None:
             found.append(Checkpoint(step, Path(entry.path)))
@@ -122,6 +194,19 @@ def discover(directory: Path | str) -> Discovery:
             continue
         return Discovery(cp, rejected)
     return Discovery(None, rejected)
+
+
+def set_aside(checkpoint: Checkpoint) -> Path:
+    """Rename a checkpoint that a group could not resume from out of the candidates; never delete."""
+    aside = checkpoint.path.with_name(checkpoint.path.name + BAD_SUFFIX)
+    os.replace(checkpoint.path, aside)
+    return aside
+
+
+def put_back(checkpoint: Checkpoint, aside: Path) -> None:
+    """Undo :func:`set_aside` (the file was not the cause after all), unless its name is taken."""
+    if not checkpoint.path.exists():
+        os.replace(aside, checkpoint.path)
 
 
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:

@@ -19,7 +19,7 @@ from .logs import make_logger
 from .rendezvous import LocalRendezvous
 from .supervisor import Supervisor
 
-EPILOG = "exit codes:\n" + "".join(f"  {code:<10} {meaning.replace('`', '')}\n"
+EPILOG = "exit codes:\n" + "".join(f"  {code:<22} {meaning.replace('`', '')}\n"
                                    for code, meaning in EXIT_CODES) + \
     "Every option is also a key of the TOML config; the command line wins."
 

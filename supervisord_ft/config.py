@@ -67,6 +67,9 @@ OPTIONS: tuple[Option, ...] = (
            "declared hung and the group recovered (0 disables)", minimum=0),
     Option("startup_timeout", float, "seconds a rank may take from launch to its first step "
            "report (imports, rendezvous, checkpoint load)", minimum=0),
+    Option("startup_window", float, "seconds after a launch within which a failure before any "
+           "progress is a start-up failure; the same start-up failure twice in a row is a crash "
+           "loop and fails the run (supervisord's `startsecs`)", minimum=0),
     Option("restart_window", float, "`max_restarts` counts the relaunches within this many "
            "seconds (0 = the whole run)", minimum=0),
     Option("restart_backoff", float, "delay before the second relaunch within the window; "
@@ -107,6 +110,7 @@ class Config:
     master_port: int = 0
     hang_timeout: float = 600.0
     startup_timeout: float = 1200.0
+    startup_window: float = 30.0
     restart_window: float = 3600.0
     restart_backoff: float = 1.0
     restart_backoff_max: float = 30.0

@@ -15,7 +15,8 @@ EXIT_CODES: tuple[tuple[str, str], ...] = (
     (str(EXIT_FAILED), "FAILED: a worker failed and `max_restarts` relaunches were already spent"),
     (str(EXIT_USAGE), "usage or configuration error (one line on stderr naming the key); "
                       "nothing was started"),
-    ("130 / 143", "stopped gracefully after SIGINT / SIGTERM (128 + the signal number)"),
+    ("129 / 130 / 131 / 143", "stopped gracefully after SIGHUP / SIGINT / SIGQUIT / SIGTERM "
+                              "(128 + the signal number)"),
     (str(EXIT_INTERNAL), "internal error (a bug: please report it)"),
 )
 

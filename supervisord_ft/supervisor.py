@@ -8,12 +8,13 @@ only record the request; output readers only stamp progress clocks.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from . import builtin_job, checkpoints, envvars
@@ -23,12 +24,17 @@ from .errors import EXIT_DONE, EXIT_FAILED, EXIT_SIGNAL_BASE, CheckpointError
 from .fsm import State, StateMachine
 from .output import OutputRouter, Source
 from .rendezvous import LocalRendezvous, RankInfo, Rendezvous
-from .restarts import RestartPolicy
+from .restarts import Failure, RestartPolicy
 from .watchdog import Watchdog
 from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, stop
 
 EXIT_CODES = {State.DONE: EXIT_DONE, State.FAILED: EXIT_FAILED}
 STEP_EVENT = "step"
+# A terminal or ssh session closing (HUP), Ctrl+\ (QUIT), Ctrl+C (INT), systemd/SLURM/Kubernetes
+# (TERM): each is a graceful stop, exit 128 + n.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# SLURM's pre-timeout warning, a preStop hook: passed on to the ranks that handle them.
+FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Supervisor:
@@ -47,6 +53,7 @@ class Supervisor:
         self.stop_signal: int | None = None
         self._stop_requested = asyncio.Event()
         self._kill_now = asyncio.Event()
+        self._set_aside: SetAside | None = None  # the last checkpoint a fallback moved aside
 
     @property
     def restarts(self) -> int:
@@ -63,6 +70,14 @@ class Supervisor:
             self._stop_requested.set()
         else:
             self._kill_now.set()
+
+    def forward(self, sig: int) -> None:
+        """Pass ``sig`` on to every live rank that has a handler for it; never die of it."""
+        workers = [w for w in self.workers if w.alive]
+        sent = [w.rank for w in workers if w.forward(sig)]
+        self.log.info("signal_forwarded", signal=signal.Signals(sig).name, ranks=sent,
+                      skipped=[w.rank for w in workers if w.rank not in sent],
+                      attempt=self.attempt.id if self.attempt else None)
 
     def _current(self, source: Source) -> Attempt | None:
         """The attempt ``source`` belongs to, or None for a late line of a torn-down one."""
@@ -89,8 +104,10 @@ class Supervisor:
     # -- the loop -------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)
+        for sig in FORWARD_SIGNALS:
+            loop.add_signal_handler(sig, self.forward, sig)
         emitter = asyncio.create_task(self.router.run(), name="output-emitter")
         ticker = asyncio.create_task(self._status_ticker(), name="status")
         self.log.info("supervisor_start", pid=os.getpid(), python=sys.executable,
@@ -109,7 +126,7 @@ class Supervisor:
             while not self.fsm.state.terminal:
                 await steps[self.fsm.state]()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS + FORWARD_SIGNALS:
                 loop.remove_signal_handler(sig)
             if any(w.alive for w in self.workers):  # only on an internal error: never orphan
                 await stop(self.workers, 0, self._kill_now)
@@ -164,7 +181,7 @@ class Supervisor:
                 a.workers.append(worker)
                 log.info("worker_started", pid=worker.pid)
         except OSError as exc:
-            a.fail(rank.rank, None, f"spawn failed: {exc}")
+            a.fail(rank.rank, None, f"spawn failed: {exc}", self.cfg.startup_window)
             self.fsm.transition(State.RECOVERING, f"rank {rank.rank}: spawn failed: {exc}")
             return
         if self._stop_requested.is_set():
@@ -233,7 +250,7 @@ class Supervisor:
                     self._report_exit(a, worker)
                 if (failed := first_to_fail(exited)) is not None:
                     rc = failed.exit.result()
-                    a.fail(failed.rank, rc, a.last_error(failed.rank))
+                    a.fail(failed.rank, rc, a.last_error(failed.rank), self.cfg.startup_window)
                     self.fsm.transition(State.RECOVERING, f"rank {failed.rank} exited with {rc}")
                     return
                 if hang_wait in done:
@@ -246,7 +263,8 @@ class Supervisor:
                     why = f"no output for {first.silent_for:.1f} s"
                     # No seconds in the signature: two identical hangs must compare equal.
                     a.fail(first.rank, None, "hang before the first step"
-                           if first.before_first_step else "hang")
+                           if first.before_first_step else "hang", self.cfg.startup_window,
+                           hung_before_first_step=first.before_first_step)
                     self.fsm.transition(State.RECOVERING, f"rank {first.rank} hung: {why}")
                     return
                 if stop_wait in done:
@@ -293,16 +311,66 @@ class Supervisor:
             self.fsm.transition(State.FAILED, f"checkpoint_dir: {exc}")
             return
         newer = self.resume_from is not None and (before is None or self.resume_from.step > before.step)
-        failure = dataclasses.replace(a.failure, progressed=a.failure.progressed or newer)
-        decision = self.policy.decide(failure, time.monotonic())
+        failure = replace(a.failure, at_startup=a.failure.at_startup and not newer)
         if self._stop_requested.is_set():
             self.fsm.transition(State.STOPPING, self._stop_reason())
+            return
+        if (vindicated := self._judge_fallback(failure)) is not None:
+            self.fsm.transition(State.FAILED, vindicated)
+            return
+        decision = self.policy.decide(failure, time.monotonic())
+        if decision.crash_loop and a.resume_from is not None and self._fall_back(a.resume_from, failure):
+            self.fsm.transition(State.LAUNCHING, f"checkpoint step {a.resume_from.step} set aside: "
+                                                 f"resuming from step {self.resume_from.step} "
+                                                 "(no restart spent)")
         elif not decision.relaunch:
             self.fsm.transition(State.FAILED, decision.reason)
         elif decision.delay > 0 and await self._backoff(decision.delay):
             self.fsm.transition(State.STOPPING, self._stop_reason())
         else:
+            self.policy.spend(time.monotonic())
             self.fsm.transition(State.LAUNCHING, decision.reason)
+
+    def _fall_back(self, bad: checkpoints.Checkpoint, failure: Failure) -> bool:
+        """The group failed the same way at start-up twice after resuming from ``bad``: set it
+        aside (renamed, never deleted) and resume from the next older intact checkpoint, without
+        spending a restart. True if there is one."""
+        try:
+            aside = checkpoints.set_aside(bad)
+        except OSError as exc:
+            self.log.warning("checkpoint_set_aside_failed", path=str(bad.path), reason=str(exc))
+            return False
+        self.log.warning("checkpoint_set_aside", path=str(bad.path), moved_to=str(aside),
+                         step=bad.step, reason=f"two attempts failed at start-up after resuming "
+                                               f"from it: {failure.last_error!r}")
+        older = self._select_checkpoint()
+        if older is None:
+            self._put_back(SetAside(bad, aside), "no older intact checkpoint to fall back to")
+            return False
+        self.resume_from = older
+        self._set_aside = SetAside(bad, aside)
+        return True
+
+    def _judge_fallback(self, failure: Failure) -> str | None:
+        """The first failure after a fallback settles it. At start-up again, from an older file
+        too: the file was not the cause, so it gets its name back and the run fails (a reason is
+        returned). Otherwise the older checkpoint worked and the bad one stays aside."""
+        pending, self._set_aside = self._set_aside, None
+        if pending is None or not failure.at_startup:
+            return None
+        self._put_back(pending, "the group fails at start-up from an older checkpoint too: "
+                                "the file was not the cause")
+        return (f"crash loop: attempts failed at start-up from checkpoint step {pending.bad.step} "
+                f"and from older ones: {failure.last_error!r}")
+
+    def _put_back(self, pending: SetAside, why: str) -> None:
+        try:
+            checkpoints.put_back(pending.bad, pending.aside)
+        except OSError as exc:
+            self.log.warning("checkpoint_put_back_failed", path=str(pending.bad.path),
+                             moved_to=str(pending.aside), reason=str(exc))
+            return
+        self.log.warning("checkpoint_put_back", path=str(pending.bad.path), reason=why)
 
     async def _backoff(self, delay: float) -> bool:
         """Wait ``delay`` before a relaunch; True if a stop request cut the wait short."""
@@ -317,6 +385,14 @@ class Supervisor:
     async def _shutdown(self) -> None:
         await self._teardown("shutdown")
         self.fsm.transition(State.STOPPED, "all workers stopped")
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A checkpoint a fallback renamed aside, until the attempt after it settles the question."""
+
+    bad: checkpoints.Checkpoint
+    aside: Path
 
 
 def daemon_usage() -> dict[str, int]:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import procfs
 from .output import OutputRouter, Source
 from .rendezvous import RankInfo
 
@@ -55,6 +56,9 @@ class Started:
     pid: int
     wait: Callable[[], Awaitable[int]]  # the exit status (negative: killed by that signal)
     signal_group: Callable[[int], bool]  # signal its process group; False when nothing is left
+    # Deliver a signal to the rank's own process only if it has a handler for it (the signals
+    # forwarded this way terminate by default); False when it has none or is gone.
+    forward: Callable[[int], bool]
     stdout: asyncio.StreamReader
     stderr: asyncio.StreamReader
     pipes: tuple[asyncio.BaseTransport, ...] = ()  # closed by the owner once the output is read
@@ -103,10 +107,21 @@ class SubprocessLauncher:
             readers.append(reader)
             transports.append(transport)
         return Started(proc.pid, proc.wait, functools.partial(signal_group, proc.pid),
-                       *readers, tuple(transports))
+                       functools.partial(forward_if_caught, proc.pid), *readers, tuple(transports))
 
     async def close(self) -> None:
         """Nothing is held between launches."""
+
+
+def forward_if_caught(pid: int, sig: int) -> bool:
+    """Send ``sig`` to ``pid`` if the kernel lists a handler for it there (``SigCgt``)."""
+    if sig not in (procfs.caught_signals(pid) or ()):
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -176,6 +191,10 @@ class Worker:
     def signal_group(self, sig: int) -> bool:
         """Signal the worker's process group; False when nothing is left to signal."""
         return self._process.signal_group(sig)
+
+    def forward(self, sig: int) -> bool:
+        """Send ``sig`` to the rank's own process if it handles it; False if it does not."""
+        return self.alive and self._process.forward(sig)
 
 
 async def spawn(spec: WorkerSpec, attempt: int, launcher: Launcher, router: OutputRouter,

@@ -72,6 +72,13 @@ def main() -> int:
     p.add_argument("--long-line", type=int, default=0, help="print one line of this many bytes")
     p.add_argument("--binary", action="store_true", help="print invalid UTF-8 and NUL bytes")
     p.add_argument("--print-env", action="store_true", help="print the supervisor's variables")
+    p.add_argument("--catch-usr1-rank", type=int, default=None,
+                   help="this rank handles SIGUSR1 (reports it at its next step); others do not")
+    p.add_argument("--plain", action="store_true",
+                   help="report steps as plain text, as an unmodified torchrun script does")
+    p.add_argument("--refuse-checkpoint", default=None, metavar="NAME",
+                   help="exit 2 at start when resuming from the checkpoint of this file name "
+                        "(`any`: from any checkpoint)")
     args = p.parse_args()
 
     rank = int(os.environ[envvars.RANK])
@@ -83,6 +90,14 @@ def main() -> int:
         stop = True
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_sigterm else on_term)
+    usr1 = 0
+
+    def on_usr1(signum, frame):
+        nonlocal usr1
+        usr1 += 1
+
+    if rank == args.catch_usr1_rank:
+        signal.signal(signal.SIGUSR1, on_usr1)
     time.sleep(args.startup_delay)
     if args.spawn_child:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
@@ -101,6 +116,11 @@ def main() -> int:
         out.flush()
     if args.print_env:
         emit("env", env={k: v for k, v in os.environ.items() if k in envvars.ALL})
+    resume = os.environ.get(envvars.RESUME_FROM)
+    if resume and args.refuse_checkpoint in ("any", os.path.basename(resume)):
+        print(f"cannot resume from {os.path.basename(resume)}: not a state of this job",
+              file=sys.stderr, flush=True)
+        return 2
     failing = rank == args.fail_rank and attempt < args.fail_attempts
     for step in range(1, args.steps + 1):
         if failing and step - 1 == args.fail_at_step:
@@ -111,8 +131,14 @@ def main() -> int:
         if stop:
             emit("stopped", step=step - 1)
             return 0
+        if usr1:
+            emit("usr1", count=usr1)
+            usr1 = 0
         time.sleep(args.step_time)
-        emit("step", step=step, rank=rank)
+        if args.plain:
+            print(f"step {step}", flush=True)
+        else:
+            emit("step", step=step, rank=rank)
     return 0
 
 

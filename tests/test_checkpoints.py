@@ -63,6 +63,30 @@ def corrupt_not_torch(p: Path) -> None:
         z.writestr("hello.txt", "a zip, but not a torch.save file")
 
 
+def rewrite_members(p: Path, change) -> None:
+    """Rewrite the archive with ``change(name, data)`` applied (None drops the member): every CRC
+    in the result is valid, so only the deeper checks can tell."""
+    import zipfile
+    with zipfile.ZipFile(p) as z:
+        members = [(n, z.read(n)) for n in z.namelist()]
+    with zipfile.ZipFile(p, "w") as z:
+        for name, data in members:
+            if (data := change(name, data)) is not None:
+                z.writestr(name, data)
+
+
+def corrupt_pickle_cut(p: Path) -> None:
+    rewrite_members(p, lambda n, d: d[: len(d) // 2] if n.endswith("data.pkl") else d)
+
+
+def corrupt_storage_missing(p: Path) -> None:
+    rewrite_members(p, lambda n, d: None if "/data/" in n else d)
+
+
+def corrupt_storage_short(p: Path) -> None:
+    rewrite_members(p, lambda n, d: d[:-4] if "/data/" in n else d)
+
+
 def corrupt_directory(p: Path) -> None:
     p.unlink()
     p.mkdir()
@@ -80,6 +104,9 @@ def corrupt_symlink(p: Path) -> None:
     (corrupt_garbage, "truncated or garbage"),
     (corrupt_bitflip, "CRC"),
     (corrupt_not_torch, "not a torch.save file"),
+    (corrupt_pickle_cut, "not a complete torch pickle"),
+    (corrupt_storage_missing, "missing from the archive"),
+    (corrupt_storage_short, "needs 4000"),
     (corrupt_directory, "not a regular file"),
     (corrupt_symlink, "symlink"),
 ])
@@ -90,6 +117,14 @@ def test_a_bad_newest_file_is_skipped_with_its_reason_and_the_previous_one_is_us
     found = ck.discover(tmp_path)
     assert found.newest is not None and found.newest.step == 10
     assert reason in reasons(tmp_path)[newest.name]
+
+
+def test_deeper_checks_accept_every_state_the_built_in_job_writes(tmp_path):
+    state = {"model": torch.nn.Linear(4, 2).state_dict(), "opt": {"buf": [torch.zeros(2, dtype=torch.float64)]},
+             "steps": torch.arange(3), "flags": torch.tensor([True]), "half": torch.ones(2, dtype=torch.bfloat16),
+             "empty": torch.zeros(0), "view": torch.arange(10.0)[2:5], "meta": {"a": [1, 2.5, "x", None]}}
+    p = ck.atomic_write(ck.checkpoint_path(tmp_path, 1), lambda fh: torch.save(state, fh))
+    ck.verify(p)
 
 
 def test_bitflip_goes_unnoticed_by_torch_but_not_by_discovery(tmp_path):

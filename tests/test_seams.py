@@ -42,6 +42,10 @@ class FakeRank:
             pipe.feed_eof()
         self.status.set_result(code)
 
+    def forward(self, sig: int) -> bool:
+        self.signals.append(sig)
+        return True
+
     def signal_group(self, sig: int) -> bool:
         if self.status.done():
             return False
@@ -62,7 +66,8 @@ class FakeLauncher:
         self.ranks.append(rank)
         attempt = int(spec.env[envvars.RESTART_COUNT])
         self._tasks.append(asyncio.create_task(self.script(rank, attempt)))
-        return Started(rank.pid, lambda: rank.status, rank.signal_group, rank.stdout, rank.stderr)
+        return Started(rank.pid, lambda: rank.status, rank.signal_group, rank.forward,
+                       rank.stdout, rank.stderr)
 
     async def close(self) -> None:
         self.closed = True

@@ -112,3 +112,33 @@ class StopFlag:
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self._requested = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class CheckpointRequest:
+    """Turns SIGUSR1 and SIGUSR2 into a request to save a checkpoint at the next step boundary,
+    then keep training.
+
+    SLURM's ``--signal=USR1@T`` pre-timeout warning and a Kubernetes preStop hook reach the
+    supervisor, which sends the signal on to every rank that has a handler for it (a rank without
+    one would be killed by the default action, so it is not sent one). Installing this is how a
+    script says it has one.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self._requested = False
+
+    def install(self) -> CheckpointRequest:
+        """Take over SIGUSR1 and SIGUSR2 (main thread only)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def take(self) -> bool:
+        """True once per request: the caller saves now."""
+        requested, self._requested = self._requested, False
+        return requested
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._requested = True

@@ -30,7 +30,7 @@ from supervisord_ft.errors import CheckpointError, ConfigError
 
 from . import rng
 from .checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
-from .contract import StopFlag, SupervisorEnv, emit, report_progress
+from .contract import CheckpointRequest, StopFlag, SupervisorEnv, emit, report_progress
 from .startup import CLOCK
 
 IN_FEATURES = 16
@@ -204,23 +204,25 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def all_reduce_step(
-    params: list[nn.Parameter], loss: torch.Tensor, stop: bool, world_size: int
-) -> tuple[float, bool]:
-    """Average gradients and loss over ranks and agree whether to stop, all in one collective.
+    params: list[nn.Parameter], loss: torch.Tensor, stop: bool, save: bool, world_size: int
+) -> tuple[float, bool, bool]:
+    """Average gradients and loss over ranks and agree whether to stop and whether to save, all
+    in one collective.
 
-    The stop vote travels with the gradients, so ranks that got SIGTERM at slightly different
-    moments still stop after the same step; a rank stopping alone would block its peers in the
-    next all_reduce. Returns (mean loss, whether any rank asked to stop).
+    The votes travel with the gradients, so ranks that got SIGTERM (or SIGUSR1) at slightly
+    different moments still act after the same step; a rank stopping or saving alone would block
+    its peers in the next collective. Returns (mean loss, any rank asked to stop, any rank asked
+    for a checkpoint).
     """
-    extras = torch.tensor([loss.item(), float(stop)])
+    extras = torch.tensor([loss.item(), float(stop), float(save)])
     flat = torch.cat([p.grad.reshape(-1) for p in params] + [extras])
     dist.all_reduce(flat)
-    flat[:-1].div_(world_size)
+    flat[:-2].div_(world_size)
     offset = 0
     for p in params:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
-    return flat[-2].item(), flat[-1].item() > 0
+    return flat[-3].item(), flat[-2].item() > 0, flat[-1].item() > 0
 
 
 class Trainer:
@@ -258,8 +260,9 @@ class Trainer:
         rng.restore(state["rng_states"][self.env.rank])
         self.step = state["global_step"]
 
-    def train_step(self, stop_flag: StopFlag) -> tuple[float, bool]:
-        """One global step on every rank. Returns (mean loss, whether the ranks agreed to stop after it)."""
+    def train_step(self, stop_flag: StopFlag, save_request: CheckpointRequest) -> tuple[float, bool, bool]:
+        """One global step on every rank. Returns (mean loss, whether the ranks agreed to stop after
+        it, whether some rank asked for a checkpoint after it)."""
         self.step += 1
         x, y = self.task.batch(self.step, self.env.rank)
         self.model.zero_grad()
@@ -267,10 +270,12 @@ class Trainer:
         loss.backward()
         if self.opts.step_time:
             time.sleep(self.opts.step_time)
-        # The flag is read as late as possible, so a SIGTERM during the compute counts for this step.
-        mean_loss, stop = all_reduce_step(self.params, loss, stop_flag.requested, self.env.world_size)
+        # The flags are read as late as possible, so a signal during the compute counts for this step.
+        mean_loss, stop, save = all_reduce_step(
+            self.params, loss, stop_flag.requested, save_request.take(), self.env.world_size
+        )
         self.optimizer.step()
-        return mean_loss, stop
+        return mean_loss, stop, save
 
     def save(self) -> None:
         """Rank 0 writes the state, with every rank's RNG streams; no rank returns before the file is durable."""
@@ -308,6 +313,7 @@ def fill_disk() -> None:
 
 def train(opts: Options, env: SupervisorEnv) -> None:
     stop_flag = StopFlag().install()
+    save_request = CheckpointRequest().install()
     torch.set_num_threads(1)
     trainer = Trainer(opts, env)
     if opts.resume_from_checkpoint is not None:
@@ -320,7 +326,7 @@ def train(opts: Options, env: SupervisorEnv) -> None:
     finished = False
     try:
         while trainer.step < opts.total_steps:
-            loss, stop = trainer.train_step(stop_flag)
+            loss, stop, requested = trainer.train_step(stop_flag, save_request)
             report_progress(trainer.step, epoch=trainer.epoch_of(trainer.step), loss=loss, time=time.time())
             if trainer.step == resumed_at + 1:
                 CLOCK.mark("first_step")
@@ -328,7 +334,8 @@ def train(opts: Options, env: SupervisorEnv) -> None:
                      attempt=max(env.restart_count, env.torchelastic_restart_count), **CLOCK.report())
             if trainer.step == opts.disk_full_at_step and env.rank == 0:
                 fill_disk()
-            if stop or trainer.step % opts.checkpoint_interval == 0 or trainer.step == opts.total_steps:
+            periodic = trainer.step % opts.checkpoint_interval == 0 or trainer.step == opts.total_steps
+            if stop or requested or periodic:
                 trainer.save()
             if trainer.step == opts.crash_at_step and env.rank == opts.crash_rank:
                 emit("injected_crash", step=trainer.step, exit_code=opts.crash_exit_code, time=time.time())
