@@ -13,8 +13,9 @@ EXIT_SIGNAL_BASE = 128  # a graceful stop on signal n exits 128 + n, as a shell 
 EXIT_CODES: tuple[tuple[str, str], ...] = (
     (str(EXIT_DONE), "DONE: every worker exited 0"),
     (str(EXIT_FAILED), "FAILED: a worker failed and `max_restarts` relaunches were already spent"),
-    (str(EXIT_USAGE), "usage or configuration error (one line on stderr naming the key); "
-                      "nothing was started"),
+    (str(EXIT_USAGE), "usage or configuration error (one line on stderr naming the key), or "
+                      "`checkpoint_dir` already in use by another daemon (the line names the "
+                      "directory and its pid); nothing was started"),
     ("130 / 143", "stopped gracefully after SIGINT / SIGTERM (128 + the signal number)"),
     (str(EXIT_INTERNAL), "internal error (a bug: please report it)"),
 )
