@@ -225,8 +225,9 @@ def find_leftovers(run_dir: Path) -> Leftovers:
         if p.pgid in groups:
             members.setdefault(p.pgid, []).append(p)
     for pgid, group in members.items():
-        if any(p.start_ticks < cutoff for p in group):
-            found.groups[pgid] = [p for p in group if not p.zombie]
+        live = [p for p in group if not p.zombie]
+        if live and any(p.start_ticks < cutoff for p in group):
+            found.groups[pgid] = live
     return found
 
 
