@@ -15,8 +15,9 @@ import time
 import traceback
 from types import ModuleType
 
+from supervisord_ft.orphans import become_subreaper
+
 from . import checkpoint_stall, detection, goodput, overhead, recovery, scale, steps_lost, teardown
-from .launch import become_subreaper
 from .report import machine, save
 
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (

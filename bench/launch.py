@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import datetime
 import json
 import os
@@ -36,15 +35,10 @@ from .workloads import PYTHON, Job, Program
 ROOT = Path(__file__).resolve().parent.parent
 KILL_WAIT = 10.0  # seconds a SIGKILLed process may take to be gone
 STDERR_TAIL = 2000
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 class BenchError(Exception):
     """A run did not do what the benchmark needs (it names what was missing and shows stderr)."""
-
-
-def become_subreaper() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def iso_time(stamp: str) -> float:

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, dirlock, orphans
 from .config import OPTIONS, Config, build, ensure_writable_dir, read_toml
 from .errors import EXIT_CODES, ConfigError, SupervisorError
 from .logs import make_logger
@@ -69,11 +69,15 @@ def load_config(argv: Sequence[str]) -> Config:
 async def _run(cfg: Config) -> int:
     ensure_writable_dir("checkpoint_dir", cfg.checkpoint_dir)
     ensure_writable_dir("run_dir", cfg.run_dir)
-    rendezvous = LocalRendezvous(cfg.master_addr, cfg.master_port)
-    rendezvous.check()
-    with open(cfg.run_dir / "events.jsonl", "a", encoding="utf-8") as events:
-        log = make_logger(cfg.log_format, events)
-        return await Supervisor(cfg, log, rendezvous=rendezvous).run()
+    with dirlock.hold("checkpoint_dir", cfg.checkpoint_dir):
+        leftovers = orphans.find_leftovers(cfg.run_dir)  # before this daemon writes to run_dir
+        orphans.become_subreaper()
+        rendezvous = LocalRendezvous(cfg.master_addr, cfg.master_port)
+        rendezvous.check()
+        with open(cfg.run_dir / "events.jsonl", "a", encoding="utf-8") as events:
+            log = make_logger(cfg.log_format, events)
+            await leftovers.kill(log)
+            return await Supervisor(cfg, log, rendezvous=rendezvous).run()
 
 
 def _runner() -> asyncio.Runner:

@@ -12,9 +12,12 @@ EXIT_SIGNAL_BASE = 128  # a graceful stop on signal n exits 128 + n, as a shell 
 
 EXIT_CODES: tuple[tuple[str, str], ...] = (
     (str(EXIT_DONE), "DONE: every worker exited 0"),
-    (str(EXIT_FAILED), "FAILED: a worker failed and `max_restarts` relaunches were already spent"),
-    (str(EXIT_USAGE), "usage or configuration error (one line on stderr naming the key); "
-                      "nothing was started"),
+    (str(EXIT_FAILED), "FAILED: a worker failed and no relaunch may follow (`max_restarts` spent, "
+                       "a crash loop, a `no_retry_exit_codes` code, an unlistable "
+                       "`checkpoint_dir`)"),
+    (str(EXIT_USAGE), "usage or configuration error (one line on stderr naming the key), or "
+                      "`checkpoint_dir` already in use by another daemon (the line names the "
+                      "directory and its pid); nothing was started"),
     ("129 / 130 / 131 / 143", "stopped gracefully after SIGHUP / SIGINT / SIGQUIT / SIGTERM "
                               "(128 + the signal number)"),
     (str(EXIT_INTERNAL), "internal error (a bug: please report it)"),

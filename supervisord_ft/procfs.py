@@ -22,6 +22,7 @@ class Stat:
     state: str        # 3: R, S, D, Z, ...
     ppid: int         # 4
     pgid: int         # 5
+    sid: int          # 6: the session
     cpu_ticks: int    # 14 + 15: user + system time of the process itself
     start_ticks: int  # 22: clock ticks after boot (CLOCK_BOOTTIME) when it was created
 
@@ -39,7 +40,7 @@ def stat(pid: int | str = "self") -> Stat | None:
         return None
     # The name (field 2) is in parentheses and may itself contain ") ": split at the last one.
     f = line.rpartition(")")[2].split()  # f[0] is field 3
-    return Stat(int(line.split(" ", 1)[0]), f[0], int(f[1]), int(f[2]),
+    return Stat(int(line.split(" ", 1)[0]), f[0], int(f[1]), int(f[2]), int(f[3]),
                 int(f[11]) + int(f[12]), int(f[19]))
 
 

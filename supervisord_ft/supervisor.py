@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import builtin_job, checkpoints, envvars
+from . import builtin_job, checkpoints, envvars, orphans
 from .attempt import Attempt, first_to_fail
 from .config import Config, as_dict
 from .errors import EXIT_DONE, EXIT_FAILED, EXIT_SIGNAL_BASE, CheckpointError
@@ -130,6 +130,8 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             if any(w.alive for w in self.workers):  # only on an internal error: never orphan
                 await stop(self.workers, 0, self._kill_now)
+            await orphans.sweep(self.workers, self.log)  # at every end, nothing a worker started lives on
+            orphans.forget(self.cfg.run_dir)
             await self.launcher.close()
             ticker.cancel()
             emitter.cancel()
@@ -154,6 +156,7 @@ class Supervisor:
                           attempt=self.attempt.id if self.attempt else None,
                           alive=self.attempt.alive() if self.attempt else [],
                           output_lines=self.router.lines, **daemon_usage())
+            orphans.reap(self.workers)
 
     # -- LAUNCHING ------------------------------------------------------------------------------
     def _next_attempt(self) -> Attempt:
@@ -184,6 +187,7 @@ class Supervisor:
             a.fail(rank.rank, None, f"spawn failed: {exc}", self.cfg.startup_window)
             self.fsm.transition(State.RECOVERING, f"rank {rank.rank}: spawn failed: {exc}")
             return
+        orphans.record(self.cfg.run_dir, a.workers, self.log)
         if self._stop_requested.is_set():
             self.fsm.transition(State.STOPPING, self._stop_reason())
         else:
@@ -299,6 +303,7 @@ class Supervisor:
         if report.stuck:
             self.log.error("workers_stuck", attempt=a.id, ranks=report.stuck,
                            reason="still alive after SIGKILL (uninterruptible sleep?)")
+        await orphans.sweep(a.workers, self.log)
 
     async def _recover(self) -> None:
         await self._teardown("recovery")

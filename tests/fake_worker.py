@@ -54,6 +54,27 @@ def flood(lines: int, rate: int, rank: int) -> None:
                    "seconds": round(time.monotonic() - t0, 3)}, fh)
 
 
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+def spawn_detached() -> int:
+    """Start a sleeper the way a daemon detaches: its parent exits at once, so it is orphaned
+    while the worker still runs, in a session and process group of its own."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        sleeper = subprocess.Popen(SLEEPER, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        os.write(w, b"%d" % sleeper.pid)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        pid = int(pipe.read())
+    os.waitpid(middle, 0)
+    return pid
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
@@ -65,7 +86,9 @@ def main() -> int:
     p.add_argument("--fail-attempts", type=int, default=1, help="attempts (from 0) that fail")
     p.add_argument("--hang", action="store_true", help="the failing rank hangs instead of exiting")
     p.add_argument("--ignore-sigterm", action="store_true")
-    p.add_argument("--spawn-child", action="store_true", help="fork a sleeping grandchild")
+    p.add_argument("--spawn-child", nargs="?", const="group", choices=["group", "detached"],
+                   help="fork a sleeping grandchild: in the worker's process group, or detached "
+                        "from it as daemons do (double fork, setsid, stdio on /dev/null)")
     p.add_argument("--flood", type=int, default=0, help="print this many lines first")
     p.add_argument("--flood-lines", type=int, default=0, help="print this many lines, paced")
     p.add_argument("--flood-rate", type=int, default=200_000, help="lines per second")
@@ -99,9 +122,11 @@ def main() -> int:
     if rank == args.catch_usr1_rank:
         signal.signal(signal.SIGUSR1, on_usr1)
     time.sleep(args.startup_delay)
-    if args.spawn_child:
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    if args.spawn_child == "group":
+        child = subprocess.Popen(SLEEPER)
         emit("child", pid=child.pid)
+    elif args.spawn_child == "detached":
+        emit("child", pid=spawn_detached())
     out = sys.stdout.buffer
     if args.flood:
         out.write(b"".join(b"flood line %d from rank %d\n" % (i, rank) for i in range(args.flood)))

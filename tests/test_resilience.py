@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 
@@ -149,7 +150,7 @@ async def test_an_unreadable_checkpoint_dir_at_recovery_fails_instead_of_startin
     d = await daemon(*FAST, command=[*FAKE_WORKER, "--steps", "20", "--step-time", "0.3",
                                      "--fail-rank", "0", "--fail-at-step", "3"])
     await d.wait_for(lambda e: e.get("worker_event") == "step")
-    (tmp_path / "ckpt").rmdir()
+    shutil.rmtree(tmp_path / "ckpt")  # it holds the daemon's lock file
     (tmp_path / "ckpt").write_text("not a directory any more")
     assert await d.finish() == 1
     reason = d.named("state_changed", to="FAILED")[0]["reason"]
