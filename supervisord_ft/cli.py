@@ -15,8 +15,9 @@ from pathlib import Path
 from . import __version__, dirlock, orphans
 from .config import OPTIONS, Config, build, ensure_writable_dir, read_toml
 from .errors import EXIT_CODES, ConfigError, SupervisorError
-from .logs import make_logger
+from .logs import EventsFile, Log
 from .rendezvous import LocalRendezvous
+from .stdio import StdoutWriter, reopen_closed
 from .supervisor import Supervisor
 
 EPILOG = "exit codes:\n" + "".join(f"  {code:<22} {meaning.replace('`', '')}\n"
@@ -74,10 +75,12 @@ async def _run(cfg: Config) -> int:
         orphans.become_subreaper()
         rendezvous = LocalRendezvous(cfg.master_addr, cfg.master_port)
         rendezvous.check()
-        with open(cfg.run_dir / "events.jsonl", "a", encoding="utf-8") as events:
-            log = make_logger(cfg.log_format, events)
-            await leftovers.kill(log)
-            return await Supervisor(cfg, log, rendezvous=rendezvous).run()
+        log = Log(cfg.log_format, EventsFile(cfg.run_dir / "events.jsonl"), StdoutWriter())
+        try:
+            await leftovers.kill(log.logger)
+            return await Supervisor(cfg, log.logger, rendezvous=rendezvous).run()
+        finally:
+            log.close()
 
 
 def _runner() -> asyncio.Runner:
@@ -89,6 +92,7 @@ def _runner() -> asyncio.Runner:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    reopen_closed()  # before anything opens a descriptor that could take the number 0, 1 or 2
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = load_config(argv)

@@ -1,24 +1,35 @@
-"""Structured logging: one structlog pipeline that writes every event twice.
+"""Structured logging: one structlog pipeline that writes every event to two sinks and a bus.
 
-Each event is rendered to JSON once; that line goes to ``<run_dir>/events.jsonl`` (always JSON,
-for ``tail -f | jq``) and, for the json format, to stdout as is. The console format renders the
-same event for a human instead. Every event carries ``timestamp`` (ISO 8601, UTC), ``level`` and
-``event`` first.
+Each event is encoded once as strict JSON (:mod:`.jsonline`); that line goes to
+``<run_dir>/events.jsonl`` (always JSON, for ``tail -f | jq``) and, for the json format, to stdout
+as is. The console format renders the same event for a human instead. Every event carries
+``timestamp`` (ISO 8601, UTC), ``level`` and ``event`` first.
+
+Supervision never depends on a sink: a failed write is counted here and never raised into the
+loop. ``events.jsonl`` is the record of truth: each write is a whole line or nothing, and after
+failed writes (a full or failing disk) a ``log_gap`` event says how many events are missing.
+Stdout is best effort (:class:`.stdio.StdoutWriter`): lines a slow reader has no room for are
+dropped and a ``stdout_dropped`` event counts them; a reader that went away gets
+``stdout_closed`` once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 
+from .jsonline import encoder
+
 Subscriber = Callable[[dict[str, Any]], None]
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+_dumps = encoder(default=str)
 
 
 class EventBus:
@@ -49,48 +60,201 @@ class EventBus:
                       file=sys.stderr)
 
 
-class _Renderer:
-    """Last processor: JSON-encodes the event, tees it to the events file, returns stdout's text."""
+class Stdout(Protocol):
+    """Where stdout lines go: :class:`.stdio.StdoutWriter` (a test may pass its own)."""
 
-    def __init__(self, events: TextIO | None, console: bool, colors: bool,
+    gone: str | None
+
+    def isatty(self) -> bool: ...
+
+    def write(self, line: str) -> bool: ...  # False: dropped, no room
+
+    def close(self) -> int: ...  # the lines never written
+
+
+class EventsFile:
+    """``events.jsonl`` through a raw descriptor: every append is a whole line, or nothing.
+
+    A disk that fills up mid-write takes part of a line (a short write) and then fails; that part
+    is cut off again, so no reader ever meets half a JSON object. Should even the cut fail, the
+    next line starts on a fresh line.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._at_line_start = _ends_a_line(path)  # a predecessor killed mid-write left no newline
+
+    def append(self, line: str) -> OSError | None:
+        """Write ``line`` (with its newline); the error when it could not be written whole."""
+        data = line.encode("utf-8", "replace")
+        if not self._at_line_start:
+            data = b"\n" + data
+        view, written = memoryview(data), 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+        except OSError as exc:
+            if written:
+                self._cut(written, data[written - 1:written] == b"\n")
+            return exc
+        self._at_line_start = True
+        return None
+
+    def _cut(self, written: int, ends_a_line: bool) -> None:
+        try:
+            os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - written)
+        except OSError:
+            self._at_line_start = ends_a_line
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return True
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
+@dataclass
+class Loss:
+    """Lines one sink could not take, from the first to the last (event timestamps)."""
+
+    reason: str
+    first: str
+    last: str = ""
+    lines: int = 0
+
+    def add(self, timestamp: str) -> None:
+        self.lines += 1
+        self.last = timestamp
+
+    def fields(self) -> dict[str, Any]:
+        return {"lines": self.lines, "first_lost": self.first, "last_lost": self.last,
+                "reason": self.reason}
+
+
+class _Renderer:
+    """Last processor: encodes the event, writes it to every sink, publishes it on the bus.
+
+    It writes itself and then drops the event, so structlog's logger never writes (or raises).
+    """
+
+    def __init__(self, events: EventsFile | None, stdout: Stdout | None, console: bool,
                  bus: EventBus | None) -> None:
         self._events = events
+        self._stdout = stdout
         self._bus = bus
-        self._console = structlog.dev.ConsoleRenderer(colors=colors) if console else None
+        self._console = structlog.dev.ConsoleRenderer(
+            colors=stdout.isatty()) if console and stdout is not None else None
+        self._stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
+        self._file_loss: Loss | None = None
+        self._stdout_loss: Loss | None = None
+        self._stdout_closed_said = False
 
-    def __call__(self, _logger: Any, _name: str, ev: dict[str, Any]) -> str:
-        ordered = {"timestamp": ev.pop("timestamp"), "level": ev.pop("level"), "event": ev.pop("event")}
-        ordered.update(ev)
-        line = _dumps(ordered)
-        if self._events is not None:
-            self._events.write(line + "\n")
-            self._events.flush()
+    def __call__(self, _logger: Any, _name: str, ev: dict[str, Any]) -> Any:
+        self.emit({"timestamp": ev.pop("timestamp"), "level": ev.pop("level"),
+                   "event": ev.pop("event"), **ev})
+        raise structlog.DropEvent
+
+    def emit(self, event: dict[str, Any], to_file: bool = True, to_stdout: bool = True) -> None:
+        stdout = self._stdout if to_stdout else None
+        if stdout is not None and not self._stdout_ready(stdout):
+            stdout = None
+        line = _dumps(event) + "\n"
+        if to_file and self._events is not None:
+            self._to_file(line, event["timestamp"])
         if self._bus is not None:
-            self._bus.publish(ordered)
-        if self._console is not None:
-            return self._console(_logger, _name, dict(ordered))
-        return line
+            self._bus.publish(event)
+        if stdout is not None and (self._stdout_loss is not None
+                                   or not stdout.write(self._text(line, event))):
+            self._stdout_loss = self._stdout_loss or Loss(
+                "stdout reader too slow: buffer full", event["timestamp"])
+            self._stdout_loss.add(event["timestamp"])
+
+    def close(self) -> None:
+        """Let stdout's reader take what is queued (bounded); say what it never got."""
+        left = 0
+        if (stdout := self._stdout) is not None:
+            self._stdout_ready(stdout)  # a pending notice goes out first, or stdout_closed is said
+            left = stdout.close()
+        loss = self._stdout_loss
+        if left:
+            loss = loss or Loss("stdout reader too slow at exit", self._now())
+            loss.lines += left
+            loss.last = self._now()
+        if loss is not None:
+            self.emit(self._notice("stdout_dropped", **loss.fields()), to_stdout=False)
+        if self._events is not None:
+            self._events.close()
+
+    def _notice(self, name: str, **fields: Any) -> dict[str, Any]:
+        return {"timestamp": self._now(), "level": "warning", "event": name, **fields}
+
+    def _now(self) -> str:
+        return self._stamp(None, "", {})["timestamp"]
+
+    def _to_file(self, line: str, timestamp: str) -> None:
+        assert self._events is not None
+        if (loss := self._file_loss) is not None:
+            gap = self._notice("log_gap", **loss.fields())
+            if self._events.append(_dumps(gap) + "\n") is None:
+                self._file_loss = None
+                self.emit(gap, to_file=False)
+        if (error := self._events.append(line)) is None:
+            return
+        started = self._file_loss is None
+        if self._file_loss is None:
+            self._file_loss = Loss(f"{self._events.path}: {error.strerror or error}", timestamp)
+        self._file_loss.add(timestamp)
+        if started:  # said at once where it can be; events.jsonl gets log_gap once writes succeed
+            self.emit(self._notice("log_write_failed", path=str(self._events.path),
+                                   reason=self._file_loss.reason), to_file=False)
+
+    def _stdout_ready(self, stdout: Stdout) -> bool:
+        """Say what stdout missed before the next event goes there; False once it is gone."""
+        if stdout.gone is not None:
+            if not self._stdout_closed_said:
+                self._stdout_closed_said = True
+                self.emit(self._notice("stdout_closed", reason=stdout.gone), to_stdout=False)
+            return False
+        if (loss := self._stdout_loss) is not None:
+            notice = self._notice("stdout_dropped", **loss.fields())
+            if stdout.write(self._text(_dumps(notice) + "\n", notice)):
+                self._stdout_loss = None
+                self.emit(notice, to_stdout=False)  # in every sink at the same place
+        return True
+
+    def _text(self, line: str, event: dict[str, Any]) -> str:
+        return line if self._console is None else self._console(None, "", dict(event)) + "\n"
 
 
-def resolve_format(fmt: str, stream: TextIO) -> str:
-    """``auto`` means console when the stream is a terminal (a person watching), else json."""
+def resolve_format(fmt: str, stdout: Stdout | None) -> str:
+    """``auto`` means console when stdout is a terminal (a person watching), else json."""
     if fmt != "auto":
         return fmt
-    return "console" if stream.isatty() else "json"
+    return "console" if stdout is not None and stdout.isatty() else "json"
 
 
-def make_logger(fmt: str, events: TextIO | None, stream: TextIO = sys.stdout,
-                bus: EventBus | None = None) -> Any:
-    """A bound logger writing to ``stream`` in ``fmt`` and to ``events`` as JSON lines; every
-    event is then published on ``bus``."""
-    fmt = resolve_format(fmt, stream)
-    return structlog.wrap_logger(
-        structlog.WriteLogger(stream),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
-            _Renderer(events, console=fmt == "console", colors=stream.isatty(), bus=bus),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        cache_logger_on_first_use=True,
-    )
+class Log:
+    """The daemon's logger (:attr:`logger`) and the sinks behind it; :meth:`close` once at exit."""
+
+    def __init__(self, fmt: str, events: EventsFile | None, stdout: Stdout | None = None,
+                 bus: EventBus | None = None) -> None:
+        self._renderer = _Renderer(events, stdout, resolve_format(fmt, stdout) == "console", bus)
+        self.logger: Any = structlog.wrap_logger(
+            structlog.ReturnLogger(),
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+                self._renderer,
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+            cache_logger_on_first_use=True,
+        )
+
+    def close(self) -> None:
+        self._renderer.close()

@@ -92,6 +92,7 @@ def main() -> int:
     p.add_argument("--flood", type=int, default=0, help="print this many lines first")
     p.add_argument("--flood-lines", type=int, default=0, help="print this many lines, paced")
     p.add_argument("--flood-rate", type=int, default=200_000, help="lines per second")
+    p.add_argument("--flood-attempts", type=int, default=None, help="attempts (from 0) that flood")
     p.add_argument("--long-line", type=int, default=0, help="print one line of this many bytes")
     p.add_argument("--binary", action="store_true", help="print invalid UTF-8 and NUL bytes")
     p.add_argument("--print-env", action="store_true", help="print the supervisor's variables")
@@ -131,7 +132,7 @@ def main() -> int:
     if args.flood:
         out.write(b"".join(b"flood line %d from rank %d\n" % (i, rank) for i in range(args.flood)))
         out.flush()
-    if args.flood_lines:
+    if args.flood_lines and (args.flood_attempts is None or attempt < args.flood_attempts):
         flood(args.flood_lines, args.flood_rate, rank)
     if args.long_line:
         out.write(b"x" * args.long_line + b"\nafter long line\n")

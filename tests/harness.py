@@ -20,6 +20,43 @@ Event = dict[str, Any]
 
 
 
+def strict_json(line: str | bytes) -> Any:
+    """RFC 8259: ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (``json.loads`` takes them)."""
+    def refuse(token: str) -> Any:
+        raise ValueError(f"not strict JSON: {token} in {line[:200]!r}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def read_events(path: Path) -> list[Event]:
+    """Every complete line of an events file, each parsed as strict JSON."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [strict_json(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+
+class MemoryStdout:
+    """A stdout for in-process logging tests: keeps every line it is given."""
+
+    gone = None
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, line: str) -> bool:
+        self.lines.append(line)
+        return True
+
+    def close(self) -> int:
+        return 0
+
+    def events(self) -> list[Event]:
+        return [json.loads(line) for line in self.lines]
+
+
 class Daemon:
     """One supervisord-ft process. Its stdout (JSON events) is read as it is written."""
 
@@ -30,16 +67,25 @@ class Daemon:
         self.stderr = ""
 
     @classmethod
-    async def start(cls, workdir: Path, *args: str, command: list[str] | None = None) -> "Daemon":
+    async def start(cls, workdir: Path, *args: str, command: list[str] | None = None,
+                    stdout: int = asyncio.subprocess.PIPE, redirect: str = "") -> "Daemon":
+        """``stdout``: a descriptor instead of the pipe these methods read; ``redirect``: shell
+        redirections applied to the daemon (e.g. ``>&-`` to start it with stdout closed)."""
         argv = [sys.executable, "-m", "supervisord_ft", "run", "--log-format", "json",
                 "--checkpoint-dir", str(workdir / "ckpt"), "--run-dir", str(workdir / "run"), *args]
         if command:
             argv += ["--", *command]
+        if redirect:
+            argv = ["bash", "-c", f'exec "$@" {redirect}', "bash", *argv]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = await asyncio.create_subprocess_exec(
             *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, limit=1 << 24)
+            stdout=stdout, stderr=asyncio.subprocess.PIPE, limit=1 << 24)
         return cls(proc, workdir)
+
+    @property
+    def events_file(self) -> Path:
+        return self.workdir / "run" / "events.jsonl"
 
     async def _next(self) -> Event | None:
         assert self.proc.stdout is not None
@@ -64,11 +110,30 @@ class Daemon:
     async def finish(self, timeout: float = 60) -> int:
         """Read every remaining event and return the exit code."""
         async with asyncio.timeout(timeout):
-            while await self._next() is not None:
+            while self.proc.stdout is not None and await self._next() is not None:
                 pass
             assert self.proc.stderr is not None
             self.stderr = (await self.proc.stderr.read()).decode()
             return await self.proc.wait()
+
+    async def follow(self, pred: Callable[[Event], bool], timeout: float = 30) -> Event:
+        """The first event of events.jsonl that matches ``pred``, for a daemon whose stdout is
+        not ours to read. It polls: a file's growth is no event that the stdlib can await."""
+        offset, partial = 0, b""
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    with open(self.events_file, "rb") as fh:
+                        fh.seek(offset)
+                        chunk = fh.read()
+                except FileNotFoundError:
+                    chunk = b""
+                offset += len(chunk)
+                *lines, partial = (partial + chunk).split(b"\n")
+                for line in lines:
+                    if pred(event := strict_json(line)):
+                        return event
+                await asyncio.sleep(0.02)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 
-from supervisord_ft.logs import EventBus, make_logger
+from supervisord_ft.logs import EventBus, EventsFile, Log
 
 
-def test_subscribers_see_every_event_as_written_and_a_raising_view_is_dropped(capsys):
+def test_subscribers_see_every_event_as_written_and_a_raising_view_is_dropped(tmp_path, capsys):
     bus, seen = EventBus(), []
 
     def broken(event):
@@ -16,11 +15,12 @@ def test_subscribers_see_every_event_as_written_and_a_raising_view_is_dropped(ca
 
     bus.subscribe(seen.append)
     bus.subscribe(broken)
-    events = io.StringIO()
-    log = make_logger("json", events, stream=io.StringIO(), bus=bus).bind(rank=1)
-    log.info("first", x=1)
-    log.warning("second")
-    written = [json.loads(line) for line in events.getvalue().splitlines()]
+    path = tmp_path / "events.jsonl"
+    log = Log("json", EventsFile(path), bus=bus)
+    log.logger.bind(rank=1).info("first", x=1)
+    log.logger.warning("second")
+    log.close()
+    written = [json.loads(line) for line in path.read_text().splitlines()]
     assert seen == written
     assert [e["event"] for e in seen] == ["first", "second"] and seen[0]["rank"] == 1
     assert capsys.readouterr().err.count("dropped after it raised") == 1

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 
-from supervisord_ft.logs import make_logger
+from harness import MemoryStdout
+from supervisord_ft.logs import Log
 from supervisord_ft.output import LINE_OVERHEAD, OutputRouter, Source
 
 
 async def pump(chunks: list[bytes], max_line: int = 16, backlog: int = 1 << 20) -> tuple[list[dict], OutputRouter]:
-    sink = io.StringIO()
-    log = make_logger("json", None, stream=sink).bind(rank=0)
+    sink = MemoryStdout()
+    log = Log("json", None, sink).logger.bind(rank=0)
     router = OutputRouter(max_line, max_backlog_bytes=backlog)
     reader = asyncio.StreamReader()
     for c in chunks:
@@ -21,7 +20,7 @@ async def pump(chunks: list[bytes], max_line: int = 16, backlog: int = 1 << 20) 
     async with asyncio.timeout(5):
         await router.reader(Source(0, 0, "stdout", log), reader)
     router.flush()
-    return [json.loads(line) for line in sink.getvalue().splitlines()], router
+    return sink.events(), router
 
 
 async def test_lines_split_across_chunks_are_joined():

@@ -7,14 +7,13 @@ the test's own event loop, so the loop's decisions are checked without a process
 from __future__ import annotations
 
 import asyncio
-import io
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from supervisord_ft import envvars
 from supervisord_ft.config import Config
-from supervisord_ft.logs import EventBus, make_logger
+from supervisord_ft.logs import EventBus, Log
 from supervisord_ft.rendezvous import Endpoint, RankInfo
 from supervisord_ft.supervisor import Supervisor
 from supervisord_ft.workers import Started, WorkerSpec
@@ -94,7 +93,7 @@ async def supervise(tmp_path: Path, launcher: FakeLauncher, rendezvous: FakeRend
                     "restart_backoff": 0.0, "command": ("fake-train",), **overrides})
     bus, events = EventBus(), []
     bus.subscribe(events.append)
-    sup = Supervisor(cfg, make_logger("json", None, stream=io.StringIO(), bus=bus),
+    sup = Supervisor(cfg, Log("json", None, bus=bus).logger,
                      launcher=launcher, rendezvous=rendezvous)
     async with asyncio.timeout(10):
         code = await sup.run()

@@ -8,7 +8,6 @@ key: the daemon merges these lines into its log events and counts ``step`` event
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 from supervisord_ft import envvars
 from supervisord_ft.builtin_job import KEEP_CHECKPOINTS as DEFAULT_KEEP_CHECKPOINTS
 from supervisord_ft.errors import ConfigError
+from supervisord_ft.jsonline import dumps
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,10 @@ def _path(environ: Mapping[str, str], key: str) -> Path | None:
 
 
 def emit(event: str, **fields: Any) -> None:
-    """Write ``{"event": event, **fields}`` as one JSON line and flush, so the supervisor sees it now."""
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    """Write ``{"event": event, **fields}`` as one strict JSON line (a NaN loss becomes ``null``
+    plus ``loss_nonfinite: "nan"``, see :mod:`supervisord_ft.jsonline`) and flush, so the
+    supervisor sees it now."""
+    sys.stdout.write(dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
 
 

@@ -1,0 +1,176 @@
+"""The daemon's own I/O is never on the training's critical path: a stdout reader that stalls or
+goes away, a run dir whose disk fills up, standard descriptors closed at start-up, and floats
+that are not JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import fcntl
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import FAKE_WORKER, read_events, strict_json
+from supervisord_ft.jsonline import dumps
+
+STDOUT_PIPE = 1 << 16  # Linux's default pipe capacity
+
+
+def at(event: dict) -> float:
+    return datetime.datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+async def until_full(fd: int, timeout: float = 10) -> None:
+    """Wait until the pipe ``fd`` reads from holds (nearly) its capacity: its writer is stuck."""
+    async with asyncio.timeout(timeout):
+        while int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4), "little") < STDOUT_PIPE - 4096:
+            await asyncio.sleep(0.01)  # a pipe's fill level is no event anyone can await
+
+
+async def read_all(fd: int) -> list[bytes]:
+    """Become the reader again: every line from ``fd`` until EOF."""
+    reader = asyncio.StreamReader(limit=1 << 24)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                os.fdopen(fd, "rb", 0))
+    try:
+        return [line async for line in reader]
+    finally:
+        transport.close()
+
+
+async def test_a_stdout_reader_that_stops_reading_delays_neither_detection_nor_the_workers(daemon, tmp_path):
+    r, w = os.pipe()
+    try:
+        d = await daemon("--num-workers", "2", "--max-restarts", "1", "--restart-backoff", "0",
+                         "--poll-interval", "0.1",
+                         command=[*FAKE_WORKER, "--flood-lines", "30000", "--flood-rate", "10000",
+                                  "--flood-attempts", "1", "--steps", "20", "--step-time", "0.02"],
+                         stdout=w)
+    finally:
+        os.close(w)
+    victim = await d.follow(lambda e: e["event"] == "worker_started" and e["rank"] == 1)
+    await until_full(r)  # from here on nothing more fits into the daemon's stdout
+    killed_at = time.time()
+    os.kill(victim["pid"], signal.SIGKILL)
+    exited = await d.follow(lambda e: e["event"] == "worker_exited" and e["rank"] == 1, timeout=10)
+    await d.follow(lambda e: e["event"] == "recovered", timeout=20)
+    flood = json.loads((tmp_path / "flood-0.json").read_text())  # rank 0 flooded all along
+
+    reading = asyncio.create_task(read_all(r))
+    assert await d.finish() == 0
+    stdout = [line.decode() for line in await reading]
+    assert at(exited) - killed_at < 1.0
+    assert flood["blocked"] < 0.1, flood  # seconds it waited on a full pipe
+    file_lines = d.events_file.read_text().splitlines()
+    events = [strict_json(line) for line in file_lines]
+    assert events[-1]["event"] == "supervisor_exit"
+    dropped = [strict_json(line) for line in stdout if '"stdout_dropped"' in line]
+    assert dropped and dropped[0]["lines"] > 0 and dropped[0]["first_lost"] <= dropped[0]["last_lost"]
+    rest = iter(file_lines)  # stdout is events.jsonl with lines left out, in the same order
+    assert all(line.rstrip("\n") in rest for line in stdout)
+
+
+async def test_a_stdout_reader_that_goes_away_is_said_once_and_the_run_recovers(daemon):
+    r, w = os.pipe()
+    try:
+        d = await daemon("--num-workers", "2", "--restart-backoff", "0",
+                         command=[*FAKE_WORKER, "--steps", "30", "--step-time", "0.02",
+                                  "--fail-rank", "1", "--fail-at-step", "10"], stdout=w)
+    finally:
+        os.close(w)
+    async with asyncio.timeout(10):
+        assert await asyncio.to_thread(os.read, r, 300)  # like `| head -c 300`: read, then exit
+    os.close(r)
+    assert await d.finish() == 0
+    events = read_events(d.events_file)
+    assert [e["event"] for e in events].count("stdout_closed") == 1
+    assert [e for e in events if e["event"] == "recovered"]
+    assert events[-1]["event"] == "supervisor_exit" and events[-1]["state"] == "DONE"
+    assert d.stderr.count("stdout failed: Broken pipe") == 1, d.stderr
+
+
+async def test_a_daemon_started_with_stdin_stdout_and_stderr_closed_trains_to_done(daemon):
+    worker_stdin = [sys.executable, "-c", "import os; print(os.readlink('/proc/self/fd/0'))"]
+    d = await daemon("--num-workers", "2", command=worker_stdin, redirect="<&- >&- 2>&-")
+    assert await d.finish() == 0
+    events = read_events(d.events_file)
+    assert [e["line"] for e in events if e["event"] == "worker_output"] == ["/dev/null"] * 2
+    assert events[-1]["event"] == "supervisor_exit" and events[-1]["state"] == "DONE"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """``tmp_path/run`` on a tmpfs of 1 MiB: a disk the test can fill up for real."""
+    run = tmp_path / "run"
+    run.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+    yield run
+    subprocess.run(["umount", "--lazy", str(run)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Take every free byte of ``directory``'s file system."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+async def test_a_full_run_dir_disk_never_stops_recovery_and_the_log_says_what_it_lost(daemon, small_disk):
+    d = await daemon("--num-workers", "2", "--restart-backoff", "0",
+                     command=[*FAKE_WORKER, "--steps", "150", "--step-time", "0.02"])
+    await d.wait_for(lambda e: e.get("worker_event") == "step")
+    filler = fill(small_disk)
+    await d.wait_for(lambda e: e["event"] == "log_write_failed")
+    os.kill(next(e["pid"] for e in d.named("worker_started", rank=1)), signal.SIGKILL)
+    await d.wait_for(lambda e: e["event"] == "recovered")
+    filler.unlink()
+    gap = await d.wait_for(lambda e: e["event"] == "log_gap")
+    assert await d.finish() == 0
+
+    events = read_events(d.events_file)  # every line whole and strict: no half line was left
+    assert d.events_file.read_bytes().endswith(b"\n")
+    assert [e for e in events if e["event"] == "log_gap"] == [gap]
+    assert gap["lines"] > 0 and "No space left on device" in gap["reason"]
+    assert gap["first_lost"] <= gap["last_lost"] <= gap["timestamp"]
+    missing = [e for e in d.events if e not in events and e["event"] != "log_write_failed"]
+    assert len(missing) == gap["lines"], (missing, gap)  # stdout got them all
+    assert missing[0]["timestamp"] == gap["first_lost"] and missing[-1]["timestamp"] == gap["last_lost"]
+    assert events[-1]["event"] == "supervisor_exit" and events[-1]["state"] == "DONE"
+
+
+async def test_nan_and_infinity_from_workers_are_logged_as_strict_json(daemon):
+    script = ("from worker.contract import report_progress; report_progress(1, loss=float('nan'));"
+              "print('{\"event\": \"raw\", \"grad\": [1.5, -Infinity], \"x\": {\"y\": Infinity}}')")
+    d = await daemon(command=[sys.executable, "-c", script])
+    assert await d.finish() == 0
+    events = read_events(d.events_file)
+    assert d.events == [strict_json(json.dumps(e)) for e in d.events]  # stdout parsed strictly too
+    step = next(e for e in events if e.get("worker_event") == "step")
+    assert step["loss"] is None and step["loss_nonfinite"] == "nan"
+    raw = next(e for e in events if e.get("worker_event") == "raw")
+    assert raw["grad"] == [1.5, None] and raw["grad_nonfinite"] == [None, "-inf"]
+    assert raw["x"] == {"y": None, "y_nonfinite": "inf"}
+
+
+def test_the_nonfinite_representation_keeps_finite_data_as_it_was():
+    value = {"a": 1.0, "b": [math.nan, [2.0, -math.inf]], "c": "NaN"}
+    assert strict_json(dumps(value)) == {"a": 1.0, "b": [None, [2.0, None]],
+                                         "b_nonfinite": ["nan", [None, "-inf"]], "c": "NaN"}
