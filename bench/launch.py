@@ -226,7 +226,8 @@ class Launch:
     """One launcher process and everything it starts. ``async with`` it; leaving kills the whole tree.
 
     With ``capture`` the launcher's stdout is parsed into :attr:`records` as it arrives;
-    otherwise it goes to /dev/null (for output floods the bench must not slow down).
+    otherwise it goes to ``stdout`` (a descriptor) or /dev/null (for output floods the bench
+    must not slow down).
     """
 
     runner: Runner
@@ -234,6 +235,7 @@ class Launch:
     workers: int
     max_restarts: int = 0
     capture: bool = True
+    stdout: int = subprocess.DEVNULL  # where stdout goes when it is not captured
     sample_interval: float = 0.1
     records: list[Record] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
@@ -249,7 +251,7 @@ class Launch:
         self._eof = not self.capture
         self.started = time.time()
         self.proc = subprocess.Popen(argv, cwd=self.workdir, env=job_env(self.runner.env), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE if self.capture else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE if self.capture else self.stdout,
                                      stderr=self._stderr, start_new_session=True)
         self._exit = watch_exit(self.proc.pid)
         self._tasks = [asyncio.create_task(self._sample())]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import FAKE_WORKER, read_events, strict_json
+from harness import FAKE_WORKER, ROOT, read_events, strict_json
 from supervisord_ft.jsonline import dumps
 
 STDOUT_PIPE = 1 << 16  # Linux's default pipe capacity
@@ -174,3 +174,10 @@ def test_the_nonfinite_representation_keeps_finite_data_as_it_was():
     value = {"a": 1.0, "b": [math.nan, [2.0, -math.inf]], "c": "NaN"}
     assert strict_json(dumps(value)) == {"a": 1.0, "b": [None, [2.0, None]],
                                          "b_nonfinite": ["nan", [None, "-inf"]], "c": "NaN"}
+
+
+def test_a_worker_using_the_contract_prints_strict_json_for_a_nonfinite_loss():
+    script = "from worker.contract import report_progress; report_progress(7, loss=float('inf'))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                         check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    assert strict_json(out) == {"event": "step", "step": 7, "loss": None, "loss_nonfinite": "inf"}
