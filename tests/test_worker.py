@@ -147,7 +147,7 @@ def test_a_bad_env_value_is_a_config_error_naming_the_key() -> None:
 
 def test_progress_is_one_flushed_json_line(capsys: pytest.CaptureFixture[str]) -> None:
     report_progress(7, loss=0.5)
-    assert capsys.readouterr().out.splitlines() == ['{"event": "step", "step": 7, "loss": 0.5}']
+    assert capsys.readouterr().out.splitlines() == ['{"event":"step","step":7,"loss":0.5}']
 
 
 def test_flags_accept_both_spellings() -> None:
