@@ -120,20 +120,24 @@ class Daemon:
         """The first event of events.jsonl that matches ``pred``, for a daemon whose stdout is
         not ours to read. It polls: a file's growth is no event that the stdlib can await."""
         offset, partial = 0, b""
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    with open(self.events_file, "rb") as fh:
-                        fh.seek(offset)
-                        chunk = fh.read()
-                except FileNotFoundError:
-                    chunk = b""
-                offset += len(chunk)
-                *lines, partial = (partial + chunk).split(b"\n")
-                for line in lines:
-                    if pred(event := strict_json(line)):
-                        return event
-                await asyncio.sleep(0.02)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        with open(self.events_file, "rb") as fh:
+                            fh.seek(offset)
+                            chunk = fh.read()
+                    except FileNotFoundError:
+                        chunk = b""
+                    offset += len(chunk)
+                    *lines, partial = (partial + chunk).split(b"\n")
+                    for line in lines:
+                        if pred(event := strict_json(line)):
+                            return event
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"no awaited event in {self.events_file} within {timeout} s "
+                                 f"(read {offset} bytes)") from None
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

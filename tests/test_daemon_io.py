@@ -59,6 +59,7 @@ async def test_a_stdout_reader_that_stops_reading_delays_neither_detection_nor_t
     finally:
         os.close(w)
     victim = await d.follow(lambda e: e["event"] == "worker_started" and e["rank"] == 1)
+    await d.follow(lambda e: e["event"] == "worker_output" and e["rank"] == 0)  # rank 0 floods
     await until_full(r)  # from here on nothing more fits into the daemon's stdout
     killed_at = time.time()
     os.kill(victim["pid"], signal.SIGKILL)
