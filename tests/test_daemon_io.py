@@ -70,8 +70,10 @@ async def test_a_stdout_reader_that_stops_reading_delays_neither_detection_nor_t
     reading = asyncio.create_task(read_all(r))
     assert await d.finish() == 0
     stdout = [line.decode() for line in await reading]
-    assert at(exited) - killed_at < 1.0
-    assert flood["blocked"] < 0.1, flood  # seconds it waited on a full pipe
+    assert at(exited) - killed_at < 1.0, (exited, killed_at)
+    # Seconds rank 0 waited on a full pipe: ~0 here, but a loaded 2-core machine can starve the
+    # daemon for a moment; blocked on a daemon that waits for stdout it would be seconds.
+    assert flood["blocked"] < 0.5, flood
     file_lines = d.events_file.read_text().splitlines()
     events = [strict_json(line) for line in file_lines]
     assert events[-1]["event"] == "supervisor_exit"
