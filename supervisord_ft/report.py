@@ -94,8 +94,11 @@ def timeline(run: runlog.Run) -> bytes:
     loss_ax.set_title(f"run {run.run_id}: {run.state}, restarts: {run.restarts}", loc="left")
     for ax in (loss_ax, step_ax):
         ax.grid(True, alpha=0.3)
-    if run.series:
+    if loss_ax.get_legend_handles_labels()[0]:
         loss_ax.legend(loc="upper left", fontsize=8)
+    else:
+        loss_ax.text(0.5, 0.5, "no rank reported a loss", transform=loss_ax.transAxes,
+                     ha="center", va="center", color="#777")
     step_ax.legend(loc="upper left", fontsize=8)
     out = io.BytesIO()
     fig.savefig(out, format="png")

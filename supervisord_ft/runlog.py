@@ -328,7 +328,7 @@ class _Summary:
         return Goodput(useful, wall, rate, fault_free,
                        rate / fault_free if rate is not None and fault_free else None,
                        start.first_step_at - start.launched_at if start.first_step_at else None,
-                       sum(a.downtime or 0.0 for a in failed),
+                       sum((a.downtime or 0.0 for a in failed), 0.0),
                        sum(a.steps_redone or 0 for a in self.attempts.values()))
 
 
