@@ -172,7 +172,9 @@ def _rate(r: float | None) -> str:
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body {{ font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1240px; color: #222; }}
+* {{ box-sizing: border-box; }}
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1240px;
+       padding: 0 16px; color: #222; }}
 h1 {{ font-size: 20px; margin: 0 0 12px; }}
 dl {{ display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 0 0 16px; }}
 dt {{ font-weight: 600; }} dd {{ margin: 0; overflow-wrap: anywhere; }}
