@@ -13,7 +13,6 @@ Times in a :class:`Run` are seconds since the run's first event, from the daemon
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import statistics
@@ -24,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import procfs
 from .checkpoints import parse_step
 from .errors import ReaderError
 
@@ -376,28 +376,10 @@ def pid_is(pid: int, started: float) -> bool:
     """True if ``pid`` is alive and is the process that logged its first event at ``started``.
 
     A pid is reused once its process dies; a reuser started after ``started`` (the original was
-    alive then), so a process that started later is another one. Where /proc cannot say, a live
-    pid is taken as the daemon.
+    alive then), so a process that started later is another one. A zombie runs no code.
     """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    st = procfs.stat(pid)
+    if st is None or st.zombie:
         return False
-    except PermissionError:
-        pass  # alive, owned by someone else
-    began = _start_time(pid)
-    if began is None:
-        return True
-    return began[1] != "Z" and began[0] <= started + 1.0  # btime has a resolution of 1 s
-
-
-def _start_time(pid: int) -> tuple[float, str] | None:
-    """(when the process started, epoch seconds; its state letter) from /proc, or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        with open("/proc/stat") as fh:
-            btime = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
-    except (OSError, IndexError, StopIteration, ValueError):
-        return None
-    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK"), fields[0]
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - st.start_ticks / procfs.CLK_TCK
+    return time.time() - age <= started + 1.0  # slack for clock ticks and wall-clock steps

@@ -22,9 +22,10 @@ async def test_every_event_of_a_run_carries_its_run_id_and_every_rank_gets_it(da
     run_ids = {e.get("run_id") for e in first.events}
     assert len(run_ids) == 1 and None not in run_ids
     run_id = run_ids.pop()
-    envs = [e["env"] for e in first.named("worker_output", worker_event="env")]
-    assert len(envs) == 4  # two ranks, two attempts
-    assert all(env["SUPERVISORD_FT_RUN_ID"] == env["TORCHELASTIC_RUN_ID"] == run_id for env in envs)
+    envs = {(e["rank"], e["attempt"]): e["env"] for e in first.named("worker_output", worker_event="env")}
+    # Rank 1 of attempt 0 may be torn down before it prints; the others always print.
+    assert {(0, 0), (0, 1), (1, 1)} <= set(envs)
+    assert all(env["SUPERVISORD_FT_RUN_ID"] == env["TORCHELASTIC_RUN_ID"] == run_id for env in envs.values())
     assert {e["run_id"] for e in second.events} == {second.events[0]["run_id"]} != {run_id}
     in_file = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()]
     assert in_file == first.events + second.events
