@@ -120,18 +120,21 @@ def _s(seconds: float | None) -> str:
 def _attempt_rows(run: runlog.Run) -> list[list[str]]:
     rows = []
     for a in run.attempts:
-        resumed = f"{a.resumed_step} ({Path(a.resumed_from).name})" if a.resumed_from else "fresh start"
+        resumed = f"{a.resumed_step} ({Path(a.resumed_from).name})" if a.resumed_from \
+            else "fresh start"
         ended = a.cause or (run.state if a is run.attempts[-1] else "")
-        detection = a.detected_at - a.failed_at if a.detected_at is not None and a.failed_at is not None else None
+        detection = None if a.detected_at is None or a.failed_at is None \
+            else a.detected_at - a.failed_at
         rows.append([str(a.id), _s(a.launched_at), resumed,
-                     "" if a.last_step is None else str(a.last_step), html.escape(str(ended)),
+                     "" if a.last_step is None else str(a.last_step), str(ended),
                      _s(detection), _s(a.teardown_seconds), _s(a.relaunched_at), _s(a.downtime),
                      "" if a.steps_redone is None else str(a.steps_redone)])
     return rows
 
 
 ATTEMPT_COLUMNS = ("attempt", "launched (s)", "resumed from step", "last step", "ended by",
-                   "detection (s)", "teardown (s)", "relaunched (s)", "downtime (s)", "steps redone")
+                   "detection (s)", "teardown (s)", "relaunched (s)", "downtime (s)",
+                   "steps redone")
 
 
 def page(run: runlog.Run, png: bytes) -> str:
@@ -142,27 +145,28 @@ def page(run: runlog.Run, png: bytes) -> str:
              ("step", f"{run.step}" + (f" / {run.total_steps}" if run.total_steps else "")),
              ("restarts", f"{run.restarts} ({len(run.attempts)} attempts)")]
     if g is not None:
-        facts += [("wall time", f"{g.wall_seconds:.1f} s"),
-                  ("goodput", f"{g.useful_steps} useful steps in {g.wall_seconds:.1f} s = "
-                              f"{_rate(g.steps_per_second)}"
-                              + (f", {g.ratio:.0%} of the fault-free {_rate(g.fault_free_steps_per_second)}"
-                                 if g.ratio is not None else "")),
+        goodput = f"{g.useful_steps} useful steps in {g.wall_seconds:.1f} s = " \
+                  f"{_rate(g.steps_per_second)}"
+        if g.ratio is not None:
+            goodput += f", {g.ratio:.0%} of the fault-free {_rate(g.fault_free_steps_per_second)}"
+        facts += [("wall time", f"{g.wall_seconds:.1f} s"), ("goodput", goodput),
                   ("time not stepping", f"start-up {_s(g.startup_seconds)} s, downtime "
-                                        f"{_s(g.downtime_seconds)} s; {g.steps_redone} steps redone")]
+                                        f"{_s(g.downtime_seconds)} s; {g.steps_redone} steps "
+                                        "redone")]
     if (f := run.last_failure) is not None:
-        facts.append(("last failure", f"{f['reason']}" + (f": {f['last_stderr']}" if f.get("last_stderr") else "")
-                      + (f"; {f['outcome']}" if f.get("outcome") else "")))
+        facts.append(("last failure", runlog.failure_text(f)))
     if (ck := run.checkpoint) is not None:
         facts.append(("newest checkpoint", f"step {ck.step}: {ck.path}"))
     if run.skipped_lines:
         facts.append(("unreadable lines", f"{run.skipped_lines} skipped"))
     head = "".join(f"<th>{c}</th>" for c in ATTEMPT_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in _attempt_rows(run))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in _attempt_rows(run))
     dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in facts)
     uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     return TEMPLATE.format(title=html.escape(f"supervisord-ft run {run.run_id}"), facts=dl,
-                           img=uri, head=head, body=body, generated=f"{datetime.now():%Y-%m-%d %H:%M}",
-                           source=html.escape(run.path))
+                           img=uri, head=head, body=body, source=html.escape(run.path),
+                           generated=f"{datetime.now():%Y-%m-%d %H:%M}")
 
 
 def _rate(r: float | None) -> str:

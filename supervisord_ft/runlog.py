@@ -52,7 +52,8 @@ class RunLog:
         """The latest run, or the one whose id is or starts with ``run_id``."""
         if run_id is None:
             return next(reversed(self.runs.items()))
-        found = [r for r in self.runs if r == run_id] or [r for r in self.runs if r.startswith(run_id)]
+        found = [r for r in self.runs if r == run_id] \
+            or [r for r in self.runs if r.startswith(run_id)]
         if len(found) != 1:
             raise ReaderError(f"--run {run_id}: {'no' if not found else len(found)} runs in "
                               f"{self.path} match (it has {', '.join(self.runs)})")
@@ -194,6 +195,16 @@ class Run:
         return _rounded(out)
 
 
+def failure_text(f: dict[str, Any]) -> str:
+    """A failure in one line: the loop's reason, the rank's last stderr line, how it ended."""
+    text = str(f["reason"])
+    if f.get("last_stderr"):
+        text += f": {f['last_stderr']}"
+    if f.get("outcome"):
+        text += f"; {f['outcome']}"
+    return text
+
+
 def _rounded(obj: Any) -> Any:
     if isinstance(obj, float):
         return round(obj, 3)
@@ -219,7 +230,7 @@ class _Summary:
         self.series: dict[int, list[Point]] = {}
         self.stderr: dict[tuple[Any, Any], str] = {}
         self.failure: dict[str, Any] | None = None
-        self.last_t = 0.0
+        self.t = self.last_t = 0.0
         for ev in events:
             self.t = self.last_t = (_seconds(ev) or self.t0) - self.t0
             handler = getattr(self, "on_" + ev["event"], None)
@@ -250,7 +261,8 @@ class _Summary:
         step = self.selected.step if self.selected and self.selected.path == path else None
         if step is None and path:
             step = parse_step(Path(path).name)
-        a = Attempt(ev.get("attempt", len(self.attempts)), ev.get("restart"), self.t, path, step or 0)
+        a = Attempt(ev.get("attempt", len(self.attempts)), ev.get("restart"), self.t, path,
+                    step or 0)
         if (before := self.attempts.get(a.id - 1)) is not None:
             before.relaunched_at = self.t
             before.resumed_by_next = path
@@ -310,8 +322,9 @@ class _Summary:
             ck = Checkpoint(self.t, ev.get("step"), ev.get("path"))
             self.saved.append(ck)
             self._newest(ck)
-        elif ev.get("stream") == "stderr" and isinstance(line := ev.get("line"), str) and line.strip():
-            self.stderr[(ev.get("attempt"), ev.get("rank"))] = line
+        elif ev.get("stream") == "stderr" and isinstance(line := ev.get("line"), str):
+            if line.strip():
+                self.stderr[(ev.get("attempt"), ev.get("rank"))] = line
 
     def goodput(self, step: int | None) -> Goodput | None:
         if step is None or not self.attempts:
@@ -347,10 +360,11 @@ def summarise(log: RunLog, run_id: str | None = None) -> Run:
     steps = [p.step for points in s.series.values() for p in points]
     step = max(steps, default=None)
     cfg = s.start.get("config") if isinstance(s.start.get("config"), dict) else {}
-    total = None
-    if not cfg.get("command") and isinstance(cfg.get("epochs"), int) and isinstance(cfg.get("steps"), int):
-        total = cfg["epochs"] * cfg["steps"]
-    restarts = s.exit.get("restarts") if s.exit else max((a.restart or 0 for a in s.attempts.values()), default=0)
+    epochs, per_epoch = cfg.get("epochs"), cfg.get("steps")
+    builtin = not cfg.get("command") and isinstance(epochs, int) and isinstance(per_epoch, int)
+    total = epochs * per_epoch if builtin else None
+    restarts = s.exit.get("restarts") if s.exit else \
+        max((a.restart or 0 for a in s.attempts.values()), default=0)
     pid, host = s.start.get("pid"), s.start.get("host")
     return Run(
         run_id=rid, path=str(log.path), run_index=list(log.runs).index(rid) + 1,

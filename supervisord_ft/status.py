@@ -28,14 +28,9 @@ def lines(run: runlog.Run) -> list[str]:
         out.append(("step", f"{run.step}{total}"))
     out.append(("restarts", f"{run.restarts} ({len(run.attempts)} attempts)"))
     if (f := run.last_failure) is not None:
-        text = f"{f['reason']} at {at(f['at'])}"
-        if f.get("last_stderr"):
-            text += f": {f['last_stderr']}"
-        if f.get("outcome"):
-            text += f"; {f['outcome']}"
-        out.append(("last failure", text))
+        out.append(("last failure", f"{at(f['at'])} {runlog.failure_text(f)}"))
     if (ck := run.checkpoint) is not None:
-        out.append(("checkpoint", f"step {ck.step} at {at(ck.t)}: {ck.path}"))
+        out.append(("checkpoint", f"{at(ck.t)} step {ck.step}: {ck.path}"))
     if run.skipped_lines:
         out.append(("unreadable", f"{run.skipped_lines} lines of {run.path} skipped"))
     width = max(len(label) for label, _ in out)
