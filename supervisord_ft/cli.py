@@ -12,12 +12,13 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, dirlock, orphans
+from . import __version__, dirlock, orphans, report, status
 from .config import OPTIONS, Config, build, ensure_writable_dir, read_toml
 from .errors import EXIT_CODES, ConfigError, SupervisorError
 from .logs import EventsFile, Log
 from .rendezvous import LocalRendezvous
 from .stdio import StdoutWriter, reopen_closed
+from .runlog import new_run_id
 from .supervisor import Supervisor
 
 EPILOG = "exit codes:\n" + "".join(f"  {code:<22} {meaning.replace('`', '')}\n"
@@ -49,7 +50,33 @@ def parser() -> argparse.ArgumentParser:
         run.add_argument(*opt.flags, dest=opt.name, metavar=meta, default=argparse.SUPPRESS,
                          help=f"{opt.help.replace('`', '')} "
                               f"(default: {'off' if opt.default is None else opt.default})")
+    for name, help_, description in READERS:
+        view = sub.add_parser(name, help=help_, description=description)
+        view.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's run_dir")
+        view.add_argument("--run", metavar="RUN_ID", help="this run (a run_id or a unique prefix) "
+                                                          "instead of the latest in RUN_DIR")
+    sub.choices["status"].add_argument("--json", action="store_true", help="one JSON object")
+    sub.choices["report"].add_argument(
+        "--output", type=Path, metavar="HTML", help="where to write the report (default: "
+        f"RUN_DIR/{report.HTML}); the PNG is written beside it")
     return top
+
+
+# The offline readers of a run dir: exit 0, or 2 with one line when RUN_DIR holds no run.
+READERS = (
+    ("status", "print a run's state, step, restarts, last failure and newest checkpoint",
+     "Print a run's state in a few lines (the latest run in RUN_DIR unless --run says which); "
+     "works while the daemon runs and after it ended."),
+    ("report", "write an HTML report with a timeline plot (needs the `report` extra)",
+     "Write a self-contained HTML report of a run: a timeline of loss and step per rank with "
+     "its failures, recoveries and checkpoints, a table of attempts and the run's goodput."),
+)
+
+
+def _read(ns: argparse.Namespace) -> int:
+    if ns.subcommand == "status":
+        return status.main(ns.run_dir, ns.run, ns.json)
+    return report.main(ns.run_dir, ns.run, ns.output)
 
 
 def load_config(argv: Sequence[str]) -> Config:
@@ -76,9 +103,11 @@ async def _run(cfg: Config) -> int:
         rendezvous = LocalRendezvous(cfg.master_addr, cfg.master_port)
         rendezvous.check()
         log = Log(cfg.log_format, EventsFile(cfg.run_dir / "events.jsonl"), StdoutWriter())
+        run_id = new_run_id()
+        logger = log.logger.bind(run_id=run_id)
         try:
-            await leftovers.kill(log.logger)
-            return await Supervisor(cfg, log.logger, rendezvous=rendezvous).run()
+            await leftovers.kill(logger)
+            return await Supervisor(cfg, logger, rendezvous=rendezvous, run_id=run_id).run()
         finally:
             log.close()
 
@@ -95,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reopen_closed()  # before anything opens a descriptor that could take the number 0, 1 or 2
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] and argv[0] in {name for name, *_ in READERS}:
+            return _read(parser().parse_args(argv))
         cfg = load_config(argv)
         with _runner() as runner:
             return runner.run(_run(cfg))

@@ -21,7 +21,10 @@ MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 TORCHELASTIC_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
 TORCHELASTIC_MAX_RESTARTS = "TORCHELASTIC_MAX_RESTARTS"
+# The daemon's run_id, as `torchrun --standalone` gives each invocation a fresh rdzv id here.
+TORCHELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"
 # ours
+RUN_ID = "SUPERVISORD_FT_RUN_ID"  # the daemon invocation's run_id, as on every event it logs
 RESTART_COUNT = "SUPERVISORD_FT_RESTART_COUNT"
 CHECKPOINT_DIR = "SUPERVISORD_FT_CHECKPOINT_DIR"
 RESUME_FROM = "SUPERVISORD_FT_RESUME_FROM"  # unset on a fresh start
@@ -29,12 +32,12 @@ KEEP_CHECKPOINTS = "SUPERVISORD_FT_KEEP_CHECKPOINTS"
 UNBUFFERED = "PYTHONUNBUFFERED"  # a Python worker's lines reach the daemon as they are printed
 
 ALL = (RANK, LOCAL_RANK, GROUP_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
-       TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, RESTART_COUNT, CHECKPOINT_DIR,
-       RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED)
+       TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, TORCHELASTIC_RUN_ID, RUN_ID,
+       RESTART_COUNT, CHECKPOINT_DIR, RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED)
 
 
-def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, restart: int,
-             max_restarts: int, checkpoint_dir: Path, keep_checkpoints: int,
+def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run_id: str,
+             restart: int, max_restarts: int, checkpoint_dir: Path, keep_checkpoints: int,
              resume_from: Path | None) -> dict[str, str]:
     """``base`` with every variable above set for ``rank`` (and a stale RESUME_FROM removed)."""
     env = dict(base)
@@ -43,6 +46,7 @@ def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, res
         WORLD_SIZE: str(rank.world_size), LOCAL_WORLD_SIZE: str(rank.local_world_size),
         MASTER_ADDR: endpoint.addr, MASTER_PORT: str(endpoint.port),
         TORCHELASTIC_RESTART_COUNT: str(restart), TORCHELASTIC_MAX_RESTARTS: str(max_restarts),
+        TORCHELASTIC_RUN_ID: run_id, RUN_ID: run_id,
         RESTART_COUNT: str(restart), CHECKPOINT_DIR: str(checkpoint_dir.resolve()),
         KEEP_CHECKPOINTS: str(keep_checkpoints), UNBUFFERED: "1",
     })

@@ -36,6 +36,13 @@ class ConfigError(SupervisorError):
     exit_code = EXIT_USAGE
 
 
+class ReaderError(SupervisorError):
+    """`status` or `report` cannot do its work: the run dir holds no run (or not the one asked
+    for), or the report's optional dependency is not installed."""
+
+    exit_code = EXIT_USAGE
+
+
 class CheckpointError(Exception):
     """A checkpoint file, or the checkpoint directory, cannot be used; the message says why.
 

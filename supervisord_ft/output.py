@@ -24,8 +24,8 @@ MAX_BACKLOG_BYTES = 16 << 20
 LINE_OVERHEAD = 160
 EMIT_BATCH = 256  # lines emitted before yielding to the readers
 # Keys of a worker's JSON line that would overwrite the daemon's own fields get a worker_ prefix.
-RESERVED = frozenset({"event", "timestamp", "level", "rank", "stream", "restart", "attempt", "line",
-                      "truncated"})
+RESERVED = frozenset({"event", "timestamp", "level", "run_id", "rank", "stream", "restart",
+                      "attempt", "line", "truncated"})
 
 
 @dataclass(frozen=True, eq=True)

@@ -11,13 +11,14 @@ import asyncio
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import builtin_job, checkpoints, envvars, orphans
+from . import builtin_job, checkpoints, envvars, orphans, runlog
 from .attempt import Attempt, first_to_fail
 from .config import Config, as_dict
 from .errors import EXIT_DONE, EXIT_FAILED, EXIT_SIGNAL_BASE, CheckpointError
@@ -39,9 +40,11 @@ FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 class Supervisor:
     def __init__(self, cfg: Config, log: Any, launcher: Launcher | None = None,
-                 rendezvous: Rendezvous | None = None) -> None:
+                 rendezvous: Rendezvous | None = None, run_id: str | None = None) -> None:
         self.cfg = cfg
         self.log = log
+        # Given to the workers; the caller binds the same id on ``log`` (cli._run does).
+        self.run_id = run_id or runlog.new_run_id()
         self.launcher = launcher or SubprocessLauncher()
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
         self.fsm = StateMachine(on_change=self._log_transition)
@@ -110,8 +113,9 @@ class Supervisor:
             loop.add_signal_handler(sig, self.forward, sig)
         emitter = asyncio.create_task(self.router.run(), name="output-emitter")
         ticker = asyncio.create_task(self._status_ticker(), name="status")
-        self.log.info("supervisor_start", pid=os.getpid(), python=sys.executable,
-                      loop=type(loop).__module__.split(".")[0], config=as_dict(self.cfg))
+        self.log.info("supervisor_start", pid=os.getpid(), host=socket.gethostname(),
+                      python=sys.executable, loop=type(loop).__module__.split(".")[0],
+                      config=as_dict(self.cfg))
         steps = {
             State.LAUNCHING: self._launch,
             State.RUNNING: self._watch,
@@ -230,7 +234,8 @@ class Supervisor:
 
     def _env(self, a: Attempt, rank: RankInfo) -> dict[str, str]:
         return envvars.for_rank({**os.environ, **self.cfg.env}, rank, a.endpoint,
-                                restart=a.restart, max_restarts=self.cfg.max_restarts,
+                                run_id=self.run_id, restart=a.restart,
+                                max_restarts=self.cfg.max_restarts,
                                 checkpoint_dir=self.cfg.checkpoint_dir,
                                 keep_checkpoints=self.cfg.keep_checkpoints,
                                 resume_from=a.resume_from.path if a.resume_from else None)

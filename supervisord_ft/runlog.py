@@ -1,0 +1,399 @@
+"""The one reader of ``<run_dir>/events.jsonl``: what ``status`` and ``report`` know of a run.
+
+The file is appended to by every daemon invocation that used the run dir and may be read while
+one writes, so reading never fails on a line: a partial last line, a line that is not a JSON
+object, or one without ``event`` and ``timestamp`` is skipped and counted; events and fields this
+version does not know (a newer daemon's) are ignored. Events are grouped by ``run_id`` (see
+:func:`new_run_id`); the latest run is the one whose first event comes last in the file. Events
+from before run ids existed form one run per ``supervisor_start``. Torch- and matplotlib-free.
+
+Times in a :class:`Run` are seconds since the run's first event, from the daemon's timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import procfs
+from .checkpoints import parse_step
+from .errors import ReaderError
+
+EVENTS_FILE = "events.jsonl"
+STEP = "step"  # the worker_event of a step report (worker.contract.report_progress)
+CHECKPOINT_SAVED = "checkpoint_saved"
+FAILING = ("RECOVERING", "FAILED")  # states a failure leads to
+Event = dict[str, Any]
+
+
+def new_run_id() -> str:
+    """Sortable by start time and unique in practice: the UTC second and 24 random bits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+# -- reading ------------------------------------------------------------------------------------
+@dataclass
+class RunLog:
+    """Every run in one events file, in the order they started, and what could not be read."""
+
+    path: Path
+    runs: dict[str, list[Event]]
+    skipped: int  # lines that were not an event (partial, not JSON, no event or timestamp)
+
+    def select(self, run_id: str | None = None) -> tuple[str, list[Event]]:
+        """The latest run, or the one whose id is or starts with ``run_id``."""
+        if run_id is None:
+            return next(reversed(self.runs.items()))
+        found = [r for r in self.runs if r == run_id] \
+            or [r for r in self.runs if r.startswith(run_id)]
+        if len(found) != 1:
+            raise ReaderError(f"--run {run_id}: {'no' if not found else len(found)} runs in "
+                              f"{self.path} match (it has {', '.join(self.runs)})")
+        return found[0], self.runs[found[0]]
+
+
+def _events(lines: Iterable[bytes]) -> Iterator[Event | None]:
+    """Each line's event, or None for a line that is not one."""
+    for raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            ev = json.loads(raw)
+        except ValueError:  # a partial last line, or garbage: never fatal
+            yield None
+            continue
+        ok = isinstance(ev, dict) and isinstance(ev.get("event"), str) and _seconds(ev) is not None
+        yield ev if ok else None
+
+
+def read(run_dir: Path) -> RunLog:
+    """Read ``run_dir``'s events; :class:`ReaderError` if it holds none."""
+    path = run_dir / EVENTS_FILE
+    runs: dict[str, list[Event]] = {}
+    skipped = unnamed = 0
+    try:
+        with open(path, "rb") as fh:
+            for ev in _events(fh):
+                if ev is None:
+                    skipped += 1
+                    continue
+                run_id = ev.get("run_id")
+                if not isinstance(run_id, str):  # written before run ids existed
+                    unnamed += ev["event"] == "supervisor_start"
+                    run_id = f"unnamed-{max(unnamed, 1)}"
+                runs.setdefault(run_id, []).append(ev)
+    except FileNotFoundError:
+        raise ReaderError(f"{run_dir}: no {EVENTS_FILE} (not a run dir, or no run started there)")
+    except OSError as exc:
+        raise ReaderError(f"{path}: cannot read: {exc.strerror}")
+    if not runs:
+        raise ReaderError(f"{path}: no events")
+    return RunLog(path, runs, skipped)
+
+
+def _seconds(ev: Event) -> float | None:
+    try:
+        return datetime.fromisoformat(ev["timestamp"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+# -- summarising --------------------------------------------------------------------------------
+@dataclass
+class Point:
+    """One step report of one rank."""
+
+    t: float
+    step: int
+    loss: float | None
+    attempt: int | None
+
+
+@dataclass
+class Attempt:
+    """One launch of the group and, if it failed, how the run got past the failure."""
+
+    id: int
+    restart: int | None
+    launched_at: float
+    resumed_from: str | None  # checkpoint path; None on a fresh start
+    resumed_step: int  # 0 on a fresh start
+    first_step_at: float | None = None
+    last_step: int | None = None
+    cause: str | None = None  # the loop's reason for leaving RUNNING towards RECOVERING/FAILED
+    failed_rank: int | None = None
+    last_stderr: str | None = None  # the failed rank's last stderr line in this attempt
+    failed_at: float | None = None  # the failing exit, or the hung rank's last output
+    detected_at: float | None = None  # the loop's transition to RECOVERING or FAILED
+    teardown_done_at: float | None = None
+    teardown_seconds: float | None = None
+    # Filled from the next attempt once there is one:
+    relaunched_at: float | None = None
+    downtime: float | None = None  # failure -> the next attempt's first step
+    steps_redone: int | None = None  # this attempt's highest step - the next one's resumed step
+    resumed_by_next: str | None = None
+
+
+@dataclass
+class Checkpoint:
+    t: float
+    step: int | None
+    path: str | None
+
+
+@dataclass
+class Goodput:
+    """Useful steps per second against the fault-free rate (README, "Goodput")."""
+
+    useful_steps: int  # final step - the step the run started from
+    wall_seconds: float  # first launch -> last event
+    steps_per_second: float | None  # useful_steps / wall_seconds
+    fault_free_steps_per_second: float | None  # median rate of the attempts' stepping stretches
+    ratio: float | None  # steps_per_second / fault_free_steps_per_second
+    # Where the rest of the wall time went:
+    startup_seconds: float | None  # first launch -> first step
+    downtime_seconds: float  # the failures' downtimes, summed
+    steps_redone: int  # summed over the failures
+
+
+@dataclass
+class Run:
+    run_id: str
+    path: str
+    run_index: int  # 1 for the first run in the file
+    runs_in_file: int
+    skipped_lines: int
+    started: str  # ISO timestamp of the run's first event
+    pid: int | None
+    host: str | None
+    state: str | None  # the state machine's last state
+    daemon: str  # "exited", "running", "gone" (died without supervisor_exit), or "elsewhere"
+    exit_code: int | None
+    step: int | None  # the highest step any rank reported
+    total_steps: int | None  # known for the built-in job
+    restarts: int
+    attempts: list[Attempt]
+    last_failure: dict[str, Any] | None
+    checkpoint: Checkpoint | None  # the newest one saved or selected
+    checkpoints: list[Checkpoint]  # every one saved (the built-in worker reports them)
+    goodput: Goodput | None
+    series: dict[int, list[Point]] = field(repr=False)  # per rank
+
+    def to_dict(self, series: bool = False) -> dict[str, Any]:
+        """JSON-ready, times to the millisecond; the series only when asked (they are long)."""
+        out = asdict(self)
+        if not series:
+            del out["series"], out["checkpoints"]
+        return _rounded(out)
+
+
+def failure_text(f: dict[str, Any]) -> str:
+    """A failure in one line: the loop's reason, the rank's last stderr line, how it ended."""
+    text = str(f["reason"])
+    if f.get("last_stderr"):
+        text += f": {f['last_stderr']}"
+    if f.get("outcome"):
+        text += f"; {f['outcome']}"
+    return text
+
+
+def _rounded(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return round(obj, 3)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
+class _Summary:
+    """Walks one run's events once, in order; each known event updates what it concerns."""
+
+    def __init__(self, events: list[Event]) -> None:
+        self.t0 = _seconds(events[0]) or 0.0
+        self.start: Event = {}
+        self.exit: Event | None = None
+        self.state: str | None = None
+        self.attempts: dict[int, Attempt] = {}
+        self.selected: Checkpoint | None = None
+        self.checkpoint: Checkpoint | None = None
+        self.saved: list[Checkpoint] = []
+        self.series: dict[int, list[Point]] = {}
+        self.stderr: dict[tuple[Any, Any], str] = {}
+        self.failure: dict[str, Any] | None = None
+        self.t = self.last_t = 0.0
+        for ev in events:
+            self.t = self.last_t = (_seconds(ev) or self.t0) - self.t0
+            handler = getattr(self, "on_" + ev["event"], None)
+            if handler is not None:
+                handler(ev)
+
+    def _attempt(self, ev: Event) -> Attempt | None:
+        return self.attempts.get(ev.get("attempt"))  # type: ignore[arg-type]
+
+    def on_supervisor_start(self, ev: Event) -> None:
+        self.start = ev
+
+    def on_supervisor_exit(self, ev: Event) -> None:
+        self.exit = ev
+        self.state = ev.get("state", self.state)
+
+    def on_checkpoint_selected(self, ev: Event) -> None:
+        self.selected = Checkpoint(self.t, ev.get("step"), ev.get("path"))
+        if self.selected.step is not None:
+            self._newest(self.selected)
+
+    def _newest(self, ck: Checkpoint) -> None:
+        if self.checkpoint is None or (ck.step or 0) >= (self.checkpoint.step or 0):
+            self.checkpoint = ck
+
+    def on_launching(self, ev: Event) -> None:
+        path = ev.get("resume_from")
+        step = self.selected.step if self.selected and self.selected.path == path else None
+        if step is None and path:
+            step = parse_step(Path(path).name)
+        a = Attempt(ev.get("attempt", len(self.attempts)), ev.get("restart"), self.t, path,
+                    step or 0)
+        if (before := self.attempts.get(a.id - 1)) is not None:
+            before.relaunched_at = self.t
+            before.resumed_by_next = path
+            if before.last_step is not None:
+                before.steps_redone = max(before.last_step - a.resumed_step, 0)
+        self.attempts[a.id] = a
+
+    def on_state_changed(self, ev: Event) -> None:
+        self.state = ev.get("to", self.state)
+        if self.state not in FAILING:
+            return
+        if ev.get("from") == "RECOVERING":  # the end of a recovery, not a new failure
+            if self.failure is not None:
+                self.failure["outcome"] = ev.get("reason")
+            return
+        a = self._attempt(ev)
+        self.failure = {"reason": ev.get("reason"), "at": self.t, "attempt": ev.get("attempt"),
+                        "rank": None, "last_stderr": None, "outcome": None}
+        if a is not None:
+            a.cause, a.detected_at = ev.get("reason"), self.t
+            if a.failed_at is None:  # a spawn failure: no exit to date it by
+                a.failed_at = self.t
+            self.failure.update(rank=a.failed_rank, last_stderr=a.last_stderr)
+
+    def _failed(self, ev: Event, at: float) -> None:
+        a = self._attempt(ev)
+        if a is not None and a.failed_at is None and a.detected_at is None:
+            a.failed_at, a.failed_rank = at, ev.get("rank")
+            a.last_stderr = self.stderr.get((a.id, a.failed_rank))
+
+    def on_worker_exited(self, ev: Event) -> None:
+        if ev.get("returncode") != 0:
+            self._failed(ev, self.t)
+
+    def on_hang_detected(self, ev: Event) -> None:
+        silent = ev.get("silent_for")
+        self._failed(ev, self.t - silent if isinstance(silent, (int, float)) else self.t)
+
+    def on_teardown(self, ev: Event) -> None:
+        if (a := self._attempt(ev)) is not None and ev.get("why") == "recovery":
+            a.teardown_done_at, a.teardown_seconds = self.t, ev.get("seconds")
+
+    def on_worker_output(self, ev: Event) -> None:
+        kind = ev.get("worker_event")
+        if kind == STEP and isinstance(step := ev.get("step"), int):
+            loss = ev.get("loss")
+            point = Point(self.t, step, loss if isinstance(loss, (int, float)) else None,
+                          ev.get("attempt"))
+            self.series.setdefault(ev.get("rank", -1), []).append(point)
+            if (a := self._attempt(ev)) is not None:
+                if a.first_step_at is None:
+                    a.first_step_at = self.t
+                    if (before := self.attempts.get(a.id - 1)) and before.failed_at is not None:
+                        before.downtime = self.t - before.failed_at
+                a.last_step = max(a.last_step or step, step)
+        elif kind == CHECKPOINT_SAVED:
+            ck = Checkpoint(self.t, ev.get("step"), ev.get("path"))
+            self.saved.append(ck)
+            self._newest(ck)
+        elif ev.get("stream") == "stderr" and isinstance(line := ev.get("line"), str):
+            if line.strip():
+                self.stderr[(ev.get("attempt"), ev.get("rank"))] = line
+
+    def goodput(self, step: int | None) -> Goodput | None:
+        if step is None or not self.attempts:
+            return None
+        start = min(self.attempts.values(), key=lambda a: a.id)
+        wall = self.last_t - start.launched_at
+        rates = [(p[-1].step - p[0].step) / (p[-1].t - p[0].t)
+                 for points in self.series.values() for p in stretches(points)
+                 if len(p) > 1 and p[-1].t > p[0].t]
+        useful = step - start.resumed_step
+        rate = useful / wall if wall > 0 else None
+        fault_free = statistics.median(rates) if rates else None
+        failed = [a for a in self.attempts.values() if a.downtime is not None]
+        return Goodput(useful, wall, rate, fault_free,
+                       rate / fault_free if rate is not None and fault_free else None,
+                       start.first_step_at - start.launched_at if start.first_step_at else None,
+                       sum((a.downtime or 0.0 for a in failed), 0.0),
+                       sum(a.steps_redone or 0 for a in self.attempts.values()))
+
+
+def stretches(points: list[Point]) -> Iterator[list[Point]]:
+    """One rank's step reports cut into one list per attempt."""
+    by_attempt: dict[Any, list[Point]] = {}
+    for p in points:
+        by_attempt.setdefault(p.attempt, []).append(p)
+    return iter(by_attempt.values())
+
+
+def summarise(log: RunLog, run_id: str | None = None) -> Run:
+    """What the chosen run (the latest by default) did, as far as its events tell."""
+    rid, events = log.select(run_id)
+    s = _Summary(events)
+    steps = [p.step for points in s.series.values() for p in points]
+    step = max(steps, default=None)
+    cfg = s.start.get("config") if isinstance(s.start.get("config"), dict) else {}
+    epochs, per_epoch = cfg.get("epochs"), cfg.get("steps")
+    builtin = not cfg.get("command") and isinstance(epochs, int) and isinstance(per_epoch, int)
+    total = epochs * per_epoch if builtin else None
+    restarts = s.exit.get("restarts") if s.exit else \
+        max((a.restart or 0 for a in s.attempts.values()), default=0)
+    pid, host = s.start.get("pid"), s.start.get("host")
+    return Run(
+        run_id=rid, path=str(log.path), run_index=list(log.runs).index(rid) + 1,
+        runs_in_file=len(log.runs), skipped_lines=log.skipped,
+        started=events[0]["timestamp"], pid=pid, host=host, state=s.state,
+        daemon=_daemon(s.exit is not None, pid, host, s.t0),
+        exit_code=s.exit.get("exit_code") if s.exit else None, step=step, total_steps=total,
+        restarts=restarts if isinstance(restarts, int) else 0,
+        attempts=sorted(s.attempts.values(), key=lambda a: a.id), last_failure=s.failure,
+        checkpoint=s.checkpoint, checkpoints=s.saved, goodput=s.goodput(step), series=s.series)
+
+
+# -- is the daemon alive? -----------------------------------------------------------------------
+def _daemon(exited: bool, pid: Any, host: Any, started: float) -> str:
+    if exited:
+        return "exited"
+    if host is not None and host != socket.gethostname():
+        return "elsewhere"  # its pid means nothing here
+    return "running" if isinstance(pid, int) and pid_is(pid, started) else "gone"
+
+
+def pid_is(pid: int, started: float) -> bool:
+    """True if ``pid`` is alive and is the process that logged its first event at ``started``.
+
+    A pid is reused once its process dies; a reuser started after ``started`` (the original was
+    alive then), so a process that started later is another one. A zombie runs no code.
+    """
+    st = procfs.stat(pid)
+    if st is None or st.zombie:
+        return False
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - st.start_ticks / procfs.CLK_TCK
+    return time.time() - age <= started + 1.0  # slack for clock ticks and wall-clock steps

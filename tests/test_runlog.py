@@ -1,0 +1,134 @@
+"""The reader of events.jsonl: robust to what a live or newer daemon writes, one run at a time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from supervisord_ft import runlog
+from supervisord_ft.errors import ReaderError
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+def ev(t: float, event: str, run_id: str | None = "r1", **fields) -> str:
+    stamp = (T0 + timedelta(seconds=t)).isoformat().replace("+00:00", "Z")
+    head = {"timestamp": stamp, "level": "info", "event": event}
+    return json.dumps({**head, **({"run_id": run_id} if run_id else {}), **fields})
+
+
+def step(t: float, rank: int, n: int, attempt: int, run_id: str = "r1") -> str:
+    return ev(t, "worker_output", run_id, rank=rank, restart=attempt, attempt=attempt,
+              stream="stdout", worker_event="step", step=n, loss=1.0 / n)
+
+
+def crash_run(run_id: str = "r1") -> list[str]:
+    """Two ranks; rank 1 dies after step 7 of attempt 0; attempt 1 resumes from step 5."""
+    lines = [ev(0, "supervisor_start", run_id, pid=1, host="elsewhere.example",
+                config={"epochs": 2, "steps": 10, "command": None}),
+             ev(0.1, "launching", run_id, restart=0, attempt=0, resume_from=None)]
+    lines += [step(1 + n / 10, r, n, 0, run_id) for n in range(1, 8) for r in (0, 1)]
+    lines += [ev(1.55, "worker_output", run_id, rank=1, attempt=0, worker_event="checkpoint_saved",
+                 step=5, path="/ck/checkpoint_step_5.pt"),
+              ev(1.8, "worker_output", run_id, rank=1, attempt=0, stream="stderr", line="boom"),
+              ev(2.0, "worker_exited", run_id, rank=1, attempt=0, returncode=1),
+              ev(2.001, "state_changed", run_id, **{"from": "RUNNING", "to": "RECOVERING"},
+                 attempt=0, reason="rank 1 exited with 1"),
+              ev(2.1, "worker_exited", run_id, rank=0, attempt=0, returncode=-15),
+              ev(2.1, "teardown", run_id, why="recovery", attempt=0, seconds=0.099),
+              ev(2.2, "checkpoint_selected", run_id, path="/ck/checkpoint_step_5.pt", step=5),
+              ev(2.3, "launching", run_id, restart=1, attempt=1, resume_from="/ck/checkpoint_step_5.pt")]
+    lines += [step(3 + n / 10, r, n, 1, run_id) for n in range(6, 21) for r in (0, 1)]
+    return lines + [ev(5, "supervisor_exit", run_id, state="DONE", restarts=1, attempts=2,
+                       exit_code=0)]
+
+
+def write(tmp_path, lines: list[str], tail: str = "") -> None:
+    (tmp_path / runlog.EVENTS_FILE).write_text("\n".join(lines) + "\n" + tail)
+
+
+def test_a_crash_and_its_recovery_are_summarised(tmp_path):
+    write(tmp_path, crash_run())
+    run = runlog.summarise(runlog.read(tmp_path))
+    assert (run.run_id, run.state, run.daemon, run.exit_code) == ("r1", "DONE", "exited", 0)
+    assert (run.step, run.total_steps, run.restarts) == (20, 20, 1)
+    first, second = run.attempts
+    assert (first.cause, first.failed_rank, first.last_stderr) == ("rank 1 exited with 1", 1, "boom")
+    assert first.failed_at == pytest.approx(2.0) and first.detected_at == pytest.approx(2.001)
+    assert first.teardown_seconds == 0.099 and first.relaunched_at == pytest.approx(2.3)
+    assert first.steps_redone == 2  # reached 7, resumed from 5
+    assert first.downtime == pytest.approx(3.6 - 2.0)
+    assert (second.resumed_step, second.cause, second.steps_redone) == (5, None, None)
+    assert run.checkpoint.step == 5
+    assert run.last_failure["reason"] == "rank 1 exited with 1"
+    g = run.goodput
+    assert g.useful_steps == 20 and g.wall_seconds == pytest.approx(4.9)
+    assert g.fault_free_steps_per_second == pytest.approx(10.0)  # one step per 0.1 s when healthy
+    assert g.steps_redone == 2 and g.startup_seconds == pytest.approx(1.0)
+
+
+def test_partial_garbage_and_unknown_lines_are_skipped_and_counted(tmp_path):
+    lines = crash_run()
+    lines.insert(3, "not json at all")
+    lines.insert(4, json.dumps(["an", "array"]))
+    lines.insert(5, json.dumps({"event": "no timestamp"}))
+    lines.insert(6, ev(1.0, "from_a_newer_daemon", shiny=True, attempt={"nested": 1}))
+    lines[7] = lines[7][:-1] + ', "unknown_field": [1, 2]}'
+    write(tmp_path, lines, tail='{"timestamp": "2026-01-02T03:04:10Z", "level": "in')  # being written
+    log = runlog.read(tmp_path)
+    assert log.skipped == 4
+    run = runlog.summarise(log)
+    assert run.step == 20 and len(run.attempts) == 2 and run.skipped_lines == 4
+
+
+def test_the_latest_run_is_chosen_and_another_one_by_its_id_or_a_prefix(tmp_path):
+    write(tmp_path, crash_run("20260102T030405Z-aaaaaa") + crash_run("20260102T030500Z-bbbbbb")[:3])
+    log = runlog.read(tmp_path)
+    latest = runlog.summarise(log)
+    assert latest.run_id == "20260102T030500Z-bbbbbb" and latest.run_index == 2
+    assert (latest.exit_code, latest.step, latest.daemon) == (None, 1, "elsewhere")
+    assert runlog.summarise(log, "20260102T0304").state == "DONE"
+    with pytest.raises(ReaderError, match="2 runs"):
+        log.select("20260102T03")
+    with pytest.raises(ReaderError, match="no runs"):
+        log.select("nope")
+
+
+def test_events_without_a_run_id_form_one_run_per_daemon_start(tmp_path):
+    unnamed = [json.dumps({k: v for k, v in json.loads(line).items() if k != "run_id"})
+               for line in crash_run()]
+    write(tmp_path, unnamed + unnamed[:2] + crash_run("new"))
+    assert list(runlog.read(tmp_path).runs) == ["unnamed-1", "unnamed-2", "new"]
+
+
+def test_a_dir_without_events_is_a_one_line_error(tmp_path):
+    with pytest.raises(ReaderError, match="no events.jsonl"):
+        runlog.read(tmp_path)
+    write(tmp_path, ["garbage"])
+    with pytest.raises(ReaderError, match="no events"):
+        runlog.read(tmp_path)
+
+
+def test_run_ids_start_with_the_utc_second_so_they_sort_by_start_and_differ():
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    run_id = runlog.new_run_id()
+    started = datetime.strptime(run_id.split("-")[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    assert before <= started <= datetime.now(timezone.utc)
+    assert len({runlog.new_run_id() for _ in range(100)}) == 100
+
+
+def test_a_live_pid_is_the_daemon_only_if_it_started_before_its_first_event():
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)
+    try:
+        now = time.time()
+        assert runlog.pid_is(proc.pid, now)
+        assert not runlog.pid_is(proc.pid, now - 60)  # a process that started later: a reused pid
+    finally:
+        proc.communicate(b"", timeout=10)
+    assert not runlog.pid_is(proc.pid, now)
