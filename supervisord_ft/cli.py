@@ -11,14 +11,16 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__, dirlock, orphans, report, status
 from .config import OPTIONS, Config, build, ensure_writable_dir, read_toml
+from .console import ConsoleView
 from .errors import EXIT_CODES, ConfigError, SupervisorError
-from .logs import EventsFile, Log
+from .logs import EVENTS_FILE, EventBus, EventsFile, Log, resolve_format
 from .rendezvous import LocalRendezvous
-from .stdio import StdoutWriter, reopen_closed
 from .runlog import new_run_id
+from .stdio import StdoutWriter, reopen_closed
 from .supervisor import Supervisor
 
 EPILOG = "exit codes:\n" + "".join(f"  {code:<22} {meaning.replace('`', '')}\n"
@@ -46,10 +48,11 @@ def parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", type=Path, help="TOML run config")
     for opt in OPTIONS:
-        meta = opt.kind.__name__.upper() if not opt.choices else "{" + ",".join(opt.choices) + "}"
-        run.add_argument(*opt.flags, dest=opt.name, metavar=meta, default=argparse.SUPPRESS,
+        how: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if opt.kind is bool else {
+            "metavar": opt.kind.__name__.upper() if not opt.choices else "{" + ",".join(opt.choices) + "}"}
+        run.add_argument(*opt.flags, dest=opt.name, default=argparse.SUPPRESS, **how,
                          help=f"{opt.help.replace('`', '')} "
-                              f"(default: {'off' if opt.default is None else opt.default})")
+                              f"(default: {'off' if opt.default in (None, False) else opt.default})")
     for name, help_, description in READERS:
         view = sub.add_parser(name, help=help_, description=description)
         view.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's run_dir")
@@ -102,13 +105,21 @@ async def _run(cfg: Config) -> int:
         orphans.become_subreaper()
         rendezvous = LocalRendezvous(cfg.master_addr, cfg.master_port)
         rendezvous.check()
-        log = Log(cfg.log_format, EventsFile(cfg.run_dir / "events.jsonl"), StdoutWriter())
+        stdout, bus = StdoutWriter(), EventBus()
+        console = None
+        if resolve_format(cfg.log_format, stdout) == "console":
+            console = ConsoleView(stdout, show_steps=cfg.show_steps)
+            bus.subscribe(console)
+        log = Log(EventsFile(cfg.run_dir / EVENTS_FILE), None if console else stdout, bus)
         run_id = new_run_id()
         logger = log.logger.bind(run_id=run_id)
         try:
             await leftovers.kill(logger)
             return await Supervisor(cfg, logger, rendezvous=rendezvous, run_id=run_id).run()
         finally:
+            if console is not None:
+                console.close()
+                stdout.close()
             log.close()
 
 

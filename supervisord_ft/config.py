@@ -29,7 +29,7 @@ class ExitCodes(tuple):
 @dataclass(frozen=True)
 class Option:
     name: str
-    kind: type  # int, float, str, Path, or ExitCodes
+    kind: type  # bool, int, float, str, Path, or ExitCodes
     help: str
     minimum: float | None = None
     choices: tuple[str, ...] = ()
@@ -51,6 +51,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("checkpoint_dir", Path, "where `checkpoint_step_<N>.pt` files live"),
     Option("run_dir", Path, "where `events.jsonl` is written (appended to)"),
     Option("grace_period", float, "seconds between SIGTERM and SIGKILL at teardown", minimum=0),
+    Option("show_steps", bool, "console format: also print every step report (always in "
+           "`events.jsonl`)"),
     Option("log_format", str, "stdout format: `json`, `console`, or `auto` (console on a terminal, else json); "
            "`events.jsonl` is always JSON",
            choices=LOG_FORMATS),
@@ -104,6 +106,7 @@ class Config:
     run_dir: Path = Path("runs/latest")
     grace_period: float = 10.0
     log_format: str = "auto"
+    show_steps: bool = False
     poll_interval: float = 30.0
     keep_checkpoints: int = builtin_job.KEEP_CHECKPOINTS
     master_addr: str = "127.0.0.1"
@@ -137,7 +140,10 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
     where = f"{opt.name} (from {source})"
     from_cli = isinstance(value, str) and source == "command line"
     try:
-        if opt.kind is int:
+        if opt.kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+        elif opt.kind is int:
             if from_cli:
                 value = int(value)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -253,7 +259,7 @@ def reference_table() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for opt in OPTIONS:
         default = opt.default
-        if default is None:
+        if default is None or default is False:
             shown = "off"
         elif default == ():
             shown = "(none)"

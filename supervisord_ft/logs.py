@@ -2,7 +2,7 @@
 
 Each event is encoded once as strict JSON (:mod:`.jsonline`); that line goes to
 ``<run_dir>/events.jsonl`` (always JSON, for ``tail -f | jq``) and, for the json format, to stdout
-as is. The console format renders the same event for a human instead. Every event carries
+as is. (The console format is a view, :mod:`.console`, fed by the bus.) Every event carries
 ``timestamp`` (ISO 8601, UTC), ``level`` and ``event`` first.
 
 Supervision never depends on a sink: a failed write is counted here and never raised into the
@@ -28,6 +28,7 @@ import structlog
 from .jsonline import encoder
 
 Subscriber = Callable[[dict[str, Any]], None]
+EVENTS_FILE = "events.jsonl"  # in the run dir
 
 _dumps = encoder(default=str)
 
@@ -143,13 +144,11 @@ class _Renderer:
     It writes itself and then drops the event, so structlog's logger never writes (or raises).
     """
 
-    def __init__(self, events: EventsFile | None, stdout: Stdout | None, console: bool,
+    def __init__(self, events: EventsFile | None, stdout: Stdout | None,
                  bus: EventBus | None) -> None:
         self._events = events
         self._stdout = stdout
         self._bus = bus
-        self._console = structlog.dev.ConsoleRenderer(
-            colors=stdout.isatty()) if console and stdout is not None else None
         self._stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
         self._file_loss: Loss | None = None
         self._stdout_loss: Loss | None = None
@@ -170,7 +169,7 @@ class _Renderer:
         if self._bus is not None:
             self._bus.publish(event)
         if stdout is not None and (self._stdout_loss is not None
-                                   or not stdout.write(self._text(line, event))):
+                                   or not stdout.write(line)):
             self._stdout_loss = self._stdout_loss or Loss(
                 "stdout reader too slow: buffer full", event["timestamp"])
             self._stdout_loss.add(event["timestamp"])
@@ -223,13 +222,10 @@ class _Renderer:
             return False
         if (loss := self._stdout_loss) is not None:
             notice = self._notice("stdout_dropped", **loss.fields())
-            if stdout.write(self._text(_dumps(notice) + "\n", notice)):
+            if stdout.write(_dumps(notice) + "\n"):
                 self._stdout_loss = None
                 self.emit(notice, to_stdout=False)  # in every sink at the same place
         return True
-
-    def _text(self, line: str, event: dict[str, Any]) -> str:
-        return line if self._console is None else self._console(None, "", dict(event)) + "\n"
 
 
 def resolve_format(fmt: str, stdout: Stdout | None) -> str:
@@ -242,9 +238,10 @@ def resolve_format(fmt: str, stdout: Stdout | None) -> str:
 class Log:
     """The daemon's logger (:attr:`logger`) and the sinks behind it; :meth:`close` once at exit."""
 
-    def __init__(self, fmt: str, events: EventsFile | None, stdout: Stdout | None = None,
+    def __init__(self, events: EventsFile | None, stdout: Stdout | None = None,
                  bus: EventBus | None = None) -> None:
-        self._renderer = _Renderer(events, stdout, resolve_format(fmt, stdout) == "console", bus)
+        """``stdout`` gets every event as a JSON line; None when the console view has it."""
+        self._renderer = _Renderer(events, stdout, bus)
         self.logger: Any = structlog.wrap_logger(
             structlog.ReturnLogger(),
             processors=[

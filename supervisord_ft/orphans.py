@@ -32,11 +32,11 @@ from typing import Any
 
 from . import procfs
 from .checkpoints import atomic_write
+from .logs import EVENTS_FILE
 from .workers import KILL_TIMEOUT, Worker
 
 _PR_SET_CHILD_SUBREAPER = 36
 RECORD_NAME = "workers.json"
-EVENTS_NAME = "events.jsonl"
 
 
 def become_subreaper() -> None:
@@ -234,7 +234,7 @@ def find_leftovers(run_dir: Path) -> Leftovers:
 def _last_write_ticks(run_dir: Path) -> int:
     """The newest mtime among the run dir's files, on the clock of /proc start times."""
     newest = 0.0
-    for name in (EVENTS_NAME, RECORD_NAME):
+    for name in (EVENTS_FILE, RECORD_NAME):
         with contextlib.suppress(OSError):
             newest = max(newest, (run_dir / name).stat().st_mtime)
     boot_offset = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)

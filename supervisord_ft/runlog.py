@@ -26,8 +26,8 @@ from typing import Any
 from . import procfs
 from .checkpoints import parse_step
 from .errors import ReaderError
+from .logs import EVENTS_FILE
 
-EVENTS_FILE = "events.jsonl"
 STEP = "step"  # the worker_event of a step report (worker.contract.report_progress)
 CHECKPOINT_SAVED = "checkpoint_saved"
 FAILING = ("RECOVERING", "FAILED")  # states a failure leads to

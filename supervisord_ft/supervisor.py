@@ -141,12 +141,13 @@ class Supervisor:
             emitter.cancel()
             self.router.flush()
         code = EXIT_CODES.get(self.fsm.state, EXIT_SIGNAL_BASE + (self.stop_signal or 0))
-        self.log.info("supervisor_exit", state=self.fsm.state.value, restarts=self.restarts,
-                      attempts=self.attempt.id + 1 if self.attempt else 0, exit_code=code)
+        (self.log.error if self.fsm.state is State.FAILED else self.log.info)(
+            "supervisor_exit", state=self.fsm.state.value, restarts=self.restarts,
+            attempts=self.attempt.id + 1 if self.attempt else 0, exit_code=code)
         return code
 
     def _log_transition(self, before: State, after: State, reason: str) -> None:
-        self.log.info("state_changed", **{"from": before.value, "to": after.value},
+        (self.log.error if after is State.FAILED else self.log.info)("state_changed", **{"from": before.value, "to": after.value},
                       restart=self.restarts, attempt=self.attempt.id if self.attempt else None,
                       reason=reason)
 

@@ -16,7 +16,7 @@ def test_subscribers_see_every_event_as_written_and_a_raising_view_is_dropped(tm
     bus.subscribe(seen.append)
     bus.subscribe(broken)
     path = tmp_path / "events.jsonl"
-    log = Log("json", EventsFile(path), bus=bus)
+    log = Log(EventsFile(path), bus=bus)
     log.logger.bind(rank=1).info("first", x=1)
     log.logger.warning("second")
     log.close()

@@ -11,7 +11,7 @@ from supervisord_ft.output import LINE_OVERHEAD, OutputRouter, Source
 
 async def pump(chunks: list[bytes], max_line: int = 16, backlog: int = 1 << 20) -> tuple[list[dict], OutputRouter]:
     sink = MemoryStdout()
-    log = Log("json", None, sink).logger.bind(rank=0)
+    log = Log(None, sink).logger.bind(rank=0)
     router = OutputRouter(max_line, max_backlog_bytes=backlog)
     reader = asyncio.StreamReader()
     for c in chunks:

@@ -63,5 +63,5 @@ async def test_when_the_older_checkpoint_fails_the_same_way_the_file_gets_its_na
     assert await d.finish() == 1
     assert "crash loop" in d.named("state_changed", to="FAILED")[0]["reason"]
     assert d.named("checkpoint_put_back")[0]["path"] == str(newest)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint_step_*")) == [
         "checkpoint_step_10.pt", "checkpoint_step_20.pt"]

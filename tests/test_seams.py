@@ -93,7 +93,7 @@ async def supervise(tmp_path: Path, launcher: FakeLauncher, rendezvous: FakeRend
                     "restart_backoff": 0.0, "command": ("fake-train",), **overrides})
     bus, events = EventBus(), []
     bus.subscribe(events.append)
-    sup = Supervisor(cfg, Log("json", None, bus=bus).logger,
+    sup = Supervisor(cfg, Log(None, bus=bus).logger,
                      launcher=launcher, rendezvous=rendezvous)
     async with asyncio.timeout(10):
         code = await sup.run()
