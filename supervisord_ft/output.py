@@ -21,6 +21,7 @@ with the logging call. An object nested deeper than ``MAX_DEPTH`` is logged as `
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
@@ -89,6 +90,7 @@ class LineSplitter:
                 self._line(*self._held, redraw=not crlf)
                 self._held = None
             start = int(crlf)
+        emit, limit = self.emit, self.limit
         nl = cr = -1  # next \n and \r at or after start; end when there is none
         while True:
             if nl < start:
@@ -96,19 +98,23 @@ class LineSplitter:
             if cr < start:
                 cr = _find(chunk, b"\r", start)
             if nl < cr:
-                eol, after, redraw = nl, nl + 1, False
+                if self._partial or self._discarding:
+                    if (line := self._cut(chunk, start, nl)) is not None:
+                        emit(*line)
+                else:  # the common case, kept to a slice and a call
+                    emit(chunk[start:min(nl, start + limit)], nl - start > limit)
+                start = nl + 1
             elif cr + 1 < end:
                 crlf = chunk[cr + 1] == 0x0A
-                eol, after, redraw = cr, cr + 1 + crlf, not crlf
+                if (line := self._cut(chunk, start, cr)) is not None:
+                    self._line(*line, redraw=not crlf)
+                start = cr + 1 + crlf
             elif cr + 1 == end:  # \n or not: the next chunk tells
                 self._held = self._cut(chunk, start, cr)
                 self._after_cr = True
                 return
             else:
                 break
-            if (line := self._cut(chunk, start, eol)) is not None:
-                self._line(*line, redraw=redraw)
-            start = after
         if not self._discarding and start < end:
             self._partial += chunk[start:]
             if len(self._partial) > self.limit:
@@ -172,7 +178,7 @@ class OutputRouter:
         return asyncio.create_task(self._read(source, pipe), name=f"read-{source.rank}-{source.stream}")
 
     async def _read(self, source: Source, pipe: asyncio.StreamReader) -> None:
-        lines = LineSplitter(self.max_line, lambda raw, truncated: self._push(source, raw, truncated))
+        lines = LineSplitter(self.max_line, functools.partial(self._push, source))
         while chunk := await pipe.read(CHUNK):
             if self.on_bytes is not None:
                 self.on_bytes(source)
