@@ -51,7 +51,7 @@ class Option:
     @property
     def bound(self) -> str:
         """The upper bound as --help and the README show it after the text."""
-        return "" if self.maximum is None else f" (at most {self.maximum:g})"
+        return "" if self.maximum is None else f" (at most {self.maximum})"
 
     @property
     def flags(self) -> list[str]:
@@ -94,8 +94,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("no_retry_exit_codes", ExitCodes, "worker exit codes that fail the run at once (a TOML "
            "list, or `2,3` on the command line)"),
     Option("max_line_bytes", int,
-           "longest worker output line kept; longer lines are cut and marked `truncated`",
-           minimum=1024),
+           "longest worker output line kept; longer lines are cut and marked `truncated`; each "
+           "pipe may hold one unfinished line, so this bounds the daemon's memory",
+           minimum=1024, maximum=1 << 20),
     Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
     Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
     Option("checkpoint_interval", int, "built-in job: checkpoint every N global steps", minimum=1,
@@ -186,7 +187,7 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
     if opt.minimum is not None and value < opt.minimum:
         raise ConfigError(f"{where}: must be >= {opt.minimum:g}, got {value!r}")
     if opt.maximum is not None and value > opt.maximum:
-        raise ConfigError(f"{where}: must be <= {opt.maximum:g}, got {value!r}")
+        raise ConfigError(f"{where}: must be <= {opt.maximum}, got {value!r}")
     if opt.choices and value not in opt.choices:
         raise ConfigError(f"{where}: must be one of {', '.join(opt.choices)}, got {value!r}")
     return value

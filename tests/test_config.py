@@ -44,6 +44,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
     (["--"], "command"),
     (["--num-workers", "1000000000"], "num_workers"),
     (["--master-port", "65536"], "master_port"),
+    (["--max-line-bytes", str(10 ** 30)], "max_line_bytes"),
     (["--run-dir", NOT_UTF8], "run_dir"),
     (["--checkpoint-dir", NOT_UTF8], "checkpoint_dir"),
     (["--master-addr", NOT_UTF8], "master_addr"),
