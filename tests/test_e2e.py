@@ -59,12 +59,12 @@ async def test_sigusr1_makes_every_rank_checkpoint_at_the_next_step_and_training
     # no periodic save before the last step: any earlier save is the requested one
     d = await daemon(*COMMON, command=[*WORKER, "--step_time", "0.05", "--checkpoint_interval", "1000"])
     for rank in (0, 1):
-        await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == rank and e["step"] >= 7)
+        await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == rank and e["worker_step"] >= 7)
     d.signal(signal.SIGUSR1)  # SLURM's --signal=USR1@T: checkpoint before the time limit
     assert (await d.wait_for(lambda e: e["event"] == "signal_forwarded"))["ranks"] == [0, 1]
     saved = await d.wait_for(lambda e: e.get("worker_event") == "checkpoint_saved")
     assert await d.finish(timeout=120) == 0
-    assert 7 < saved["step"] < 60 and d.events[-1]["restarts"] == 0
+    assert 7 < saved["worker_step"] < 60 and d.events[-1]["restarts"] == 0
     assert final_sha(d) == reference_sha  # an extra save changes nothing in the training
 
 
