@@ -172,7 +172,7 @@ async def test_sigusr1_is_forwarded_only_to_ranks_that_handle_it_and_training_go
     await d.wait_for(lambda e: e.get("worker_event") == "usr1" and e["rank"] == 0)
     d.signal(signal.SIGUSR2)  # no rank handles it: nobody is sent one, nobody dies
     assert (await d.wait_for(lambda e: e["event"] == "signal_forwarded" and e["signal"] == "SIGUSR2"))["ranks"] == []
-    await d.wait_for(lambda e: e["event"] == "worker_output" and e.get("step") == 50)
+    await d.wait_for(lambda e: e["event"] == "worker_output" and e.get("worker_step") == 50)
     d.signal(signal.SIGTERM)
     assert await d.finish() == 143
     assert d.named("worker_exited", returncode=-signal.SIGUSR1) == []
