@@ -49,7 +49,8 @@ RESERVED = frozenset({
     "alive", "output_lines", "daemon_max_rss_kb", "daemon_open_fds", "master_addr",
     "master_port", "num_workers", "resume_from", "path", "step", "seconds", "silent_for",
     "before_first_step", "returncode", "runtime", "signal", "why", "terminated", "killed",
-    "ranks", "attempts", "groups", "moved_to", "pids", "skipped",
+    "ranks", "attempts", "groups", "moved_to", "pids", "skipped", "host", "first_lost",
+    "last_lost",
 })
 
 

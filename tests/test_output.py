@@ -78,7 +78,8 @@ async def test_any_key_a_worker_uses_is_logged_and_none_overwrites_or_breaks_the
 
 def _fields_the_daemon_logs() -> set[str]:
     """Every keyword of every log call and bind in the package, ``**`` dicts and helpers resolved."""
-    methods = {"debug", "info", "warning", "error", "critical", "exception", "bind"}
+    methods = {"debug", "info", "warning", "error", "critical", "exception", "bind",
+               "_notice"}  # logs.py's own events (log_gap, stdout_dropped, ...)
     fields: set[str] = set()
     for path in (ROOT / "supervisord_ft").glob("*.py"):
         tree = ast.parse(path.read_text())
@@ -89,10 +90,11 @@ def _fields_the_daemon_logs() -> set[str]:
         def keys(expr: ast.expr) -> set[str]:
             if isinstance(expr, ast.Dict):
                 return {k.value for k in expr.keys if isinstance(k, ast.Constant)}
-            if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name):
-                if expr.func.id == "dict":
+            if isinstance(expr, ast.Call) and isinstance(expr.func, (ast.Name, ast.Attribute)):
+                name = expr.func.id if isinstance(expr.func, ast.Name) else expr.func.attr
+                if name == "dict":
                     return {k.arg for k in expr.keywords if k.arg}
-                return set().union(*map(keys, returns.get(expr.func.id, [])))
+                return set().union(*map(keys, returns.get(name, [])))
             if isinstance(expr, ast.Name):  # built up in place: assignments and item stores
                 found: set[str] = set()
                 for n in nodes:
