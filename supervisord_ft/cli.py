@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, dirlock, orphans, report, status
-from .config import OPTIONS, Config, build, ensure_writable_dir, read_toml
+from .config import (OPTIONS, Config, build, ensure_appendable, ensure_fd_budget, ensure_writable_dir,
+                     read_toml)
 from .console import ConsoleView
 from .errors import EXIT_CODES, ConfigError, SupervisorError
 from .logs import EVENTS_FILE, EventBus, EventsFile, Log, resolve_format
@@ -52,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
             "metavar": opt.kind.__name__.upper() if not opt.choices else "{" + ",".join(opt.choices) + "}"}
         run.add_argument(*opt.flags, dest=opt.name, default=argparse.SUPPRESS, **how,
                          help=f"{opt.help.replace('`', '')} "
-                              f"(default: {'off' if opt.default in (None, False) else opt.default})")
+                              f"(default: {'off' if opt.default in (None, False) else opt.default}){opt.bound}")
     for name, help_, description in READERS:
         view = sub.add_parser(name, help=help_, description=description)
         view.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's run_dir")
@@ -100,8 +101,10 @@ def load_config(argv: Sequence[str]) -> Config:
 async def _run(cfg: Config) -> int:
     ensure_writable_dir("checkpoint_dir", cfg.checkpoint_dir)
     ensure_writable_dir("run_dir", cfg.run_dir)
+    ensure_fd_budget(cfg.num_workers)
     with dirlock.hold("checkpoint_dir", cfg.checkpoint_dir):
         leftovers = orphans.find_leftovers(cfg.run_dir)  # before this daemon writes to run_dir
+        ensure_appendable("run_dir", cfg.run_dir / EVENTS_FILE)
         orphans.become_subreaper()
         rendezvous = LocalRendezvous(cfg.master_addr, cfg.master_port)
         rendezvous.check()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import shutil
 import tomllib
 from collections.abc import Mapping
@@ -20,6 +21,13 @@ from . import builtin_job
 from .errors import ConfigError
 
 LOG_FORMATS = ("auto", "json", "console")
+# Local ranks one daemon supervises. Each holds a process and two pipe descriptors in the daemon,
+# so 4096 ranks need ~8,200 descriptors (raise `ulimit -n`) and 4096 pids, far above any one
+# node's accelerators or cores; beyond it a typo (1000000000) would be taken as a plan.
+MAX_WORKERS = 4096
+# Descriptors the daemon holds: a base (stdio, event loop, events file) and per rank its two pipes
+# and a spare for the spawn in progress.
+FDS_BASE, FDS_PER_WORKER = 64, 3
 
 
 class ExitCodes(tuple):
@@ -32,6 +40,7 @@ class Option:
     kind: type  # bool, int, float, str, Path, or ExitCodes
     help: str
     minimum: float | None = None
+    maximum: float | None = None
     choices: tuple[str, ...] = ()
     builtin_job: bool = False  # applies only to the built-in `python -m worker` job
 
@@ -40,13 +49,20 @@ class Option:
         return Config.__dataclass_fields__[self.name].default
 
     @property
+    def bound(self) -> str:
+        """The upper bound as --help and the README show it after the text."""
+        return "" if self.maximum is None else f" (at most {self.maximum})"
+
+    @property
     def flags(self) -> list[str]:
         dashed = "--" + self.name.replace("_", "-")
         return [dashed] if "_" not in self.name else [dashed, "--" + self.name]
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("num_workers", int, "worker processes (ranks) in the group", minimum=1),
+    Option("num_workers", int, "worker processes (ranks) in the group; each costs the daemon a "
+           "process and 2 pipe descriptors, so the soft `ulimit -n` is raised as far as needed and "
+           "a hard limit too low is refused at start-up", minimum=1, maximum=MAX_WORKERS),
     Option("max_restarts", int, "relaunches allowed; the next failure ends the run FAILED", minimum=0),
     Option("checkpoint_dir", Path, "where `checkpoint_step_<N>.pt` files live"),
     Option("run_dir", Path, "where `events.jsonl` is written (appended to)"),
@@ -63,9 +79,9 @@ OPTIONS: tuple[Option, ...] = (
            "complete, never the one being resumed from",
            minimum=2),
     Option("master_addr", str, "rendezvous address (`MASTER_ADDR`); checked at start-up"),
-    Option("master_port", int, "`MASTER_PORT`; 0 = a fresh free port on every launch (a fixed port must be "
-           "free at start-up)", minimum=0),
-    Option("hang_timeout", float, "seconds without a line of output after which a rank is "
+    Option("master_port", int, "`MASTER_PORT`; 0 = a fresh free port on every launch; a fixed port must be "
+           "free at start-up", minimum=0, maximum=65535),
+    Option("hang_timeout", float, "seconds without any output after which a rank is "
            "declared hung and the group recovered (0 disables)", minimum=0),
     Option("startup_timeout", float, "seconds a rank may take from launch to its first step "
            "report (imports, rendezvous, checkpoint load)", minimum=0),
@@ -80,8 +96,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("no_retry_exit_codes", ExitCodes, "worker exit codes that fail the run at once (a TOML "
            "list, or `2,3` on the command line)"),
     Option("max_line_bytes", int,
-           "longest worker output line kept; longer lines are cut and marked `truncated`",
-           minimum=1024),
+           "longest worker output line kept; longer lines are cut and marked `truncated`; each "
+           "pipe may hold one unfinished line, so this bounds the daemon's memory",
+           minimum=1024, maximum=1 << 20),
     Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
     Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
     Option("checkpoint_interval", int, "built-in job: checkpoint every N global steps", minimum=1,
@@ -168,12 +185,15 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
                 raise TypeError
             if not value:
                 raise ConfigError(f"{where}: must not be empty")
+            _check_text(where, value)
             value = Path(value) if opt.kind is Path else value
     except (TypeError, ValueError):
         expected = "a list of exit codes (1-255)" if opt.kind is ExitCodes else opt.kind.__name__
         raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
     if opt.minimum is not None and value < opt.minimum:
         raise ConfigError(f"{where}: must be >= {opt.minimum:g}, got {value!r}")
+    if opt.maximum is not None and value > opt.maximum:
+        raise ConfigError(f"{where}: must be <= {opt.maximum}, got {value!r}")
     if opt.choices and value not in opt.choices:
         raise ConfigError(f"{where}: must be one of {', '.join(opt.choices)}, got {value!r}")
     return value
@@ -187,13 +207,31 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config: {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} "
+                          f"at offset {exc.start}") from None
     except OSError as exc:
         raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+
+
+def _check_text(where: str, text: str) -> None:
+    """Refuse what cannot reach a worker or the log intact: a NUL byte (no argv, environment or
+    path can hold one) and bytes that are not UTF-8 (surrogate-escaped from argv; the log is
+    UTF-8 JSON)."""
+    if "\0" in text:
+        raise ConfigError(f"{where} contains a NUL byte: {text!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(text)
+        raise ConfigError(f"{where} is not valid UTF-8: {raw!r}") from None
 
 
 def _command(value: Any, source: str) -> tuple[str, ...]:
     if not (isinstance(value, list) and value and all(isinstance(a, str) and a for a in value)):
         raise ConfigError(f"command (from {source}): expected a non-empty list of strings, got {value!r}")
+    for i, arg in enumerate(value):
+        _check_text(f"command (from {source}): argument {i}", arg)
     exe = value[0]
     if os.sep in exe:
         if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
@@ -206,6 +244,12 @@ def _command(value: Any, source: str) -> tuple[str, ...]:
 def _env(value: Any, source: str) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ConfigError(f"env (from {source}): expected a table of strings, got {value!r}")
+    for key, text in value.items():
+        if not key or "=" in key:
+            raise ConfigError(f"env (from {source}): {key!r} is not a variable name (empty or "
+                              f"contains '=')")
+        _check_text(f"env (from {source}): name {key!r}", key)
+        _check_text(f"env (from {source}): {key}", text)
     return dict(value)
 
 
@@ -235,8 +279,6 @@ def build(toml: Mapping[str, Any], cli: Mapping[str, str], command: list[str] | 
         job_keys = sorted(k for k in given if BY_NAME[k].builtin_job)
         if job_keys:
             raise ConfigError(f"{job_keys[0]}: applies only to the built-in job, but a command was given")
-    if cfg.master_port > 65535:
-        raise ConfigError(f"master_port: must be <= 65535, got {cfg.master_port}")
     if cfg.crash_rank >= cfg.num_workers:
         raise ConfigError(f"crash_rank: must be < num_workers ({cfg.num_workers}), got {cfg.crash_rank}")
     return cfg
@@ -267,11 +309,34 @@ def reference_table() -> str:
             shown = f"`{default}`"
         else:
             shown = str(default)
-        rows.append(f"| `{opt.name}` | {shown} | {opt.help} |")
+        rows.append(f"| `{opt.name}` | {shown} | {opt.help}{opt.bound} |")
     rows.append("| `command` | (built-in job) | TOML only (or after `--`): the command each rank "
                 "runs, a list of strings |")
-    rows.append("| `[env]` | | TOML only: a table of extra environment variables for every worker |")
+    rows.append("| `[env]` | | TOML only: a table of extra environment variables for every worker "
+                "(names non-empty and without `=`, no NUL byte) |")
     return "\n".join(rows) + "\n"
+
+
+def ensure_fd_budget(num_workers: int) -> None:
+    """Raise the soft RLIMIT_NOFILE as far as ``num_workers`` needs (as daemons do), or refuse:
+    past it every launch would fail to spawn a rank."""
+    need = FDS_BASE + FDS_PER_WORKER * num_workers
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ConfigError(f"num_workers: {num_workers} ranks need about {need} open files, but "
+                          f"RLIMIT_NOFILE allows {hard} (raise `ulimit -n` or LimitNOFILE)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def ensure_appendable(key: str, path: Path) -> None:
+    """Check that ``path`` can be opened for appending (not a directory, not read-only)."""
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot append to {str(path)!r}: {exc.strerror}") from None
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

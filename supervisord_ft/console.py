@@ -165,15 +165,16 @@ class ConsoleView:
             run.stderr.setdefault(e["rank"], deque(maxlen=STDERR_CONTEXT)).append(e["line"])
             return []
         kind = e.get("worker_event")
-        if kind == "step" and isinstance(e.get("step"), int):
-            if e["step"] > run.step or e["step"] > run.attempt_max_step:
-                run.steps_at.append((time.monotonic(), e["step"]))
-            run.step = e["step"]
-            run.attempt_max_step = max(run.attempt_max_step, e["step"])
+        step = e.get("worker_step")  # a worker's `step` is renamed: the daemon's events use it
+        if kind == "step" and isinstance(step, int):
+            if step > run.step or step > run.attempt_max_step:
+                run.steps_at.append((time.monotonic(), step))
+            run.step = step
+            run.attempt_max_step = max(run.attempt_max_step, step)
             if isinstance(e.get("loss"), (int, float)):
                 run.loss = e["loss"]
             if self.show_steps:
-                return [f"[dim]rank {e['rank']} step {e['step']}"
+                return [f"[dim]rank {e['rank']} step {step}"
                         + (f" loss {e['loss']:.4g}" if isinstance(e.get("loss"), float) else "")
                         + "[/]"]
         elif kind == "checkpoint_saved":

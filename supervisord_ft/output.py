@@ -1,17 +1,30 @@
-"""Worker output → log events, without ever letting a worker block on a full pipe.
+"""Worker output → log events, without ever letting a worker block on a full pipe, or letting a
+line it prints break or forge the log.
 
-One reader task per pipe reads chunks as fast as the kernel delivers them and splits them into
-lines (cheap C-level work); one emitter task turns lines into ``worker_output`` events. The two
-are joined by a backlog bounded in bytes: when the emitter falls behind a flood, new lines are
-dropped and counted, and a ``worker_output_dropped`` event reports how many. A line longer than
+One reader task per pipe reads chunks as fast as the kernel delivers them, reports each chunk as
+liveness (a progress bar that never ends a line is alive) and splits it into lines (cheap
+C-level work); one emitter task turns lines into ``worker_output`` events. The two are joined by
+a backlog bounded in bytes: when the emitter falls behind a flood, new lines are dropped and
+counted, and a ``worker_output_dropped`` event reports how many. A line longer than
 ``max_line_bytes`` is cut there and marked ``truncated``; the rest of it is discarded without
 being buffered. Bytes that are not UTF-8 are replaced, never fatal.
+
+A line ends at ``\\n``, ``\\r\\n`` or a lone ``\\r``. A line ended by a lone ``\\r`` is a redraw
+(tqdm and the like): the first one is logged, then at most one each ``REDRAW_INTERVAL`` per pipe,
+and the others are skipped uncounted; a bar's final state, ended by ``\\n``, is always logged.
+
+A line that is a JSON object has its keys merged into the event, and a key the daemon's own
+events use is renamed ``worker_<key>``, so a worker can neither forge a daemon field nor collide
+with the logging call. An object nested deeper than ``MAX_DEPTH`` is logged as ``line`` text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +36,22 @@ MAX_BACKLOG_BYTES = 16 << 20
 # MAX_BACKLOG_BYTES, or a flood of short lines would hold several times the budget.
 LINE_OVERHEAD = 160
 EMIT_BATCH = 256  # lines emitted before yielding to the readers
-# Keys of a worker's JSON line that would overwrite the daemon's own fields get a worker_ prefix.
-RESERVED = frozenset({"event", "timestamp", "level", "run_id", "rank", "stream", "restart",
-                      "attempt", "line", "truncated"})
+REDRAW_INTERVAL = 1.0  # seconds between two logged redraws of one pipe
+# Far deeper than any log record, far shallower than the encoder's recursion limit (~1000).
+MAX_DEPTH = 32
+# The keys of a worker's JSON object that are logged as worker_<key>: the logging call's own
+# parameters, the fields every event gets, and every field of the daemon's own events
+# (tests/test_output.py checks this against every log call in the package).
+RESERVED = frozenset({
+    "self", "method_name", "event", "timestamp", "level", "run_id",
+    "rank", "restart", "attempt", "stream", "line", "truncated", "lines", "reason",
+    "pid", "python", "loop", "config", "state", "restarts", "exit_code", "from", "to",
+    "alive", "output_lines", "daemon_max_rss_kb", "daemon_open_fds", "master_addr",
+    "master_port", "num_workers", "resume_from", "path", "step", "seconds", "silent_for",
+    "before_first_step", "returncode", "runtime", "signal", "why", "terminated", "killed",
+    "ranks", "attempts", "groups", "moved_to", "pids", "skipped", "host", "first_lost",
+    "last_lost",
+})
 
 
 @dataclass(frozen=True, eq=True)
@@ -38,18 +64,109 @@ class Source:
     log: Any = field(compare=False, hash=False)  # bound with rank, restart and attempt
 
 
+class LineSplitter:
+    """Cuts one pipe's chunks into lines and hands each kept one to ``emit(raw, truncated)``.
+
+    Holds at most ``limit`` bytes of an unfinished line. A chunk that ends in ``\\r`` leaves its
+    line held until the next chunk says whether a ``\\n`` follows (CRLF) or not (a redraw).
+    """
+
+    def __init__(self, limit: int, emit: Callable[[bytes, bool], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.emit = emit
+        self.clock = clock
+        self._partial = bytearray()
+        self._discarding = False  # inside an over-long line, until its end
+        self._after_cr = False
+        self._held: tuple[bytes, bool] | None = None
+        self._last_redraw = -math.inf
+
+    def feed(self, chunk: bytes) -> None:
+        start, end = 0, len(chunk)
+        if self._after_cr:
+            self._after_cr = False
+            crlf = chunk.startswith(b"\n")
+            if self._held is not None:
+                self._line(*self._held, redraw=not crlf)
+                self._held = None
+            start = int(crlf)
+        emit, limit = self.emit, self.limit
+        nl = cr = -1  # next \n and \r at or after start; end when there is none
+        while True:
+            if nl < start:
+                nl = _find(chunk, b"\n", start)
+            if cr < start:
+                cr = _find(chunk, b"\r", start)
+            if nl < cr:
+                if self._partial or self._discarding:
+                    if (line := self._cut(chunk, start, nl)) is not None:
+                        emit(*line)
+                else:  # the common case, kept to a slice and a call
+                    emit(chunk[start:min(nl, start + limit)], nl - start > limit)
+                start = nl + 1
+            elif cr + 1 < end:
+                crlf = chunk[cr + 1] == 0x0A
+                if (line := self._cut(chunk, start, cr)) is not None:
+                    self._line(*line, redraw=not crlf)
+                start = cr + 1 + crlf
+            elif cr + 1 == end:  # \n or not: the next chunk tells
+                self._held = self._cut(chunk, start, cr)
+                self._after_cr = True
+                return
+            else:
+                break
+        if not self._discarding and start < end:
+            self._partial += chunk[start:]
+            if len(self._partial) > self.limit:
+                self.emit(bytes(self._partial[:self.limit]), True)
+                self._partial.clear()
+                self._discarding = True
+
+    def close(self) -> None:
+        """End of the pipe: what is left is a last line."""
+        if self._held is not None:
+            self.emit(*self._held)
+        elif self._partial:
+            self.emit(bytes(self._partial), False)
+        self._held, self._partial = None, bytearray()
+
+    def _cut(self, chunk: bytes, start: int, eol: int) -> tuple[bytes, bool] | None:
+        """The line ending at ``eol``, cut at ``limit``; None for the end of a line already cut."""
+        if self._discarding:
+            self._discarding = False
+            return None
+        if self._partial:
+            self._partial += chunk[start:eol]
+            line = bytes(self._partial[:self.limit]), len(self._partial) > self.limit
+            self._partial.clear()
+            return line
+        return chunk[start:min(eol, start + self.limit)], eol - start > self.limit
+
+    def _line(self, raw: bytes, truncated: bool, redraw: bool) -> None:
+        if redraw:
+            now = self.clock()
+            if not raw or now - self._last_redraw < REDRAW_INTERVAL:
+                return
+            self._last_redraw = now
+        self.emit(raw, truncated)
+
+
 class OutputRouter:
     """Owns the backlog and the emitter.
 
-    ``on_line(source, raw)`` runs in the reader for every line, dropped or not (liveness);
-    ``on_json(source, fields)`` runs in the emitter for every line that is a JSON object.
+    ``on_bytes(source)`` runs in the reader for every chunk read (liveness); ``on_line(source,
+    raw)`` for every line kept, dropped from the backlog or not; ``on_json(source, fields)`` in
+    the emitter for every line that is a JSON object, with the worker's keys as it wrote them.
     """
 
     def __init__(self, max_line_bytes: int, on_line: Callable[[Source, bytes], None] | None = None,
                  on_json: Callable[[Source, dict[str, Any]], None] | None = None,
-                 max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
+                 max_backlog_bytes: int = MAX_BACKLOG_BYTES,
+                 on_bytes: Callable[[Source], None] | None = None) -> None:
         self.max_line = max_line_bytes
         self.max_backlog = max_backlog_bytes
+        self.on_bytes = on_bytes
         self.on_line = on_line
         self.on_json = on_json
         self._backlog: deque[tuple[Source, bytes, bool]] = deque()
@@ -62,30 +179,12 @@ class OutputRouter:
         return asyncio.create_task(self._read(source, pipe), name=f"read-{source.rank}-{source.stream}")
 
     async def _read(self, source: Source, pipe: asyncio.StreamReader) -> None:
-        partial = bytearray()
-        discarding = False  # inside an over-long line, until its newline
-        limit = self.max_line
+        lines = LineSplitter(self.max_line, functools.partial(self._push, source))
         while chunk := await pipe.read(CHUNK):
-            start = 0
-            while (nl := chunk.find(b"\n", start)) >= 0:
-                if discarding:
-                    discarding = False
-                elif partial:
-                    partial += chunk[start:nl]
-                    self._push(source, bytes(partial[:limit]), len(partial) > limit)
-                    partial.clear()
-                else:
-                    self._push(source, chunk[start:min(nl, start + limit)], nl - start > limit)
-                start = nl + 1
-            if not discarding and start < len(chunk):
-                partial += chunk[start:]
-                if len(partial) > limit:
-                    self._push(source, bytes(partial[:limit]), True)
-                    partial.clear()
-                    discarding = True
-        if partial:
-            self._push(source, bytes(partial), False)
-
+            if self.on_bytes is not None:
+                self.on_bytes(source)
+            lines.feed(chunk)
+        lines.close()
     def _push(self, source: Source, raw: bytes, truncated: bool) -> None:
         if self.on_line is not None:
             self.on_line(source, raw)
@@ -124,23 +223,55 @@ class OutputRouter:
             self._dropped.clear()
 
 
+
+
+def _find(chunk: bytes, byte: bytes, start: int) -> int:
+    """The index of ``byte`` in ``chunk`` from ``start``, or the chunk's length."""
+    i = chunk.find(byte, start)
+    return len(chunk) if i < 0 else i
+
+
 def _emit(source: Source, raw: bytes, truncated: bool) -> dict[str, Any] | None:
     """Log one line; return the worker's own fields when the line was a JSON object."""
     log, stream = source.log, source.stream
     text = raw.decode("utf-8", "replace")
-    if text.endswith("\r"):
-        text = text[:-1]
-    if text.startswith("{") and not truncated:
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict):
-            log.info("worker_output", stream=stream,
-                     **{("worker_" + k if k in RESERVED else k): v for k, v in obj.items()})
-            return obj
+    if text.startswith("{") and not truncated and (obj := _json_object(text)) is not None:
+        log.info("worker_output", stream=stream, **_renamed(obj))
+        return obj
     if truncated:
         log.info("worker_output", stream=stream, line=text, truncated=True)
     else:
         log.info("worker_output", stream=stream, line=text)
     return None
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """The object ``text`` holds, if it is one that can be merged into an event."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if text.count("{") + text.count("[") > MAX_DEPTH and _deeper_than(obj, MAX_DEPTH):
+        return None
+    return obj
+
+
+def _deeper_than(value: Any, levels: int) -> bool:
+    """Whether ``value`` nests more than ``levels`` objects and arrays; recurses at most that deep."""
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list):
+        return False
+    return levels == 0 or any(_deeper_than(v, levels - 1) for v in value)
+
+
+def _renamed(obj: dict[str, Any]) -> dict[str, Any]:
+    """The worker's fields, each reserved key prefixed ``worker_`` until it clashes with nothing."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        while key in RESERVED or key in out:
+            key = "worker_" + key
+        out[key] = value
+    return out

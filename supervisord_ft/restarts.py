@@ -69,7 +69,8 @@ class RestartPolicy:
         if recent >= self.max_restarts:
             scope = f"within {self.window:g} s" if self.window > 0 else "in this run"
             return Decision(False, 0.0, f"max_restarts ({self.max_restarts}) {scope} exhausted")
-        delay = 0.0 if recent == 0 else min(self.backoff_max, self.backoff * 2 ** (recent - 1))
+        # The exponent is capped: 2 ** 64 times any backoff is past any cap, and 2 ** 1100 is no float.
+        delay = 0.0 if recent == 0 else min(self.backoff_max, self.backoff * 2 ** min(recent - 1, 64))
         return Decision(True, delay, f"restart {self.total + 1} ({recent + 1} of {self.max_restarts}"
                                      f"{f' within {self.window:g} s' if self.window > 0 else ''})")
 

@@ -307,7 +307,7 @@ class _Summary:
 
     def on_worker_output(self, ev: Event) -> None:
         kind = ev.get("worker_event")
-        if kind == STEP and isinstance(step := ev.get("step"), int):
+        if kind == STEP and isinstance(step := _worker_field(ev, "step"), int):
             loss = ev.get("loss")
             point = Point(self.t, step, loss if isinstance(loss, (int, float)) else None,
                           ev.get("attempt"))
@@ -319,7 +319,7 @@ class _Summary:
                         before.downtime = self.t - before.failed_at
                 a.last_step = max(a.last_step or step, step)
         elif kind == CHECKPOINT_SAVED:
-            ck = Checkpoint(self.t, ev.get("step"), ev.get("path"))
+            ck = Checkpoint(self.t, _worker_field(ev, "step"), _worker_field(ev, "path"))
             self.saved.append(ck)
             self._newest(ck)
         elif ev.get("stream") == "stderr" and isinstance(line := ev.get("line"), str):
@@ -397,3 +397,9 @@ def pid_is(pid: int, started: float) -> bool:
         return False
     age = time.clock_gettime(time.CLOCK_BOOTTIME) - st.start_ticks / procfs.CLK_TCK
     return time.time() - age <= started + 1.0  # slack for clock ticks and wall-clock steps
+
+
+def _worker_field(ev: Event, key: str) -> Any:
+    """A worker's own field: prefixed ``worker_`` where the daemon's events use the key too
+    (``step``, ``path``), unprefixed in logs written before the prefix."""
+    return ev.get("worker_" + key, ev.get(key))

@@ -50,7 +50,8 @@ class Supervisor:
         self.fsm = StateMachine(on_change=self._log_transition)
         self.policy = RestartPolicy(cfg.max_restarts, cfg.restart_window, cfg.restart_backoff,
                                     cfg.restart_backoff_max, cfg.no_retry_exit_codes)
-        self.router = OutputRouter(cfg.max_line_bytes, on_line=self._on_line, on_json=self._on_json)
+        self.router = OutputRouter(cfg.max_line_bytes, on_line=self._on_line, on_json=self._on_json,
+                                   on_bytes=self._on_bytes)
         self.attempt: Attempt | None = None  # the current (or last) launch attempt
         self.resume_from: checkpoints.Checkpoint | None = None
         self.stop_signal: int | None = None
@@ -87,11 +88,12 @@ class Supervisor:
         a = self.attempt
         return a if a is not None and source.attempt == a.id else None
 
+    def _on_bytes(self, source: Source) -> None:
+        if (a := self._current(source)) is not None:
+            a.watchdog.output(source.rank)
+
     def _on_line(self, source: Source, raw: bytes) -> None:
-        if (a := self._current(source)) is None:
-            return
-        a.watchdog.output(source.rank)
-        if source.stream == "stderr" and raw.strip():
+        if (a := self._current(source)) is not None and source.stream == "stderr" and raw.strip():
             a.last_stderr[source.rank] = raw
 
     def _on_json(self, source: Source, fields: dict[str, Any]) -> None:

@@ -1,11 +1,12 @@
 """Hang detection: a per-rank progress clock for one launch attempt.
 
-A rank makes progress whenever it prints a line. Until it reports its first step (a JSON line
-with ``"event": "step"``, see ``worker/contract.py``) it is also allowed ``startup_timeout``
-from the launch, which covers imports, rendezvous and checkpoint loading. The watchdog sleeps
-until the earliest deadline and re-checks; output only moves deadlines later, and the one
-change that moves a deadline earlier (a rank's first step ends its startup allowance) wakes it.
-So it costs a clock read per line and wakes once per deadline, not on a polling tick.
+A rank makes progress whenever it prints anything, a whole line or not (a progress bar redrawn
+with ``\\r``). Until it reports its first step (a JSON line with ``"event": "step"``, see
+``worker/contract.py``) it is also allowed ``startup_timeout`` from the launch, which covers
+imports, rendezvous and checkpoint loading. The watchdog sleeps until the earliest deadline and
+re-checks; output only moves deadlines later, and the one change that moves a deadline earlier
+(a rank's first step ends its startup allowance) wakes it.
+So it costs a clock read per chunk read and wakes once per deadline, not on a polling tick.
 """
 
 from __future__ import annotations

@@ -75,6 +75,16 @@ def spawn_detached() -> int:
     return pid
 
 
+def progress_bar(seconds: float) -> None:
+    """A tqdm-style bar on stderr: redrawn after a carriage return 20 times a second, no newline
+    until it is complete."""
+    t0 = time.monotonic()
+    while (done := (time.monotonic() - t0) / seconds) < 1:
+        print(f"\r{done:4.0%}|{'#' * int(done * 20):20}|", end="", file=sys.stderr, flush=True)
+        time.sleep(0.05)
+    print(f"\r100%|{'#' * 20}|", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
@@ -103,6 +113,8 @@ def main() -> int:
     p.add_argument("--refuse-checkpoint", default=None, metavar="NAME",
                    help="exit 2 at start when resuming from the checkpoint of this file name "
                         "(`any`: from any checkpoint)")
+    p.add_argument("--progress-bar", type=float, default=0.0,
+                   help="after step 1, redraw a progress bar on stderr for this many seconds")
     args = p.parse_args()
 
     rank = int(os.environ[envvars.RANK])
@@ -165,6 +177,8 @@ def main() -> int:
             print(f"step {step}", flush=True)
         else:
             emit("step", step=step, rank=rank)
+        if step == 1 and args.progress_bar:
+            progress_bar(args.progress_bar)
     return 0
 
 

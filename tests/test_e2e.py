@@ -28,7 +28,7 @@ def final_sha(d: Daemon) -> str:
 
 
 def steps_seen(d: Daemon, restart: int) -> list[int]:
-    return [e["step"] for e in d.named("worker_output", rank=0, restart=restart, worker_event="step")]
+    return [e["worker_step"] for e in d.named("worker_output", rank=0, restart=restart, worker_event="step")]
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +59,12 @@ async def test_sigusr1_makes_every_rank_checkpoint_at_the_next_step_and_training
     # no periodic save before the last step: any earlier save is the requested one
     d = await daemon(*COMMON, command=[*WORKER, "--step_time", "0.05", "--checkpoint_interval", "1000"])
     for rank in (0, 1):
-        await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == rank and e["step"] >= 7)
+        await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == rank and e["worker_step"] >= 7)
     d.signal(signal.SIGUSR1)  # SLURM's --signal=USR1@T: checkpoint before the time limit
     assert (await d.wait_for(lambda e: e["event"] == "signal_forwarded"))["ranks"] == [0, 1]
     saved = await d.wait_for(lambda e: e.get("worker_event") == "checkpoint_saved")
     assert await d.finish(timeout=120) == 0
-    assert 7 < saved["step"] < 60 and d.events[-1]["restarts"] == 0
+    assert 7 < saved["worker_step"] < 60 and d.events[-1]["restarts"] == 0
     assert final_sha(d) == reference_sha  # an extra save changes nothing in the training
 
 
@@ -72,10 +72,10 @@ async def test_sigterm_checkpoints_exits_143_and_a_rerun_resumes_with_no_lost_st
     slow = [*WORKER, "--step_time", "0.05"]
     d = await daemon(*COMMON, command=slow)
     for rank in (0, 1):
-        await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == rank and e["step"] >= 8)
+        await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == rank and e["worker_step"] >= 8)
     d.signal(signal.SIGTERM)
     assert await d.finish(timeout=60) == 143
-    stopped = {e["step"] for e in d.named("worker_output", worker_event="stopped")}
+    stopped = {e["worker_step"] for e in d.named("worker_output", worker_event="stopped")}
     assert len(stopped) == 1  # both ranks agreed on one stop step
     stop_step = stopped.pop()
     assert checkpoints.discover(d.workdir / "ckpt").newest.step == stop_step
@@ -100,7 +100,7 @@ async def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(daemon, r
     d = await daemon(*COMMON, command=[*WORKER, "--disk_full_at_step", "15"])
     assert await d.finish(timeout=120) == 0
     failed = d.named("worker_output", rank=0, worker_event="checkpoint_failed")
-    assert failed[0]["step"] == 15 and "too large" in failed[0]["error"]
+    assert failed[0]["worker_step"] == 15 and "too large" in failed[0]["error"]
     assert d.named("worker_exited", rank=0, restart=0)[0]["returncode"] == 3
     # no partial file took a final name: the recovery found step 10 intact, nothing rejected
     assert d.named("checkpoint_selected")[1]["step"] == 10
@@ -115,9 +115,9 @@ async def test_random_sigkills_of_random_ranks_still_end_bit_identical(daemon, r
     for restart in range(3):
         target = rnd.randrange(2, 19)  # a random step, often beside a checkpoint write
         event = await d.wait_for(lambda e: e.get("worker_event") == "step" and e["restart"] == restart
-                                 and e["step"] >= target, timeout=60)
+                                 and e["worker_step"] >= target, timeout=60)
         victim = rnd.choice(d.named("worker_started", restart=restart))
-        if event["step"] < 55 and pid_alive(victim["pid"]):
+        if event["worker_step"] < 55 and pid_alive(victim["pid"]):
             os.kill(victim["pid"], signal.SIGKILL)
             kills += 1
             await d.wait_for(lambda e: e["event"] == "launching" and e["restart"] == restart + 1)
@@ -129,7 +129,7 @@ async def test_random_sigkills_of_random_ranks_still_end_bit_identical(daemon, r
 
 async def test_sigkill_of_the_daemon_kills_torch_workers_and_a_rerun_resumes(daemon, reference_sha):
     d = await daemon(*COMMON, command=[*WORKER, "--step_time", "0.02"])
-    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["step"] >= random.randrange(6, 30))
+    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["worker_step"] >= random.randrange(6, 30))
     assert await d.sigkill(within=2) == []
     newest = checkpoints.discover(d.workdir / "ckpt").newest
 
@@ -150,7 +150,7 @@ async def test_the_readme_demo_recovers_from_its_injected_crash_and_ends_done(da
 async def test_the_example_script_resumes_after_a_rank_is_killed(daemon):
     d = await daemon(*COMMON, command=[sys.executable, str(ROOT / "examples" / "minimal_train.py"),
                                        "--steps", "400", "--checkpoint-every", "20"])
-    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == 1 and e["step"] >= 50)
+    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == 1 and e["worker_step"] >= 50)
     os.kill(d.named("worker_started", rank=1)[0]["pid"], signal.SIGKILL)
     assert await d.finish(timeout=120) == 0
     selected = d.named("checkpoint_selected")[-1]["step"]

@@ -16,7 +16,7 @@ LONG = ["--steps", "2000", "--step-time", "0.01"]
 
 
 def children_started(d) -> list[int]:
-    return [e["pid"] for e in d.named("worker_output", worker_event="child")]
+    return [e["worker_pid"] for e in d.named("worker_output", worker_event="child")]
 
 
 def kill_pids(pids: list[int]) -> None:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
+import json
+import logging
 
-from harness import MemoryStdout
+import pytest
+import structlog
+
+from harness import ROOT, MemoryStdout
 from supervisord_ft.logs import Log
-from supervisord_ft.output import LINE_OVERHEAD, OutputRouter, Source
+from supervisord_ft.output import (LINE_OVERHEAD, MAX_DEPTH, REDRAW_INTERVAL, RESERVED, LineSplitter,
+                                   OutputRouter, Source)
 
 
 async def pump(chunks: list[bytes], max_line: int = 16, backlog: int = 1 << 20) -> tuple[list[dict], OutputRouter]:
@@ -43,7 +51,7 @@ async def test_json_objects_are_merged_and_reserved_keys_renamed_but_other_json_
     events, _ = await pump([b'{"event":"step","level":"x","step":3}\n[1,2]\n{"bad":\n'], max_line=64)
     assert events[0]["event"] == "worker_output" and events[0]["level"] == "info"
     assert events[0]["worker_event"] == "step" and events[0]["worker_level"] == "x"
-    assert events[0]["step"] == 3 and "line" not in events[0]
+    assert events[0]["worker_step"] == 3 and "line" not in events[0]
     assert [e["line"] for e in events[1:]] == ["[1,2]", '{"bad":']
 
 
@@ -54,3 +62,115 @@ async def test_a_full_backlog_drops_lines_and_reports_how_many():
     dropped = [e for e in events if e["event"] == "worker_output_dropped"]
     assert len(kept) == 10 and kept[0]["line"] == "line 000"
     assert dropped[0]["lines"] == 90 and dropped[0]["level"] == "warning"
+
+
+async def test_any_key_a_worker_uses_is_logged_and_none_overwrites_or_breaks_the_daemons():
+    obj = {key: key for key in RESERVED} | {"a-b": 1, "": 2, "1": 3, "worker_event": "mine", "loss": 0.5}
+    events, _ = await pump([json.dumps(obj).encode() + b"\n", b"after\n"], max_line=1 << 16)
+    merged, after = events
+    assert (merged["event"], merged["level"], merged["rank"], merged["stream"]) == (
+        "worker_output", "info", 0, "stdout")
+    assert {merged["worker_" + key] for key in RESERVED} == set(RESERVED)
+    assert (merged["a-b"], merged[""], merged["1"], merged["loss"]) == (1, 2, 3, 0.5)
+    assert (merged["worker_event"], merged["worker_worker_event"]) == ("event", "mine")
+    assert after["line"] == "after"
+
+
+def _fields_the_daemon_logs() -> set[str]:
+    """Every keyword of every log call and bind in the package, ``**`` dicts and helpers resolved."""
+    methods = {"debug", "info", "warning", "error", "critical", "exception", "bind",
+               "_notice"}  # logs.py's own events (log_gap, stdout_dropped, ...)
+    fields: set[str] = set()
+    for path in (ROOT / "supervisord_ft").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        nodes = list(ast.walk(tree))
+        returns = {n.name: [r.value for r in ast.walk(n) if isinstance(r, ast.Return)]
+                   for n in nodes if isinstance(n, ast.FunctionDef)}
+
+        def keys(expr: ast.expr) -> set[str]:
+            if isinstance(expr, ast.Dict):
+                return {k.value for k in expr.keys if isinstance(k, ast.Constant)}
+            if isinstance(expr, ast.Call) and isinstance(expr.func, (ast.Name, ast.Attribute)):
+                name = expr.func.id if isinstance(expr.func, ast.Name) else expr.func.attr
+                if name == "dict":
+                    return {k.arg for k in expr.keywords if k.arg}
+                return set().union(*map(keys, returns.get(name, [])))
+            if isinstance(expr, ast.Name):  # built up in place: assignments and item stores
+                found: set[str] = set()
+                for n in nodes:
+                    if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None and any(
+                            isinstance(t, ast.Name) and t.id == expr.id
+                            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])):
+                        found |= keys(n.value)
+                    if (isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store)
+                            and isinstance(n.value, ast.Name) and n.value.id == expr.id
+                            and isinstance(n.slice, ast.Constant)):
+                        found.add(n.slice.value)
+                return found
+            raise AssertionError(f"{path.name}:{expr.lineno}: cannot see the keys of **{ast.unparse(expr)}")
+
+        for call in (n for n in nodes if isinstance(n, ast.Call)):
+            funcs = [call.func.body, call.func.orelse] if isinstance(call.func, ast.IfExp) else [call.func]
+            if all(isinstance(f, ast.Attribute) and f.attr in methods for f in funcs):
+                for kw in call.keywords:
+                    fields |= {kw.arg} if kw.arg else keys(kw.value)
+    return fields
+
+
+def test_reserved_covers_every_field_of_the_daemons_events_and_every_logging_parameter():
+    logged = _fields_the_daemon_logs()
+    assert {"from", "to", "rank", "restart", "pid", "returncode", "step", "stream"} <= logged
+    assert logged - RESERVED == set()
+    bound = structlog.make_filtering_bound_logger(logging.INFO)
+    parameters = {*inspect.signature(bound.info).parameters,
+                  *inspect.signature(bound._proxy_to_logger).parameters} - {"args", "kw", "event_kw"}
+    assert parameters - RESERVED == set()
+    assert {"timestamp", "level"} <= RESERVED  # added by the processors
+
+
+async def test_objects_nested_too_deep_are_kept_as_text_and_logging_goes_on():
+    def nested(depth: int) -> bytes:
+        return b'{"a":' * depth + b"1" + b"}" * depth
+
+    lines = [nested(MAX_DEPTH), nested(MAX_DEPTH + 1), b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}",
+             b'{"a":' + b"[" * 900 + b"]" * 900 + b"}", b'{"deep-looking": "[[[[' + b"{" * 40 + b'"}']
+    events, _ = await pump([b"\n".join(lines) + b"\nafter\n"], max_line=1 << 16)
+    assert "a" in events[0] and "line" not in events[0]
+    assert [e["line"].encode() for e in events[1:4]] == lines[1:4]
+    assert events[4]["deep-looking"].startswith("[[[[") and events[5]["line"] == "after"
+
+
+async def test_a_carriage_return_progress_bar_is_logged_at_a_bounded_rate_and_its_end_in_full():
+    bar = b"".join(b"\r%3d%%|" % i + b"#" * (i // 10) for i in range(101))
+    events, _ = await pump([bar[:1000], bar[1000:], b"\nnext\n"], max_line=64)
+    assert [e["line"] for e in events] == ["  0%|", "100%|##########", "next"]
+
+
+async def test_crlf_is_one_line_end_even_split_across_reads():
+    events, _ = await pump([b"a\r\nb\r", b"\nc\r\n\r\n", b"d\r"], max_line=64)
+    assert [e["line"] for e in events] == ["a", "b", "c", "", "d"]
+
+
+def test_redraws_are_logged_at_most_once_per_interval_per_pipe():
+    now = [0.0]
+    kept: list[bytes] = []
+    lines = LineSplitter(64, lambda raw, cut: kept.append(raw), clock=lambda: now[0])
+    for i in range(40):  # 5 s of redraws, 8 a second, a chunk each; a line is seen a chunk later
+        now[0] = i / 8
+        lines.feed(b"\r%02d" % i)
+    lines.feed(b"\n")
+    assert REDRAW_INTERVAL == 1.0 and kept == [b"00", b"08", b"16", b"24", b"32", b"39"]
+
+
+@pytest.mark.parametrize("chunks", [[b"no newline " * 10], [b"\r10%", b"\r20%", b"\r30%"]])
+async def test_every_chunk_counts_as_liveness_line_or_not(chunks):
+    seen: asyncio.Queue[Source] = asyncio.Queue()
+    router = OutputRouter(1 << 16, on_bytes=seen.put_nowait)
+    reader = asyncio.StreamReader()
+    task = router.reader(Source(0, 0, "stderr", None), reader)
+    async with asyncio.timeout(5):
+        for chunk in chunks:
+            reader.feed_data(chunk)
+            assert (await seen.get()).stream == "stderr"
+        reader.feed_eof()
+        await task

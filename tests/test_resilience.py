@@ -9,6 +9,7 @@ import signal
 import socket
 
 from harness import FAKE_WORKER, pid_alive
+from supervisord_ft.output import REDRAW_INTERVAL
 
 from supervisord_ft import procfs
 
@@ -38,6 +39,17 @@ async def test_a_sigstopped_worker_is_a_hang(daemon):
     assert [h["rank"] for h in d.named("hang_detected")] == [0]
     assert d.named("worker_exited", pid=stopped)[0]["signal"] == "SIGKILL"
     assert not pid_alive(stopped)
+
+
+async def test_a_progress_bar_redrawn_without_a_newline_is_alive_and_logged_at_a_bounded_rate(daemon):
+    seconds = 2.5  # five hang timeouts without a newline, 50 redraws
+    d = await daemon(*FAST, "--hang-timeout", "0.5", "--max-restarts", "0", "--num-workers", "1",
+                     command=[*FAKE_WORKER, "--steps", "2", "--progress-bar", str(seconds)])
+    assert await d.finish() == 0
+    assert d.named("hang_detected") == []
+    bar = [e["line"] for e in d.named("worker_output", stream="stderr")]
+    assert 2 <= len(bar) <= seconds / REDRAW_INTERVAL + 2, bar
+    assert bar[0].endswith("|") and bar[-1] == "100%|" + "#" * 20 + "|"
 
 
 async def test_slow_startup_is_allowed_up_to_startup_timeout(daemon):

@@ -58,3 +58,9 @@ def test_different_failures_or_failures_after_start_up_are_not_a_crash_loop():
 def test_no_retry_exit_codes_fail_at_once():
     d = decide(policy(no_retry=(3,)), crash(code=3), now=0)
     assert not d.relaunch and "no_retry_exit_codes" in d.reason
+
+
+def test_backoff_stays_at_the_cap_after_thousands_of_restarts_in_a_window():
+    p = policy(max_restarts=5000, backoff=1.0, cap=30.0)  # floats, as from the config
+    delays = [decide(p, crash(), now=0).delay for _ in range(2000)]  # 2 ** 1100 is no float
+    assert delays[:3] == [0, 1, 2] and delays[-1] == 30

@@ -60,14 +60,14 @@ async def test_soak_random_faults_end_bit_identical(tmp_path):
             first = await d.wait_for(lambda e: e.get("worker_event") == "step" and e["restart"] == restart)
             kind = rnd.choice(KINDS)
             if kind == "sigkill_mid_checkpoint":  # rank 0 prints the step, then writes the file
-                target = (first["step"] // 10 + 1 + rnd.randrange(3)) * 10
+                target = (first["worker_step"] // 10 + 1 + rnd.randrange(3)) * 10
                 await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == 0
-                                 and e["restart"] == restart and e["step"] >= target)
+                                 and e["restart"] == restart and e["worker_step"] >= target)
                 victim = d.named("worker_started", restart=restart, rank=0)[0]["pid"]
             else:
-                target = first["step"] + rnd.randrange(3, 40)
+                target = first["worker_step"] + rnd.randrange(3, 40)
                 await d.wait_for(lambda e: e.get("worker_event") == "step" and e["restart"] == restart
-                                 and e["step"] >= target)
+                                 and e["worker_step"] >= target)
                 victim = rnd.choice(d.named("worker_started", restart=restart))["pid"]
             if kind == "sigkill_daemon":
                 assert await d.sigkill(within=2) == [], "a worker outlived the daemon"

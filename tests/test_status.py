@@ -42,7 +42,7 @@ async def test_a_worker_cannot_forge_the_run_id(daemon):
 
 async def test_status_follows_a_live_daemon_to_its_exit(daemon, tmp_path):
     d = await daemon(command=[*FAKE_WORKER, *LONG])
-    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["step"] >= 3)
+    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["worker_step"] >= 3)
     rc, out, _ = await cli("status", str(tmp_path / "run"), "--json")
     live = json.loads(out)
     assert rc == 0

@@ -25,7 +25,7 @@ async def test_crash_tears_down_survivors_and_relaunches_the_group(daemon):
     teardown = d.named("teardown", why="recovery")[0]
     assert sorted(teardown["terminated"]) == [0, 2]
     # (a survivor that started late may have printed no step at all before it was stopped)
-    assert all(max((e["step"] for e in d.named("worker_output", rank=r, restart=0)
+    assert all(max((e["worker_step"] for e in d.named("worker_output", rank=r, restart=0)
                     if e.get("worker_event") == "step"), default=0) < 20 for r in (0, 2))
     assert len(set(d.worker_pids())) == 6
     assert len(d.named("worker_exited", restart=1, returncode=0)) == 3
@@ -92,7 +92,7 @@ async def test_teardown_kills_processes_a_worker_forked(daemon):
                      command=[*FAKE_WORKER, *LONG, "--spawn-child", "--fail-rank", "1",
                               "--fail-at-step", "3"])
     assert await d.finish() == 1
-    children = [e["pid"] for e in d.named("worker_output", worker_event="child")]
+    children = [e["worker_pid"] for e in d.named("worker_output", worker_event="child")]
     assert len(children) == 2
     assert not any(pid_alive(p) for p in children)
 
@@ -128,8 +128,8 @@ async def test_events_file_mirrors_stdout_and_json_lines_are_merged(daemon, tmp_
     written = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert written == d.events
     step = d.named("worker_output", rank=1, worker_event="step")[0]
-    # the worker's own "rank" and "event" keys do not overwrite the daemon's
-    assert step["worker_rank"] == 1 and step["step"] == 1 and step["stream"] == "stdout"
+    # the worker's own "rank", "event" and "step" keys do not overwrite the daemon's
+    assert step["worker_rank"] == 1 and step["worker_step"] == 1 and step["stream"] == "stdout"
     for e in d.events:
         assert list(e)[:3] == ["timestamp", "level", "event"]
 
@@ -172,7 +172,7 @@ async def test_sigusr1_is_forwarded_only_to_ranks_that_handle_it_and_training_go
     await d.wait_for(lambda e: e.get("worker_event") == "usr1" and e["rank"] == 0)
     d.signal(signal.SIGUSR2)  # no rank handles it: nobody is sent one, nobody dies
     assert (await d.wait_for(lambda e: e["event"] == "signal_forwarded" and e["signal"] == "SIGUSR2"))["ranks"] == []
-    await d.wait_for(lambda e: e["event"] == "worker_output" and e.get("step") == 50)
+    await d.wait_for(lambda e: e["event"] == "worker_output" and e.get("worker_step") == 50)
     d.signal(signal.SIGTERM)
     assert await d.finish() == 143
     assert d.named("worker_exited", returncode=-signal.SIGUSR1) == []
