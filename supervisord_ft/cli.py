@@ -15,10 +15,11 @@ from pathlib import Path
 from . import __version__, dirlock, orphans, report, status
 from .config import OPTIONS, Config, build, ensure_writable_dir, read_toml
 from .errors import EXIT_CODES, ConfigError, SupervisorError
-from .logs import EventsFile, Log
+from .logs import EventBus, EventsFile, Log
 from .rendezvous import LocalRendezvous
-from .stdio import StdoutWriter, reopen_closed
 from .runlog import new_run_id
+from .service import Service
+from .stdio import StdoutWriter, reopen_closed
 from .supervisor import Supervisor
 
 EPILOG = "exit codes:\n" + "".join(f"  {code:<22} {meaning.replace('`', '')}\n"
@@ -102,14 +103,18 @@ async def _run(cfg: Config) -> int:
         orphans.become_subreaper()
         rendezvous = LocalRendezvous(cfg.master_addr, cfg.master_port)
         rendezvous.check()
-        log = Log(cfg.log_format, EventsFile(cfg.run_dir / "events.jsonl"), StdoutWriter())
-        run_id = new_run_id()
-        logger = log.logger.bind(run_id=run_id)
-        try:
-            await leftovers.kill(logger)
-            return await Supervisor(cfg, logger, rendezvous=rendezvous, run_id=run_id).run()
-        finally:
-            log.close()
+        bus = EventBus()
+        async with Service(cfg, bus) as service:
+            log = Log(cfg.log_format, EventsFile(cfg.run_dir / "events.jsonl"), StdoutWriter(),
+                      bus=bus)
+            run_id = new_run_id()
+            logger = log.logger.bind(run_id=run_id)
+            try:
+                service.announce(logger)
+                await leftovers.kill(logger)
+                return await Supervisor(cfg, logger, rendezvous=rendezvous, run_id=run_id).run()
+            finally:
+                log.close()
 
 
 def _runner() -> asyncio.Runner:
