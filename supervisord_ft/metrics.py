@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
@@ -41,6 +41,8 @@ class Metrics:
     ``clock`` is monotonic seconds; ages use the time an event was received, which is the
     time it was logged (views are called synchronously as each event is written).
     """
+
+    content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -260,3 +262,11 @@ def test_hangs_and_dropped_lines_are_counted():
     assert sample(m, "supervisord_ft_hang_detection_seconds_bucket", le="10.0") == 1
     assert sample(m, "supervisord_ft_hang_detection_seconds_bucket", le="5.0") == 0
     assert sample(m, "supervisord_ft_output_lines_dropped_total") == 1234
+
+
+def test_without_a_metrics_port_prometheus_client_is_not_even_imported():
+    code = ("import sys, asyncio; from supervisord_ft.config import Config; "
+            "from supervisord_ft.logs import EventBus; from supervisord_ft.service import Service; "
+            "s = Service(Config(), EventBus()); assert s.server is None and s.metrics is None; "
+            "assert 'prometheus_client' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
