@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from harness import ROOT, pid_alive
+from harness import ROOT
 from supervisord_ft.cli import parser
 from supervisord_ft.config import Config
 from supervisord_ft.errors import EXIT_FAILED, EXIT_USAGE
@@ -117,24 +117,22 @@ async def test_the_slurm_script_forwards_usr1_requeues_and_outlives_the_final_si
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
     shell = await asyncio.create_subprocess_exec("bash", str(SBATCH), cwd=tmp_path, env=env,
-                                                 stdout=asyncio.subprocess.PIPE)
+                                                 stdout=asyncio.subprocess.PIPE,
+                                                 start_new_session=True)  # cleanup: its group
     assert shell.stdout is not None
-    daemon_pid = 0
     try:
         async with asyncio.timeout(30):
             started = (await shell.stdout.readline()).decode()
             assert started.endswith("started: run --config configs/demo.toml --log-format json\n")
-            daemon_pid = int(started.split()[1])
             shell.send_signal(signal.SIGUSR1)
             said = {(await shell.stdout.readline()).decode().strip() for _ in range(2)}
             assert said == {"daemon got USR1", "scontrol requeue 42"}
             shell.send_signal(signal.SIGTERM)
-            os.kill(daemon_pid, signal.SIGTERM)
+            os.kill(int(started.split()[1]), signal.SIGTERM)
             assert (await shell.stdout.readline()).decode() == "daemon got TERM\n"
             assert await shell.wait() == 143  # the daemon's code, not the shell killed by TERM
     finally:
-        if shell.returncode is None:
-            shell.kill()
-            await shell.wait()
-        if daemon_pid and pid_alive(daemon_pid):
-            os.kill(daemon_pid, signal.SIGKILL)
+        try:
+            os.killpg(shell.pid, signal.SIGKILL)  # the shell, the stub daemon and its sleep
+        except ProcessLookupError:
+            pass
