@@ -18,7 +18,8 @@ import yaml
 from harness import ROOT
 from supervisord_ft.cli import parser
 from supervisord_ft.config import Config
-from supervisord_ft.errors import EXIT_FAILED, EXIT_USAGE
+from supervisord_ft.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, EXIT_USAGE
+from supervisord_ft.supervisor import STOP_SIGNALS
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "supervisord-ft.service"
@@ -60,7 +61,7 @@ def test_the_systemd_unit_is_notify_watched_and_never_restarts_what_cannot_succe
     s = unit_settings()
     assert s["Type"] == "notify" and int(s["WatchdogSec"]) > 0
     assert s["KillMode"] == "control-group" and s["Restart"] == "on-failure"
-    assert set(s["SuccessExitStatus"].split()) == {"130", "143"}
+    assert set(s["SuccessExitStatus"].split()) == {str(EXIT_SIGNAL_BASE + sig) for sig in STOP_SIGNALS}
     assert set(s["RestartPreventExitStatus"].split()) == {str(EXIT_FAILED), str(EXIT_USAGE)}
     assert float(s["TimeoutStopSec"]) > GRACE
     assert_daemon_accepts(shlex.split(s["ExecStart"]))
