@@ -17,7 +17,7 @@ from supervisord_ft import httpd
 from supervisord_ft.config import build
 from supervisord_ft.errors import ConfigError
 from supervisord_ft.httpd import Response, Server
-from supervisord_ft.metrics import RATE_WINDOW, Metrics
+from supervisord_ft.metrics import MIN_SCRAPE_INTERVAL, RATE_WINDOW, Metrics
 
 
 async def http(port: int, request: bytes, timeout: float = 10) -> tuple[int, bytes]:
@@ -270,3 +270,12 @@ def test_without_a_metrics_port_prometheus_client_is_not_even_imported():
             "s = Service(Config(), EventBus()); assert s.server is None and s.metrics is None; "
             "assert 'prometheus_client' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_scrapes_closer_than_the_minimum_interval_get_the_previous_body():
+    m, clock = fed(START, launching(0), state("RUNNING"), step(0, 0, 1))
+    first = m.exposition()
+    m.observe(step(0, 0, 2))
+    assert m.exposition() is first  # rendering is not repeated for a client scraping in a loop
+    clock.now += MIN_SCRAPE_INTERVAL
+    assert b'supervisord_ft_rank_last_step{rank="0"} 2.0' in m.exposition()
