@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
 from .fsm import State
+from .supervisor import STEP_EVENT
 
 PREFIX = "supervisord_ft_"
 RATE_WINDOW = 30.0  # steps per second are measured over this many recent seconds
@@ -35,8 +36,7 @@ RATE_WINDOW = 30.0  # steps per second are measured over this many recent second
 MIN_SCRAPE_INTERVAL = 1.0
 RECOVERY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 HANG_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
-STEP_EVENT = "step"
-CHECKPOINT_SAVED_EVENT = "checkpoint_saved"
+CHECKPOINT_SAVED_EVENT = "checkpoint_saved"  # the built-in worker's report of a save
 
 
 class Metrics:

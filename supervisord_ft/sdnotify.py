@@ -20,6 +20,7 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from .fsm import State
+from .supervisor import STEP_EVENT
 
 STATUS_INTERVAL = 1.0  # least seconds between two step-driven STATUS= updates
 ENV_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -87,7 +88,7 @@ class Notifier:
         elif name == "launching":
             self._attempt = event["attempt"]
             self._step = None
-        elif (name == "worker_output" and event.get("worker_event") == "step"
+        elif (name == "worker_output" and event.get("worker_event") == STEP_EVENT
               and event.get("attempt") == self._attempt):
             step = event.get("step")
             if isinstance(step, int) and (self._step is None or step > self._step):
