@@ -209,6 +209,14 @@ def put_back(checkpoint: Checkpoint, aside: Path) -> None:
         os.replace(aside, checkpoint.path)
 
 
+def mtime(path: Path) -> float | None:
+    """When ``path`` was last written (Unix seconds), or None if it cannot be read."""
+    try:
+        return round(path.stat().st_mtime, 3)
+    except OSError:
+        return None
+
+
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` so that its name appears only once the content is complete and durable.
 

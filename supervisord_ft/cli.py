@@ -21,6 +21,7 @@ from .errors import EXIT_CODES, ConfigError, SupervisorError
 from .logs import EVENTS_FILE, EventBus, EventsFile, Log, resolve_format
 from .rendezvous import LocalRendezvous
 from .runlog import new_run_id
+from .service import Service
 from .stdio import StdoutWriter, reopen_closed
 from .supervisor import Supervisor
 
@@ -113,17 +114,19 @@ async def _run(cfg: Config) -> int:
         if resolve_format(cfg.log_format, stdout) == "console":
             console = ConsoleView(stdout, show_steps=cfg.show_steps)
             bus.subscribe(console)
-        log = Log(EventsFile(cfg.run_dir / EVENTS_FILE), None if console else stdout, bus)
-        run_id = new_run_id()
-        logger = log.logger.bind(run_id=run_id)
-        try:
-            await leftovers.kill(logger)
-            return await Supervisor(cfg, logger, rendezvous=rendezvous, run_id=run_id).run()
-        finally:
-            if console is not None:
-                console.close()
-                stdout.close()
-            log.close()
+        async with Service(cfg, bus) as service:
+            log = Log(EventsFile(cfg.run_dir / EVENTS_FILE), None if console else stdout, bus)
+            run_id = new_run_id()
+            logger = log.logger.bind(run_id=run_id)
+            try:
+                service.announce(logger)
+                await leftovers.kill(logger)
+                return await Supervisor(cfg, logger, rendezvous=rendezvous, run_id=run_id).run()
+            finally:
+                if console is not None:
+                    console.close()
+                    stdout.close()
+                log.close()
 
 
 def _runner() -> asyncio.Runner:

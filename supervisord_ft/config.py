@@ -99,6 +99,10 @@ OPTIONS: tuple[Option, ...] = (
            "longest worker output line kept; longer lines are cut and marked `truncated`; each "
            "pipe may hold one unfinished line, so this bounds the daemon's memory",
            minimum=1024, maximum=1 << 20),
+    Option("metrics_port", int, "serve Prometheus `/metrics`, `/healthz` and `/readyz` on this "
+           "port (0 = a free one, logged in `metrics_listening`)", minimum=0, maximum=65535),
+    Option("metrics_addr", str, "address the metrics port listens on; anything but loopback "
+           "exposes it to the network"),
     Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
     Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
     Option("checkpoint_interval", int, "built-in job: checkpoint every N global steps", minimum=1,
@@ -136,6 +140,8 @@ class Config:
     restart_backoff_max: float = 30.0
     no_retry_exit_codes: tuple[int, ...] = ()
     max_line_bytes: int = 65536
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
     epochs: int = builtin_job.EPOCHS
     steps: int = builtin_job.STEPS_PER_EPOCH
     checkpoint_interval: int = builtin_job.CHECKPOINT_INTERVAL
@@ -279,6 +285,8 @@ def build(toml: Mapping[str, Any], cli: Mapping[str, str], command: list[str] | 
         job_keys = sorted(k for k in given if BY_NAME[k].builtin_job)
         if job_keys:
             raise ConfigError(f"{job_keys[0]}: applies only to the built-in job, but a command was given")
+    if cfg.metrics_port and cfg.metrics_port == cfg.master_port:
+        raise ConfigError(f"metrics_port: {cfg.metrics_port} is also master_port")
     if cfg.crash_rank >= cfg.num_workers:
         raise ConfigError(f"crash_rank: must be < num_workers ({cfg.num_workers}), got {cfg.crash_rank}")
     return cfg

@@ -19,6 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .output import worker_field
+
 STDERR_CONTEXT = 5  # a failed rank's last stderr lines shown with its failure
 RATE_WINDOW = 20  # steps/s is measured over this many recent step reports
 STATE_STYLE = {"RUNNING": "green", "DONE": "bold green", "RECOVERING": "yellow",
@@ -165,7 +167,7 @@ class ConsoleView:
             run.stderr.setdefault(e["rank"], deque(maxlen=STDERR_CONTEXT)).append(e["line"])
             return []
         kind = e.get("worker_event")
-        step = e.get("worker_step")  # a worker's `step` is renamed: the daemon's events use it
+        step = worker_field(e, "step")
         if kind == "step" and isinstance(step, int):
             if step > run.step or step > run.attempt_max_step:
                 run.steps_at.append((time.monotonic(), step))

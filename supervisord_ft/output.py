@@ -39,6 +39,7 @@ EMIT_BATCH = 256  # lines emitted before yielding to the readers
 REDRAW_INTERVAL = 1.0  # seconds between two logged redraws of one pipe
 # Far deeper than any log record, far shallower than the encoder's recursion limit (~1000).
 MAX_DEPTH = 32
+TRACEBACK_HEADER = b"Traceback (most recent call last):"
 # The keys of a worker's JSON object that are logged as worker_<key>: the logging call's own
 # parameters, the fields every event gets, and every field of the daemon's own events
 # (tests/test_output.py checks this against every log call in the package).
@@ -50,7 +51,7 @@ RESERVED = frozenset({
     "master_port", "num_workers", "resume_from", "path", "step", "seconds", "silent_for",
     "before_first_step", "returncode", "runtime", "signal", "why", "terminated", "killed",
     "ranks", "attempts", "groups", "moved_to", "pids", "skipped", "host", "first_lost",
-    "last_lost",
+    "last_lost", "addr", "port", "mtime",
 })
 
 
@@ -172,6 +173,7 @@ class OutputRouter:
         self._backlog: deque[tuple[Source, bytes, bool]] = deque()
         self._backlog_bytes = 0
         self._dropped: dict[Source, int] = {}
+        self._in_traceback: set[Source] = set()  # stderr pipes in the middle of a traceback
         self._ready = asyncio.Event()
         self.lines = 0
 
@@ -211,7 +213,7 @@ class OutputRouter:
         while self._backlog and (limit is None or n < limit):
             source, raw, truncated = self._backlog.popleft()
             self._backlog_bytes -= len(raw) + LINE_OVERHEAD
-            fields = _emit(source, raw, truncated)
+            fields = _emit(source, raw, truncated, self._traceback_level(source, raw))
             if fields is not None and self.on_json is not None:
                 self.on_json(source, fields)
             n += 1
@@ -224,6 +226,19 @@ class OutputRouter:
 
 
 
+    def _traceback_level(self, source: Source, raw: bytes) -> str:
+        """``warning`` for the lines of a Python traceback on stderr, from its header to the
+        exception line (the first unindented line after it); ``info`` for everything else."""
+        if source.stream != "stderr":
+            return "info"
+        if raw.startswith(TRACEBACK_HEADER):
+            self._in_traceback.add(source)
+        elif source not in self._in_traceback:
+            return "info"
+        elif raw[:1] not in (b" ", b"\t") and raw.strip():
+            self._in_traceback.discard(source)  # the exception line ends it
+        return "warning"
+
 
 def _find(chunk: bytes, byte: bytes, start: int) -> int:
     """The index of ``byte`` in ``chunk`` from ``start``, or the chunk's length."""
@@ -231,17 +246,17 @@ def _find(chunk: bytes, byte: bytes, start: int) -> int:
     return len(chunk) if i < 0 else i
 
 
-def _emit(source: Source, raw: bytes, truncated: bool) -> dict[str, Any] | None:
-    """Log one line; return the worker's own fields when the line was a JSON object."""
-    log, stream = source.log, source.stream
+def _emit(source: Source, raw: bytes, truncated: bool, level: str) -> dict[str, Any] | None:
+    """Log one line at ``level``; return the worker's own fields when it was a JSON object."""
+    log, stream = getattr(source.log, level), source.stream
     text = raw.decode("utf-8", "replace")
     if text.startswith("{") and not truncated and (obj := _json_object(text)) is not None:
-        log.info("worker_output", stream=stream, **_renamed(obj))
+        log("worker_output", stream=stream, **_renamed(obj))
         return obj
     if truncated:
-        log.info("worker_output", stream=stream, line=text, truncated=True)
+        log("worker_output", stream=stream, line=text, truncated=True)
     else:
-        log.info("worker_output", stream=stream, line=text)
+        log("worker_output", stream=stream, line=text)
     return None
 
 
@@ -275,3 +290,11 @@ def _renamed(obj: dict[str, Any]) -> dict[str, Any]:
             key = "worker_" + key
         out[key] = value
     return out
+
+
+def worker_field(event: dict[str, Any], key: str) -> Any:
+    """A worker's own field ``key`` as its ``worker_output`` event holds it (``step`` is logged
+    as ``worker_step``, since the daemon's own events use ``step``); None when absent."""
+    while key in RESERVED:
+        key = "worker_" + key
+    return event.get(key)

@@ -27,6 +27,7 @@ from . import procfs
 from .checkpoints import parse_step
 from .errors import ReaderError
 from .logs import EVENTS_FILE
+from .output import worker_field
 
 STEP = "step"  # the worker_event of a step report (worker.contract.report_progress)
 CHECKPOINT_SAVED = "checkpoint_saved"
@@ -400,6 +401,6 @@ def pid_is(pid: int, started: float) -> bool:
 
 
 def _worker_field(ev: Event, key: str) -> Any:
-    """A worker's own field: prefixed ``worker_`` where the daemon's events use the key too
-    (``step``, ``path``), unprefixed in logs written before the prefix."""
-    return ev.get("worker_" + key, ev.get(key))
+    """A worker's own field; logs written before keys were renamed hold it unprefixed."""
+    value = worker_field(ev, key)
+    return ev.get(key) if value is None else value

@@ -215,7 +215,8 @@ class Supervisor:
             self.log.info("checkpoint_selected", path=None, step=None,
                           reason=f"no intact checkpoint in {ckdir}: starting fresh")
             return None
-        self.log.info("checkpoint_selected", path=str(found.newest.path), step=found.newest.step)
+        self.log.info("checkpoint_selected", path=str(found.newest.path), step=found.newest.step,
+                      mtime=checkpoints.mtime(found.newest.path))
         try:
             for path in checkpoints.prune(ckdir, self.cfg.keep_checkpoints, protect=[found.newest.path]):
                 self.log.info("checkpoint_pruned", path=str(path))

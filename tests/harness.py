@@ -84,16 +84,18 @@ class Daemon:
 
     @classmethod
     async def start(cls, workdir: Path, *args: str, command: list[str] | None = None,
-                    stdout: int = asyncio.subprocess.PIPE, redirect: str = "") -> "Daemon":
+                    stdout: int = asyncio.subprocess.PIPE, redirect: str = "",
+                    env: dict[str, str] | None = None) -> "Daemon":
         """``stdout``: a descriptor instead of the pipe these methods read; ``redirect``: shell
-        redirections applied to the daemon (e.g. ``>&-`` to start it with stdout closed)."""
+        redirections applied to the daemon (e.g. ``>&-`` to start it with stdout closed);
+        ``env``: variables added to the daemon's environment."""
         argv = [sys.executable, "-m", "supervisord_ft", "run", "--log-format", "json",
                 "--checkpoint-dir", str(workdir / "ckpt"), "--run-dir", str(workdir / "run"), *args]
         if command:
             argv += ["--", *command]
         if redirect:
             argv = ["bash", "-c", f'exec "$@" {redirect}', "bash", *argv]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         proc = await asyncio.create_subprocess_exec(
             *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=stdout, stderr=asyncio.subprocess.PIPE, limit=1 << 24)

@@ -174,3 +174,20 @@ async def test_every_chunk_counts_as_liveness_line_or_not(chunks):
             assert (await seen.get()).stream == "stderr"
         reader.feed_eof()
         await task
+
+
+async def test_a_python_traceback_on_stderr_is_logged_at_warning_and_other_lines_at_info():
+    sink = MemoryStdout()
+    log = Log(None, sink).logger.bind(rank=0)
+    router = OutputRouter(1024)
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"loading data\nTraceback (most recent call last):\n  File \"t.py\", line 1\n"
+                     b"    boom()\nRuntimeError: boom\nafter it\n")
+    reader.feed_eof()
+    async with asyncio.timeout(5):
+        await router.reader(Source(0, 0, "stderr", log), reader)
+    router.flush()
+    levels = [(e["line"], e["level"]) for e in sink.events()]
+    assert levels == [("loading data", "info"), ("Traceback (most recent call last):", "warning"),
+                      ('  File "t.py", line 1', "warning"), ("    boom()", "warning"),
+                      ("RuntimeError: boom", "warning"), ("after it", "info")]
