@@ -34,10 +34,15 @@ class ExitCodes(tuple):
     """The kind of an option that is a list of worker exit codes (1-255)."""
 
 
+class Names(tuple):
+    """The kind of an option that is a list of dotted names (Python modules)."""
+
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
-    kind: type  # bool, int, float, str, Path, or ExitCodes
+    kind: type  # bool, int, float, str, Path, ExitCodes or Names
     help: str
     minimum: float | None = None
     maximum: float | None = None
@@ -99,6 +104,10 @@ OPTIONS: tuple[Option, ...] = (
            "longest worker output line kept; longer lines are cut and marked `truncated`; each "
            "pipe may hold one unfinished line, so this bounds the daemon's memory",
            minimum=1024, maximum=1 << 20),
+    Option("standby", bool, "keep a warm standby interpreter per rank that has imported `preload`, "
+           "so a relaunched Python rank skips its imports (`false`: every rank starts cold)"),
+    Option("preload", Names, "modules a standby imports before it is handed a rank (a TOML list, "
+           "or `torch,numpy` on the command line)"),
     Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
     Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
     Option("checkpoint_interval", int, "built-in job: checkpoint every N global steps", minimum=1,
@@ -136,6 +145,8 @@ class Config:
     restart_backoff_max: float = 30.0
     no_retry_exit_codes: tuple[int, ...] = ()
     max_line_bytes: int = 65536
+    standby: bool = False
+    preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim")
     epochs: int = builtin_job.EPOCHS
     steps: int = builtin_job.STEPS_PER_EPOCH
     checkpoint_interval: int = builtin_job.CHECKPOINT_INTERVAL
@@ -160,6 +171,13 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
         if opt.kind is bool:
             if not isinstance(value, bool):
                 raise TypeError
+        elif opt.kind is Names:
+            if from_cli:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(
+                    isinstance(v, str) and all(p.isidentifier() for p in v.split(".")) for v in value):
+                raise TypeError
+            value = tuple(value)
         elif opt.kind is int:
             if from_cli:
                 value = int(value)
@@ -188,7 +206,8 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
             _check_text(where, value)
             value = Path(value) if opt.kind is Path else value
     except (TypeError, ValueError):
-        expected = "a list of exit codes (1-255)" if opt.kind is ExitCodes else opt.kind.__name__
+        expected = {ExitCodes: "a list of exit codes (1-255)", Names: "a list of module names",
+                    bool: "true or false"}.get(opt.kind, opt.kind.__name__)
         raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
     if opt.minimum is not None and value < opt.minimum:
         raise ConfigError(f"{where}: must be >= {opt.minimum:g}, got {value!r}")
@@ -305,6 +324,8 @@ def reference_table() -> str:
             shown = "off"
         elif default == ():
             shown = "(none)"
+        elif isinstance(default, tuple):
+            shown = "`" + ", ".join(default) + "`"
         elif isinstance(default, (str, Path)):
             shown = f"`{default}`"
         else:

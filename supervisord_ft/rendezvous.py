@@ -29,6 +29,7 @@ class RankInfo:
 class Endpoint:
     addr: str
     port: int
+    agent_store: bool = False  # a store is already up there: every rank is its client
 
 
 class Rendezvous(Protocol):

@@ -26,6 +26,7 @@ from .fsm import State, StateMachine
 from .output import OutputRouter, Source
 from .rendezvous import LocalRendezvous, RankInfo, Rendezvous
 from .restarts import Failure, RestartPolicy
+from .standby import StandbyLauncher
 from .watchdog import Watchdog
 from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, stop
 
@@ -45,7 +46,8 @@ class Supervisor:
         self.log = log
         # Given to the workers; the caller binds the same id on ``log`` (cli._run does).
         self.run_id = run_id or runlog.new_run_id()
-        self.launcher = launcher or SubprocessLauncher()
+        self.launcher = launcher or (StandbyLauncher(cfg.num_workers, cfg.preload, log)
+                                     if cfg.standby else SubprocessLauncher())
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
         self.fsm = StateMachine(on_change=self._log_transition)
         self.policy = RestartPolicy(cfg.max_restarts, cfg.restart_window, cfg.restart_backoff,
