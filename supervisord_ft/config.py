@@ -104,6 +104,8 @@ OPTIONS: tuple[Option, ...] = (
            "longest worker output line kept; longer lines are cut and marked `truncated`; each "
            "pipe may hold one unfinished line, so this bounds the daemon's memory",
            minimum=1024, maximum=1 << 20),
+    Option("store_host", bool, "host each attempt's rendezvous store in a helper process, up "
+           "before any rank starts and listening on `master_addr` only (`false`: rank 0 hosts it)"),
     Option("standby", bool, "keep a warm standby interpreter per rank that has imported `preload`, "
            "so a relaunched Python rank skips its imports (`false`: every rank starts cold)"),
     Option("preload", Names, "modules a standby imports before it is handed a rank (a TOML list, "
@@ -145,6 +147,7 @@ class Config:
     restart_backoff_max: float = 30.0
     no_retry_exit_codes: tuple[int, ...] = ()
     max_line_bytes: int = 65536
+    store_host: bool = False
     standby: bool = False
     preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim")
     epochs: int = builtin_job.EPOCHS

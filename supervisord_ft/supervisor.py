@@ -141,6 +141,7 @@ class Supervisor:
             await orphans.sweep(self.workers, self.log)  # at every end, nothing a worker started lives on
             orphans.forget(self.cfg.run_dir)
             await self.launcher.close()
+            await self.rendezvous.close()
             ticker.cancel()
             emitter.cancel()
             self.router.flush()
@@ -168,10 +169,10 @@ class Supervisor:
             orphans.reap(self.workers)
 
     # -- LAUNCHING ------------------------------------------------------------------------------
-    def _next_attempt(self) -> Attempt:
+    async def _next_attempt(self) -> Attempt:
         previous = self.attempt
         attempt_id = previous.id + 1 if previous is not None else 0
-        endpoint, ranks = self.rendezvous.next_round(attempt_id, self.cfg.num_workers)
+        endpoint, ranks = await self.rendezvous.next_round(attempt_id, self.cfg.num_workers)
         return Attempt(attempt_id, self.restarts, endpoint, ranks,
                        Watchdog((r.rank for r in ranks), self.cfg.hang_timeout,
                                 self.cfg.startup_timeout, time.monotonic),
@@ -179,9 +180,9 @@ class Supervisor:
                        recovering_since=previous.failed_at if previous is not None else None)
 
     async def _launch(self) -> None:
-        a = self.attempt = self._next_attempt()
+        a = self.attempt = await self._next_attempt()
         self.log.info("launching", restart=a.restart, attempt=a.id, master_addr=a.endpoint.addr,
-                      master_port=a.endpoint.port, num_workers=len(a.ranks),
+                      master_port=a.endpoint.port, agent_store=a.endpoint.agent_store, num_workers=len(a.ranks),
                       resume_from=str(a.resume_from.path) if a.resume_from else None,
                       **daemon_usage())
         argv = self._argv(a)
