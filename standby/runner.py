@@ -27,12 +27,15 @@ import io
 import os
 import signal
 import sys
+import time
 from importlib.machinery import SourceFileLoader
 from typing import Any
 
 from . import lines
 
 _OWN_FRAMES = {__file__}
+# When this standby was handed its rank (wall clock): a start-up report's zero (worker/startup.py).
+ACTIVATED_AT: float | None = None
 
 
 def main() -> None:
@@ -57,6 +60,8 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    global ACTIVATED_AT
+    ACTIVATED_AT = time.time()
     lines.write(reply_fd, event="running", pid=os.getpid())
     os.close(reply_fd)
     try:

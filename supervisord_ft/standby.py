@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import envvars
-from .workers import (KILL_TIMEOUT, Launcher, Started, SubprocessLauncher, WorkerSpec,
+from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
                       _die_with_parent, _pipe, _stream, forward_if_caught, signal_group)
 
 # ``python -m standby`` runs from here, so the package is found whatever the job's sys.path.
