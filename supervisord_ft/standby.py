@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import envvars
+from . import envvars, orphans
 from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
                       _die_with_parent, _pipe, _stream, forward_if_caught, signal_group)
 
@@ -79,12 +79,15 @@ class Standby:
         self.state = State.STARTING
         self.spawned_at = time.monotonic()
         self.exit = asyncio.ensure_future(proc.wait())
+        orphans.HELPERS.add(proc.pid)
         self.log = log.bind(standby_pid=proc.pid)
 
     def transition(self, to: State, reason: str, **fields: Any) -> None:
         if to not in TRANSITIONS[self.state]:
             raise AssertionError(f"standby {self.pid}: illegal transition {self.state.value} -> {to.value}")
         before, self.state = self.state, to
+        if to is not State.IDLE:  # handed out: a worker now; dead: reaped by its exit wait
+            orphans.HELPERS.discard(self.pid)
         (self.log.warning if to is State.DEAD else self.log.info)(
             "standby_state", **{"from": before.value, "to": to.value}, reason=reason, **fields)
         if to is not State.IDLE:

@@ -22,6 +22,7 @@ import signal
 import sys
 from typing import Any
 
+from . import orphans
 from .rendezvous import Endpoint, LocalRendezvous, RankInfo
 from .standby import PACKAGE_ROOT
 from .workers import KILL_TIMEOUT, _die_with_parent, signal_group
@@ -66,6 +67,7 @@ class StoreRendezvous:
 
     async def _ask(self, attempt: int) -> int:
         if self.helper is None or self.helper.returncode is not None:
+            await self._stop()  # a dead one: reaped, its pid no longer counted ours
             await self._start()
         helper = self.helper
         assert helper is not None and helper.stdin is not None and helper.stdout is not None
@@ -94,12 +96,14 @@ class StoreRendezvous:
                 start_new_session=True, preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         except OSError as exc:
             raise StoreHostError(f"cannot start the store host: {exc}") from None
+        orphans.HELPERS.add(self.helper.pid)
         self.log.info("store_host_started", pid=self.helper.pid)
 
     async def _stop(self) -> None:
         helper, self.helper = self.helper, None
         if helper is None:
             return
+        orphans.HELPERS.discard(helper.pid)
         if helper.returncode is None:
             signal_group(helper.pid, signal.SIGKILL)
         await asyncio.wait_for(helper.wait(), KILL_TIMEOUT)
