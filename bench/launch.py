@@ -158,7 +158,7 @@ def job_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 # Warm standby ranks and a store hosted before the ranks start (supervisord_ft/standby.py, storehost.py).
-OURS_WARM = Ours(name="ours warm", options=("--standby", "true", "--store-host", "true"))
+OURS_WARM = Ours(name="ours warm", options=("--standby", "--store-host"))
 TORCHRUN_DEFAULT = Torchrun(0.1, label="torchrun default")
 TORCHRUN_TUNED = Torchrun(0.001, share_store=False, label="torchrun tuned")
 

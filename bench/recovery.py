@@ -129,7 +129,7 @@ async def run(quick: bool) -> Result:
                 "samples": [{"seconds": s.seconds, "stages": s.stages, "failed_restarts": s.failed_restarts,
                              "daemon": s.daemon} for s in runs],
             }
-    main.notes.append("ours warm: --standby true --store-host true (warm standby ranks, a store up before the ranks); "
+    main.notes.append("ours warm: --standby --store-host (warm standby ranks, a store up before the ranks); "
                       "warm ranks: resumed ranks that ran in a standby. "
                       f"torchrun default: --monitor-interval 0.1, shared rendezvous store; tuned: "
                       f"--monitor-interval 0.001 and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1. {reps} runs per cell. "

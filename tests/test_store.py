@@ -53,7 +53,7 @@ async def test_every_attempt_meets_a_fresh_store_on_master_addr_and_a_dead_host_
     port = d.named("launching")[0]["master_port"]
     assert listening(host) == {("127.0.0.1", port)}  # master_addr only, never 0.0.0.0
     for e in d.named("worker_output", worker_event="reduced"):
-        assert listening(e["pid"]) & {(ip, port) for ip in ("0.0.0.0", "127.0.0.1")} == set()
+        assert listening(e["worker_pid"]) & {(ip, port) for ip in ("0.0.0.0", "127.0.0.1")} == set()
     os.kill(host, signal.SIGKILL)  # the next launch must start another host
     os.write(fd, b"gg")
     assert await d.finish(timeout=240) == 0
