@@ -62,7 +62,7 @@ async def test_every_attempt_meets_a_fresh_store_on_master_addr_and_a_dead_host_
     assert len({e["master_port"] for e in launches}) == len(launches)  # a fresh store each time
     reduced = d.named("worker_output", worker_event="reduced")
     assert sorted((e["attempt"], e["rank"]) for e in reduced) == [(a, r) for a in range(CRASHES + 1) for r in (0, 1)]
-    assert {(e["sum"], e["agent_store"]) for e in reduced} == {(2.0, "True")}
+    assert {(e["sum"], e["worker_agent_store"]) for e in reduced} == {(2.0, "True")}
     hosts = [e["pid"] for e in d.named("store_host_started")]
     assert len(hosts) == 2 and hosts[0] == host
     assert d.named("store_fallback") == []
