@@ -88,6 +88,7 @@ class Ours:
 
     grace_period: float = 10.0
     name: str = "ours"
+    options: tuple[str, ...] = ()  # more daemon options (OURS_WARM's)
 
     @property
     def env(self) -> dict[str, str]:
@@ -98,7 +99,7 @@ class Ours:
                 "--run-dir", str(workdir / "run"), "--checkpoint-dir", str(workdir / "ckpt"),
                 "--num-workers", str(workers), "--max-restarts", str(max_restarts),
                 "--restart-window", "0", "--restart-backoff", "0", "--grace-period", str(self.grace_period),
-                "--", PYTHON, *program.target, *program.args]
+                *self.options, "--", PYTHON, *program.target, *program.args]
 
     def parse(self, line: bytes, arrived: float) -> Record | None:
         ev = _json(line)
@@ -156,6 +157,8 @@ def job_env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **extra}
 
 
+# Warm standby ranks and a store hosted before the ranks start (supervisord_ft/standby.py, storehost.py).
+OURS_WARM = Ours(name="ours warm", options=("--standby", "--store-host"))
 TORCHRUN_DEFAULT = Torchrun(0.1, label="torchrun default")
 TORCHRUN_TUNED = Torchrun(0.001, share_store=False, label="torchrun tuned")
 

@@ -1,8 +1,8 @@
 """2. Recovery time: a worker crash → the first completed training step after the group resumes.
 
 The training job (2 or 4 ranks, ~12 ms steps, a checkpoint every 20 steps) crashes rank 1 after
-step 30 on its first attempt (``--crash_at_step``); the launcher relaunches the group, which
-resumes from step 20. Recovery = the first resumed step's completion − the crash, both read from
+step 610 on its first attempt (``--crash_at_step``; late enough that the standby pool of "ours
+warm" is ready by then); the launcher relaunches the group, which resumes from step 600. Recovery = the first resumed step's completion − the crash, both read from
 the workers' own wall clocks, so the number means the same for both launchers. The run is
 stopped once every rank of the resumed group reported its first step.
 
@@ -23,12 +23,13 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from .launch import TORCHRUN_DEFAULT, TORCHRUN_TUNED, BenchError, Launch, Ours, Record, Runner, watch_exit
+from .launch import (OURS_WARM, TORCHRUN_DEFAULT, TORCHRUN_TUNED, BenchError, Launch, Ours, Record, Runner,
+                     watch_exit)
 from .report import Result, Summary, Table, ratios
 from .workloads import TrainJob
 
 NAME = "recovery"
-JOB = TrainJob(checkpoint_interval=20, crash_at_step=30, crash_rank=1)
+JOB = TrainJob(checkpoint_interval=20, crash_at_step=610, crash_rank=1)
 PHASES = ("interpreter", "import", "load", "rendezvous", "first_step")
 STAGES = ("old_group_gone", "relaunch", *PHASES)
 TIMEOUT = 120.0
@@ -48,6 +49,7 @@ class Recovery:
     stages: dict[str, float] = field(default_factory=dict)  # STAGES, in seconds
     failed_restarts: int = 0  # relaunched groups that died before their first step
     daemon: dict[str, float] = field(default_factory=dict)  # ours: detection and teardown, from its events
+    warm_ranks: int = 0  # ours warm: resumed ranks that ran in a standby
 
     @property
     def recovered(self) -> bool:
@@ -74,7 +76,7 @@ async def measure(runner: Runner, workers: int) -> Recovery:
         crash = (await run.wait_for(lambda r: r.event == "injected_crash", TIMEOUT, "the injected crash")).time
         resumed = await resumed_group(run, workers)
         if resumed is None:
-            if run.runner.name == "ours":  # ours must always recover: anything else is a bug to see
+            if isinstance(run.runner, Ours):  # ours must always recover: anything else is a bug to see
                 raise BenchError(f"ours: no resumed group within {RESUME_TIMEOUT:g} s\n{run.stderr_tail()}")
             return Recovery(math.nan)
         gone = max(await asyncio.gather(*old))
@@ -86,12 +88,14 @@ async def measure(runner: Runner, workers: int) -> Recovery:
         daemon["detection"] = exited[0].time - crash
     if teardown := run.named("teardown", why="recovery"):
         daemon["teardown"] = teardown[0].fields["seconds"]
-    return Recovery(min(map(first_step_at, resumed)) - crash, stages, resumed[0].fields["attempt"] - 1, daemon)
+    warm = len(run.named("standby_state", to="handed_out"))
+    return Recovery(min(map(first_step_at, resumed)) - crash, stages, resumed[0].fields["attempt"] - 1, daemon, warm)
 
 
 async def run(quick: bool) -> Result:
     # torchrun default is left out of the quick run: its failed restarts cost 30 s or more each.
-    runners: tuple[Runner, ...] = (Ours(), TORCHRUN_TUNED) if quick else (Ours(), TORCHRUN_DEFAULT, TORCHRUN_TUNED)
+    runners: tuple[Runner, ...] = (OURS_WARM, Ours(), TORCHRUN_TUNED) if quick else (
+        OURS_WARM, Ours(), TORCHRUN_DEFAULT, TORCHRUN_TUNED)
     reps, sizes = (1, (2,)) if quick else (3, (2, 4))
     samples: dict[tuple[int, str], list[Recovery]] = {(n, r.name): [] for n in sizes for r in runners}
     for _ in range(reps):
@@ -100,39 +104,43 @@ async def run(quick: bool) -> Result:
                 samples[n, runner.name].append(await measure(runner, n))
 
     main = Table("Recovery time (s): crash → first completed step after resume",
-                 ["workers", "launcher", "recovery, median [min–max]", "ours/this (per pair)", "failed restarts",
+                 ["workers", "launcher", "recovery, median [min–max]", "ours warm/this (per pair)", "warm ranks",
+                  "failed restarts",
                   f"not resumed in {RESUME_TIMEOUT:g} s"])
     parts = Table("Where recovery time goes (s, medians)", ["workers", "launcher", *STAGES, "total"])
     data: dict[str, object] = {}
     for n in sizes:
-        ours = [s.seconds for s in samples[n, "ours"]]
+        ours = [s.seconds for s in samples[n, OURS_WARM.name]]
         for runner in runners:
             runs = samples[n, runner.name]
             total = Summary.of([s.seconds for s in runs])
-            ratio = ratios(ours, [s.seconds for s in runs]) if runner.name != "ours" else None
+            ratio = ratios(ours, [s.seconds for s in runs]) if runner is not OURS_WARM else None
             lost = sum(not s.recovered for s in runs)
-            main.add(n, runner.name, total.fmt(), ratio.fmt() if ratio else "", sum(s.failed_restarts for s in runs),
+            main.add(n, runner.name, total.fmt(), ratio.fmt() if ratio else "",
+                     f"{sum(s.warm_ranks for s in runs)} of {n * len(runs)}", sum(s.failed_restarts for s in runs),
                      f"{lost} of {len(runs)}")
             runs = [s for s in runs if s.recovered]
             stages = {k: Summary.of([s.stages[k] for s in runs]) for k in STAGES}
             parts.add(n, runner.name, *(f"{stages[k].median:.3f}" for k in STAGES), f"{total.median:.3f}")
             data[f"{n}_workers/{runner.name}"] = {
                 "recovery_s": total, "ratio_ours_over": ratio, "stages_s": stages, "not_resumed": lost,
-                "failed_restarts": sum(s.failed_restarts for s in runs),
+                "failed_restarts": sum(s.failed_restarts for s in runs), "warm_ranks": sum(s.warm_ranks for s in runs),
                 "daemon_s": {k: Summary.of([s.daemon[k] for s in runs if k in s.daemon]) for k in ("detection", "teardown")},
                 "samples": [{"seconds": s.seconds, "stages": s.stages, "failed_restarts": s.failed_restarts,
                              "daemon": s.daemon} for s in runs],
             }
-    main.notes.append(f"torchrun default: --monitor-interval 0.1, shared rendezvous store; tuned: "
+    main.notes.append("ours warm: --standby --store-host (warm standby ranks, a store up before the ranks); "
+                      "warm ranks: resumed ranks that ran in a standby. "
+                      f"torchrun default: --monitor-interval 0.1, shared rendezvous store; tuned: "
                       f"--monitor-interval 0.001 and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1. {reps} runs per cell. "
                       "failed restarts: relaunched groups that died before a step (torchrun's stale-store race).")
     parts.notes.append("old_group_gone = detection + teardown (crash → last old rank exited); relaunch = → first new "
                        "process started (kernel start times have 10 ms resolution, hence ~0 or slightly negative); "
                        "the rest are the new ranks' own start-up phases. Stage medians need not add up to the "
                        "total's median.")
-    for n in sizes:
-        ours_runs = samples[n, "ours"]
+    for n, runner in ((n, r) for n in sizes for r in runners if isinstance(r, Ours)):
+        ours_runs = samples[n, runner.name]
         d = {k: Summary.of([s.daemon[k] for s in ours_runs if k in s.daemon]).median for k in ("detection", "teardown")}
-        parts.notes.append(f"ours, {n} workers, from its own events: exit → worker_exited {d['detection'] * 1e3:.1f} ms; "
+        parts.notes.append(f"{runner.name}, {n} workers, from its own events: exit → worker_exited {d['detection'] * 1e3:.1f} ms; "
                            f"teardown (SIGTERM → survivors reaped) {d['teardown']:.3f} s.")
     return Result(NAME, [main, parts], data)

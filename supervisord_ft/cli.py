@@ -23,6 +23,7 @@ from .rendezvous import LocalRendezvous
 from .runlog import new_run_id
 from .service import Service
 from .stdio import StdoutWriter, reopen_closed
+from .storehost import StoreRendezvous
 from .supervisor import Supervisor
 
 EPILOG = "exit codes:\n" + "".join(f"  {code:<22} {meaning.replace('`', '')}\n"
@@ -107,17 +108,18 @@ async def _run(cfg: Config) -> int:
         leftovers = orphans.find_leftovers(cfg.run_dir)  # before this daemon writes to run_dir
         ensure_appendable("run_dir", cfg.run_dir / EVENTS_FILE)
         orphans.become_subreaper()
-        rendezvous = LocalRendezvous(cfg.master_addr, cfg.master_port)
-        rendezvous.check()
+        LocalRendezvous(cfg.master_addr, cfg.master_port).check()
         stdout, bus = StdoutWriter(), EventBus()
-        console = None
-        if resolve_format(cfg.log_format, stdout) == "console":
-            console = ConsoleView(stdout, show_steps=cfg.show_steps)
-            bus.subscribe(console)
-        async with Service(cfg, bus) as service:
+        async with Service(cfg, bus) as service:  # a taken metrics port stops us here: exit 2
+            console = None
+            if resolve_format(cfg.log_format, stdout) == "console":
+                console = ConsoleView(stdout, show_steps=cfg.show_steps)
+                bus.subscribe(console)
             log = Log(EventsFile(cfg.run_dir / EVENTS_FILE), None if console else stdout, bus)
             run_id = new_run_id()
             logger = log.logger.bind(run_id=run_id)
+            rendezvous = (StoreRendezvous(cfg.master_addr, cfg.master_port, logger)
+                          if cfg.store_host else LocalRendezvous(cfg.master_addr, cfg.master_port))
             try:
                 service.announce(logger)
                 await leftovers.kill(logger)

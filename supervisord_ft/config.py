@@ -34,10 +34,15 @@ class ExitCodes(tuple):
     """The kind of an option that is a list of worker exit codes (1-255)."""
 
 
+class Names(tuple):
+    """The kind of an option that is a list of dotted names (Python modules)."""
+
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
-    kind: type  # bool, int, float, str, Path, or ExitCodes
+    kind: type  # bool, int, float, str, Path, ExitCodes or Names
     help: str
     minimum: float | None = None
     maximum: float | None = None
@@ -103,6 +108,12 @@ OPTIONS: tuple[Option, ...] = (
            "port (0 = a free one, logged in `metrics_listening`)", minimum=0, maximum=65535),
     Option("metrics_addr", str, "address the metrics port listens on; anything but loopback "
            "exposes it to the network"),
+    Option("store_host", bool, "host each attempt's rendezvous store in a helper process, up "
+           "before any rank starts and listening on `master_addr` only (`false`: rank 0 hosts it)"),
+    Option("standby", bool, "keep a warm standby interpreter per rank that has imported `preload`, "
+           "so a relaunched Python rank skips its imports (`false`: every rank starts cold)"),
+    Option("preload", Names, "modules a standby imports before it is handed a rank (a TOML list, "
+           "or `torch,numpy` on the command line)"),
     Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
     Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
     Option("checkpoint_interval", int, "built-in job: checkpoint every N global steps", minimum=1,
@@ -142,6 +153,9 @@ class Config:
     max_line_bytes: int = 65536
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
+    store_host: bool = False
+    standby: bool = False
+    preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim")
     epochs: int = builtin_job.EPOCHS
     steps: int = builtin_job.STEPS_PER_EPOCH
     checkpoint_interval: int = builtin_job.CHECKPOINT_INTERVAL
@@ -166,6 +180,13 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
         if opt.kind is bool:
             if not isinstance(value, bool):
                 raise TypeError
+        elif opt.kind is Names:
+            if from_cli:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(
+                    isinstance(v, str) and all(p.isidentifier() for p in v.split(".")) for v in value):
+                raise TypeError
+            value = tuple(value)
         elif opt.kind is int:
             if from_cli:
                 value = int(value)
@@ -194,7 +215,8 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
             _check_text(where, value)
             value = Path(value) if opt.kind is Path else value
     except (TypeError, ValueError):
-        expected = "a list of exit codes (1-255)" if opt.kind is ExitCodes else opt.kind.__name__
+        expected = {ExitCodes: "a list of exit codes (1-255)", Names: "a list of module names",
+                    bool: "true or false"}.get(opt.kind, opt.kind.__name__)
         raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
     if opt.minimum is not None and value < opt.minimum:
         raise ConfigError(f"{where}: must be >= {opt.minimum:g}, got {value!r}")
@@ -313,6 +335,8 @@ def reference_table() -> str:
             shown = "off"
         elif default == ():
             shown = "(none)"
+        elif isinstance(default, tuple):
+            shown = "`" + ", ".join(default) + "`"
         elif isinstance(default, (str, Path)):
             shown = f"`{default}`"
         else:

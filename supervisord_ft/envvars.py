@@ -30,10 +30,16 @@ CHECKPOINT_DIR = "SUPERVISORD_FT_CHECKPOINT_DIR"
 RESUME_FROM = "SUPERVISORD_FT_RESUME_FROM"  # unset on a fresh start
 KEEP_CHECKPOINTS = "SUPERVISORD_FT_KEEP_CHECKPOINTS"
 UNBUFFERED = "PYTHONUNBUFFERED"  # a Python worker's lines reach the daemon as they are printed
+# torch's: the ranks are clients of a store the launcher hosts (set to exactly "True"), as
+# torchrun's agent does; unset when rank 0 hosts it.
+USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
 
 ALL = (RANK, LOCAL_RANK, GROUP_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
        TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, TORCHELASTIC_RUN_ID, RUN_ID,
-       RESTART_COUNT, CHECKPOINT_DIR, RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED)
+       RESTART_COUNT, CHECKPOINT_DIR, RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED, USE_AGENT_STORE)
+# The ones that differ between ranks or attempts (or runs). Everything else, PYTHONUNBUFFERED
+# included (it is read at interpreter start), is the same for every rank of every attempt.
+PER_RANK = tuple(v for v in ALL if v != UNBUFFERED)
 
 
 def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run_id: str,
@@ -53,4 +59,7 @@ def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run
     env.pop(RESUME_FROM, None)
     if resume_from is not None:
         env[RESUME_FROM] = str(resume_from.resolve())
+    env.pop(USE_AGENT_STORE, None)
+    if endpoint.agent_store:
+        env[USE_AGENT_STORE] = "True"
     return env

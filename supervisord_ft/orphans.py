@@ -74,10 +74,16 @@ def _kill_groups(groups: Iterable[int]) -> None:
             os.killpg(pgid, signal.SIGKILL)
 
 
+# The daemon's own helpers (standby interpreters, the store host): children in sessions of their
+# own that are no orphans. Their owners add and discard them.
+HELPERS: set[int] = set()
+
+
 def _orphans(procs: Iterable[procfs.Stat], keep: Collection[int]) -> dict[int, procfs.Stat]:
-    """Children of ours that a worker left: in another session, not a live worker."""
+    """Children of ours that a worker left: in another session, not a live worker nor a helper."""
     me, session = os.getpid(), os.getsid(0)
-    return {p.pid: p for p in procs if p.ppid == me and p.sid != session and p.pid not in keep}
+    return {p.pid: p for p in procs if p.ppid == me and p.sid != session and p.pid not in keep
+            and p.pid not in HELPERS}
 
 
 # -- at every teardown and at the end ----------------------------------------------------------

@@ -51,7 +51,8 @@ RESERVED = frozenset({
     "master_port", "num_workers", "resume_from", "path", "step", "seconds", "silent_for",
     "before_first_step", "returncode", "runtime", "signal", "why", "terminated", "killed",
     "ranks", "attempts", "groups", "moved_to", "pids", "skipped", "host", "first_lost",
-    "last_lost", "addr", "port", "mtime",
+    "last_lost", "agent_store", "standby_pid", "preload", "modules", "addr", "port", "host_pid",
+    "mtime",
 })
 
 

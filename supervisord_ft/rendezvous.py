@@ -29,6 +29,7 @@ class RankInfo:
 class Endpoint:
     addr: str
     port: int
+    agent_store: bool = False  # a store is already up there: every rank is its client
 
 
 class Rendezvous(Protocol):
@@ -36,8 +37,12 @@ class Rendezvous(Protocol):
         """Raise :class:`ConfigError` if the group could never meet; called once at start-up."""
         ...
 
-    def next_round(self, attempt: int, local_world_size: int) -> tuple[Endpoint, list[RankInfo]]:
+    async def next_round(self, attempt: int, local_world_size: int) -> tuple[Endpoint, list[RankInfo]]:
         """The endpoint and this node's ranks for launch attempt ``attempt``."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the rendezvous holds (a store host); called once when the run ends."""
         ...
 
 
@@ -56,9 +61,12 @@ class LocalRendezvous:
             key = "master_port" if exc.errno == errno.EADDRINUSE else "master_addr"
             raise ConfigError(f"{key}: cannot listen on {self.addr}:{self.port}: {exc.strerror}") from None
 
-    def next_round(self, attempt: int, local_world_size: int) -> tuple[Endpoint, list[RankInfo]]:
+    async def next_round(self, attempt: int, local_world_size: int) -> tuple[Endpoint, list[RankInfo]]:
         ranks = [RankInfo(r, r, local_world_size, local_world_size) for r in range(local_world_size)]
         return Endpoint(self.addr, self.port or bind_port(self.addr, 0)), ranks
+
+    async def close(self) -> None:
+        """Nothing is held: rank 0 hosts the store."""
 
 
 def bind_port(addr: str, port: int) -> int:

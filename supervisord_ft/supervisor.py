@@ -26,6 +26,7 @@ from .fsm import State, StateMachine
 from .output import OutputRouter, Source
 from .rendezvous import LocalRendezvous, RankInfo, Rendezvous
 from .restarts import Failure, RestartPolicy
+from .standby import StandbyLauncher
 from .watchdog import Watchdog
 from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, stop
 
@@ -45,7 +46,8 @@ class Supervisor:
         self.log = log
         # Given to the workers; the caller binds the same id on ``log`` (cli._run does).
         self.run_id = run_id or runlog.new_run_id()
-        self.launcher = launcher or SubprocessLauncher()
+        self.launcher = launcher or (StandbyLauncher(cfg.num_workers, cfg.preload, log)
+                                     if cfg.standby else SubprocessLauncher())
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
         self.fsm = StateMachine(on_change=self._log_transition)
         self.policy = RestartPolicy(cfg.max_restarts, cfg.restart_window, cfg.restart_backoff,
@@ -139,6 +141,7 @@ class Supervisor:
             await orphans.sweep(self.workers, self.log)  # at every end, nothing a worker started lives on
             orphans.forget(self.cfg.run_dir)
             await self.launcher.close()
+            await self.rendezvous.close()
             ticker.cancel()
             emitter.cancel()
             self.router.flush()
@@ -166,10 +169,10 @@ class Supervisor:
             orphans.reap(self.workers)
 
     # -- LAUNCHING ------------------------------------------------------------------------------
-    def _next_attempt(self) -> Attempt:
+    async def _next_attempt(self) -> Attempt:
         previous = self.attempt
         attempt_id = previous.id + 1 if previous is not None else 0
-        endpoint, ranks = self.rendezvous.next_round(attempt_id, self.cfg.num_workers)
+        endpoint, ranks = await self.rendezvous.next_round(attempt_id, self.cfg.num_workers)
         return Attempt(attempt_id, self.restarts, endpoint, ranks,
                        Watchdog((r.rank for r in ranks), self.cfg.hang_timeout,
                                 self.cfg.startup_timeout, time.monotonic),
@@ -177,9 +180,9 @@ class Supervisor:
                        recovering_since=previous.failed_at if previous is not None else None)
 
     async def _launch(self) -> None:
-        a = self.attempt = self._next_attempt()
+        a = self.attempt = await self._next_attempt()
         self.log.info("launching", restart=a.restart, attempt=a.id, master_addr=a.endpoint.addr,
-                      master_port=a.endpoint.port, num_workers=len(a.ranks),
+                      master_port=a.endpoint.port, agent_store=a.endpoint.agent_store, num_workers=len(a.ranks),
                       resume_from=str(a.resume_from.path) if a.resume_from else None,
                       **daemon_usage())
         argv = self._argv(a)

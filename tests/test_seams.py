@@ -77,14 +77,18 @@ class FakeLauncher:
 class FakeRendezvous:
     def __init__(self) -> None:
         self.rounds: list[int] = []
+        self.closed = False
 
     def check(self) -> None:
         pass
 
-    def next_round(self, attempt: int, local_world_size: int) -> tuple[Endpoint, list[RankInfo]]:
+    async def next_round(self, attempt: int, local_world_size: int) -> tuple[Endpoint, list[RankInfo]]:
         self.rounds.append(attempt)
         ranks = [RankInfo(r, r, local_world_size, local_world_size) for r in range(local_world_size)]
         return Endpoint("fake-host", 40000 + attempt), ranks
+
+    async def close(self) -> None:
+        self.closed = True
 
 
 async def supervise(tmp_path: Path, launcher: FakeLauncher, rendezvous: FakeRendezvous,
@@ -128,7 +132,7 @@ async def test_a_scripted_crash_is_recovered_through_the_seams(tmp_path):
     assert relaunched.env[envvars.TORCHELASTIC_RESTART_COUNT] == "1"
     assert relaunched.env[envvars.MASTER_PORT] == "40001" and relaunched.argv == ("fake-train",)
     assert named(events, "recovered")[0]["attempt"] == 1
-    assert launcher.closed and sup.restarts == 1
+    assert launcher.closed and rendezvous.closed and sup.restarts == 1
     assert named(events, "supervisor_exit")[0]["attempts"] == 2
 
 

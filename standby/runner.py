@@ -1,0 +1,113 @@
+"""A warm standby rank: import what the job needs, wait for a rank, then become that rank's script.
+
+Started by the daemon (``supervisord_ft.standby``) as ``python -m standby REPLY_FD MODULE...``
+with the environment every rank shares, in its own session, with the parent-death signal, and
+with stdout and stderr already the pipes that become the rank's output. It imports the
+``MODULE`` list, says ``ready`` on ``REPLY_FD`` and blocks reading its stdin (costing no CPU).
+The daemon then writes one order, ``{"argv": [...], "env": {...}, "cwd": "..."}``, and the
+standby makes itself what ``argv`` would have started: the order's environment and working
+directory, ``sys.argv``/``sys.orig_argv``/``sys.path[0]`` as the interpreter sets them, the
+original ``__main__`` module emptied and reused, stdin on /dev/null, no descriptor but 0, 1 and 2
+left open, and then runs the script (``python script.py``) or the module (``python -m mod``,
+through the same ``runpy`` function the interpreter calls). ``SystemExit`` ends the process as it
+would a cold one; an uncaught exception prints through ``sys.excepthook`` with the standby's own
+frames removed and exits 1 (``KeyboardInterrupt``: by SIGINT, after the ``atexit`` handlers).
+
+What a script can still tell: the modules already in ``sys.modules``, ``/proc/self/cmdline``,
+the process start time, and any environment variable read at interpreter start or import time
+(those are the shared environment, which the daemon only hands over unchanged; see the README).
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import importlib
+import io
+import os
+import signal
+import sys
+import time
+from importlib.machinery import SourceFileLoader
+from typing import Any
+
+from . import lines
+
+_OWN_FRAMES = {__file__}
+# When this standby was handed its rank (wall clock): a start-up report's zero (worker/startup.py).
+ACTIVATED_AT: float | None = None
+
+
+def main() -> None:
+    reply_fd, preload = int(sys.argv[1]), sys.argv[2:]
+    failed = {}
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # reported; the script will meet the same error when it imports it
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    lines.write(reply_fd, event="ready", failed=failed)
+    order = lines.Reader(0).read()
+    if order is None:  # the daemon let this standby go (or died): nothing ran, nothing to say
+        os._exit(0)
+    try:
+        os.chdir(order["cwd"])
+    except OSError as exc:  # a cold start would fail to spawn: let the daemon do that itself
+        lines.write(reply_fd, event="refused", reason=f"cwd: {exc}")
+        os._exit(0)
+    os.environ.clear()
+    os.environ.update(order["env"])
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    global ACTIVATED_AT
+    ACTIVATED_AT = time.time()
+    lines.write(reply_fd, event="running", pid=os.getpid())
+    os.close(reply_fd)
+    try:
+        _run(order["argv"])
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        _uncaught(exc)
+
+
+def _run(argv: list[str]) -> None:
+    sys.orig_argv = list(argv)
+    globals_ = vars(sys.modules["__main__"])
+    globals_.clear()
+    globals_.update(__name__="__main__", __doc__=None, __package__=None, __loader__=None,
+                    __spec__=None, __annotations__={}, __builtins__=builtins)
+    if argv[1] == "-m":
+        sys.argv = ["-m", *argv[3:]]
+        sys.path[0] = os.getcwd()
+        import runpy
+        runpy._run_module_as_main(argv[2])  # what `python -m` calls: the same frames, the same errors
+        return
+    script = argv[1]
+    sys.argv = argv[1:]
+    path = os.path.abspath(script)
+    try:
+        with io.open_code(path) as fh:
+            source = fh.read()
+    except OSError as exc:
+        print(f"{argv[0]}: can't open file {path!r}: [Errno {exc.errno}] {exc.strerror}",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.path[0] = os.path.dirname(os.path.realpath(script))
+    globals_.update(__file__=path, __cached__=None, __loader__=SourceFileLoader("__main__", path))
+    exec(compile(source, path, "exec", dont_inherit=True), globals_)
+
+
+def _uncaught(exc: BaseException) -> Any:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FRAMES:
+        tb = tb.tb_next
+    sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+    if not isinstance(exc, KeyboardInterrupt):
+        raise SystemExit(1)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)

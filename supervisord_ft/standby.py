@@ -1,0 +1,285 @@
+"""Warm standby ranks: a :class:`Launcher` that hands each rank an interpreter that has already
+imported torch.
+
+A relaunched rank spends most of its start-up importing torch (45-72% of recovery in
+BENCHMARKS.md). The pool keeps one standby interpreter per rank (``python -m standby``, the
+torch-side half of this protocol, :mod:`standby.runner`), started ahead of need with the
+environment every rank shares and with the pipes that become the rank's stdout and stderr. On
+launch, a standby gets the rank's argv, environment and working directory as one JSON line and
+runs the script as a fresh ``python`` would. After every hand-out the pool refills itself in
+the background.
+
+Only ``PYTHON script.py ...`` and ``PYTHON -m module ...`` are served warm, with ``PYTHON`` the
+interpreter the first launch named and an environment equal to the standbys' in everything but
+:data:`envvars.PER_RANK` (anything read at interpreter start or import time must not change);
+anything else, and every rank when no standby is ready, starts cold through
+:class:`SubprocessLauncher`.
+
+Each standby has a state machine of its own (:data:`TRANSITIONS`), every change logged as a
+``standby_state`` event; standbys are never ranks (no rank events, no hang checks). One that dies
+while waiting is replaced; one that dies before it was ever ready disables the pool (it would
+only die again: a missing package, a broken preload), and everything starts cold from then on.
+A standby that does not answer its order within :data:`ACTIVATE_TIMEOUT` (stopped, hung) is
+killed and its rank started cold. Standbys die with the daemon (parent-death signal) and are
+killed by :meth:`StandbyLauncher.close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import json
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import envvars, orphans
+from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
+                      _die_with_parent, _pipe, _stream, forward_if_caught, signal_group)
+
+# ``python -m standby`` runs from here, so the package is found whatever the job's sys.path.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+ACTIVATE_TIMEOUT = 2.0  # an idle standby answers its order in milliseconds; past this it is hung
+READY_TIMEOUT = 600.0  # importing torch on a loaded machine takes seconds, never minutes
+
+
+class State(enum.Enum):
+    STARTING = "starting"  # spawned, importing the preload list
+    IDLE = "idle"  # ready, blocked on its order pipe
+    HANDED_OUT = "handed_out"  # now a rank: the pool no longer owns it
+    DEAD = "dead"
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STARTING: frozenset({State.IDLE, State.DEAD}),
+    State.IDLE: frozenset({State.HANDED_OUT, State.DEAD}),
+    State.HANDED_OUT: frozenset(),
+    State.DEAD: frozenset(),
+}
+
+
+class StandbyError(Exception):
+    """A standby could not be handed its rank; the rank starts cold instead."""
+
+
+class Standby:
+    """One pooled interpreter, its pipes and its state."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, output: tuple[int, int],
+                 replies: asyncio.StreamReader, reply_pipe: asyncio.BaseTransport, log: Any) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.output = output  # read ends of stdout and stderr, unread until the hand-out
+        self.replies = replies
+        self.reply_pipe = reply_pipe
+        self.state = State.STARTING
+        self.spawned_at = time.monotonic()
+        self.exit = asyncio.ensure_future(proc.wait())
+        orphans.HELPERS.add(proc.pid)
+        self.log = log.bind(standby_pid=proc.pid)
+
+    def transition(self, to: State, reason: str, **fields: Any) -> None:
+        if to not in TRANSITIONS[self.state]:
+            raise AssertionError(f"standby {self.pid}: illegal transition {self.state.value} -> {to.value}")
+        before, self.state = self.state, to
+        if to is not State.IDLE:  # handed out: a worker now; dead: reaped by its exit wait
+            orphans.HELPERS.discard(self.pid)
+        (self.log.warning if to is State.DEAD else self.log.info)(
+            "standby_state", **{"from": before.value, "to": to.value}, reason=reason, **fields)
+        if to is not State.IDLE:
+            self.reply_pipe.close()
+        if to is State.DEAD:
+            signal_group(self.pid, signal.SIGKILL)
+            for fd in self.output:
+                os.close(fd)
+            self.output = ()
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+
+
+class StandbyLauncher:
+    """A pool of ``size`` standbys in front of a :class:`SubprocessLauncher`."""
+
+    def __init__(self, size: int, preload: Sequence[str], log: Any) -> None:
+        self.size = size
+        self.preload = tuple(preload)
+        self.log = log
+        self.cold = SubprocessLauncher()
+        self.python: str | None = None  # learned from the first Python launch
+        self.env: dict[str, str] = {}  # the shared environment standbys are started with
+        self.disabled: str | None = None  # why the pool gave up; None while it works
+        self.standbys: list[Standby] = []
+        self._filler: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # one watcher per standby
+
+    # -- Launcher -------------------------------------------------------------------------------
+    async def start(self, spec: WorkerSpec) -> Started:
+        why_cold = self._why_cold(spec)
+        if why_cold is None:
+            if (standby := self._take()) is None:
+                why_cold = "no standby ready"
+            else:
+                try:
+                    return await self._hand_out(standby, spec)
+                except StandbyError as exc:
+                    why_cold = str(exc)
+                finally:
+                    self._refill()
+        self.log.info("standby_not_used", rank=spec.rank.rank, reason=why_cold)
+        started = await self.cold.start(spec)
+        if self.python is None and self.disabled is None and _is_python(spec.argv):
+            self.python, self.env = spec.argv[0], _shared(spec.env)
+            self._refill()
+        return started
+
+    async def close(self) -> None:
+        for task in (self._filler, *self._tasks):
+            if task is not None:
+                task.cancel()
+        live = self._live()
+        for s in live:
+            s.transition(State.DEAD, "run ended")
+        if live:
+            await asyncio.wait([s.exit for s in live], timeout=KILL_TIMEOUT)
+
+    # -- the pool -------------------------------------------------------------------------------
+    def _why_cold(self, spec: WorkerSpec) -> str | None:
+        if self.disabled is not None:
+            return f"pool disabled: {self.disabled}"
+        if not _is_python(spec.argv):
+            return "not a `python script.py` or `python -m module` command"
+        if self.python is None:
+            return "first launch: the pool starts now"
+        if spec.argv[0] != self.python:
+            return f"another interpreter than the standbys' ({self.python})"
+        if (changed := sorted(k for k in self.env.keys() ^ _shared(spec.env).keys()) or
+                sorted(k for k in self.env if self.env[k] != spec.env.get(k))):
+            return f"environment differs from the standbys' in {', '.join(changed[:5])}"
+        return None
+
+    def _take(self) -> Standby | None:
+        for s in self.standbys:
+            if s.state is State.IDLE:
+                return s
+        return None
+
+    def _refill(self) -> None:
+        """Start standbys in the background until ``size`` are starting or idle."""
+        if self.disabled is None and (self._filler is None or self._filler.done()):
+            self._filler = asyncio.create_task(self._fill(), name="standby-fill")
+
+    async def _fill(self) -> None:
+        while self.disabled is None and len(self._live()) < self.size:
+            try:
+                standby = await self._spawn()
+            except OSError as exc:
+                self._disable(f"cannot start `{self.python} -m standby`: {exc}")
+                return
+            self.standbys.append(standby)
+            self._track(asyncio.create_task(self._watch(standby), name=f"standby-{standby.pid}"))
+
+    def _live(self) -> list[Standby]:
+        return [s for s in self.standbys if s.state in (State.STARTING, State.IDLE)]
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _disable(self, reason: str) -> None:
+        if self.disabled is not None:
+            return
+        self.disabled = reason
+        self.log.error("standby_disabled", reason=reason)
+
+    async def _spawn(self) -> Standby:
+        assert self.python is not None
+        out, err, (reply_r, reply_w) = _pipe(), _pipe(), os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.python, "-m", "standby", str(reply_w), *self.preload,
+                stdin=asyncio.subprocess.PIPE, stdout=out[1], stderr=err[1], pass_fds=(reply_w,),
+                env=self.env, cwd=PACKAGE_ROOT, start_new_session=True,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+        except BaseException:
+            for fd in (out[0], err[0], reply_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (out[1], err[1], reply_w):  # the child holds its copies
+                os.close(fd)
+        replies, pipe = await _stream(reply_r)
+        standby = Standby(proc, (out[0], err[0]), replies, pipe, self.log)
+        standby.log.info("standby_state", **{"from": None, "to": State.STARTING.value},
+                         reason="refill", preload=list(self.preload))
+        return standby
+
+    async def _watch(self, s: Standby) -> None:
+        """Until ``s`` is handed out: its ready line, then its death while idle, if it comes."""
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                line = await s.replies.readline()
+        except TimeoutError:
+            line = b""
+        if s.state is not State.STARTING:  # the run ended meanwhile
+            return
+        ready = json.loads(line) if line.startswith(b"{") else {}
+        if ready.get("event") != "ready":
+            if line:
+                reason = f"not ready within {READY_TIMEOUT:g} s"
+            else:
+                rc = await asyncio.wait_for(asyncio.shield(s.exit), KILL_TIMEOUT)
+                reason = f"exited with {rc} before it was ready"
+            s.transition(State.DEAD, reason)
+            self._disable(f"a standby {reason}: every rank starts cold")
+            return
+        if ready["failed"]:
+            s.log.warning("standby_preload_failed", modules=ready["failed"])
+        s.transition(State.IDLE, "ready", seconds=round(time.monotonic() - s.spawned_at, 3))
+        rc = await s.exit
+        if s.state is State.IDLE:
+            s.transition(State.DEAD, f"exited with {rc} while idle: replaced")
+            self._refill()
+
+    async def _hand_out(self, standby: Standby, spec: WorkerSpec) -> Started:
+        order = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": os.getcwd()}
+        assert standby.proc.stdin is not None
+        try:
+            standby.proc.stdin.write(json.dumps(order).encode() + b"\n")
+            async with asyncio.timeout(ACTIVATE_TIMEOUT):
+                await standby.proc.stdin.drain()
+                reply = await standby.replies.readline()
+        except (TimeoutError, OSError) as exc:
+            reason = f"no answer to its order within {ACTIVATE_TIMEOUT:g} s" \
+                if isinstance(exc, TimeoutError) else f"order not delivered: {exc}"
+            standby.transition(State.DEAD, reason)
+            raise StandbyError(f"standby {standby.pid}: {reason}") from None
+        answer = json.loads(reply) if reply else {"event": "exited"}
+        if answer.get("event") != "running":
+            standby.transition(State.DEAD, f"answered {answer}")
+            raise StandbyError(f"standby {standby.pid} answered {answer}")
+        standby.proc.stdin.close()
+        standby.transition(State.HANDED_OUT, "activated", rank=spec.rank.rank)
+        readers, transports = [], []
+        for fd in standby.output:
+            reader, transport = await _stream(fd)
+            readers.append(reader)
+            transports.append(transport)
+        standby.output = ()
+        pid = standby.pid
+        return Started(pid, standby.proc.wait, functools.partial(signal_group, pid),
+                       functools.partial(forward_if_caught, pid), *readers, tuple(transports))
+
+
+def _is_python(argv: Sequence[str]) -> bool:
+    """``X script.py ...`` or ``X -m module ...`` where X is named like a Python interpreter."""
+    if len(argv) < 2 or not Path(argv[0]).name.startswith("python"):
+        return False
+    return (argv[1] == "-m" and len(argv) >= 3) or not argv[1].startswith("-")
+
+
+def _shared(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in envvars.PER_RANK}

@@ -1,0 +1,126 @@
+"""Warm standby ranks: a script cannot tell a standby from a cold start, and the pool heals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import ROOT, Daemon, pid_alive
+
+PROBE = Path(__file__).with_name("probe.py")
+FAST = ["--standby", "--preload", "json,ctypes", "--restart-backoff", "0", "--grace-period", "5"]
+
+
+def idle(d: Daemon) -> set[int]:
+    gone = {e["standby_pid"] for e in d.named("standby_state") if e["to"] in ("dead", "handed_out")}
+    return {e["standby_pid"] for e in d.named("standby_state", to="idle")} - gone
+
+
+async def pool_ready(d: Daemon, n: int = 2) -> set[int]:
+    """Wait until ``n`` standbys are idle at once; return their pids."""
+    await d.wait_for(lambda e: e["event"] == "standby_state" and len(idle(d)) >= n)
+    return idle(d)
+
+
+async def start_probe(daemon, tmp_path: Path, end: str, form: str, *args: str) -> tuple[Daemon, int]:
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    fd = os.open(go, os.O_RDWR)  # held: a reader's open never blocks, its read waits for a byte
+    shutil.copy(PROBE, tmp_path / "probe.py")
+    command = [sys.executable, "-m", "probe"] if form == "module" else [sys.executable, "probe.py"]
+    os.environ.update(PROBE_GO=str(go), PROBE_END=end)
+    try:
+        d = await daemon(*FAST, *args, command=[*command, "x", "--flag"])
+    finally:
+        del os.environ["PROBE_GO"], os.environ["PROBE_END"]
+    return d, fd
+
+
+def lines(d: Daemon, attempt: int, rank: int) -> list[object]:
+    """What the rank printed: each line, or the fields of its JSON line."""
+    return [e.get("line") or {k: v for k, v in e.items() if k not in ("timestamp", "restart", "attempt")}
+            for e in d.named("worker_output", attempt=attempt, rank=rank)]
+
+
+@pytest.mark.parametrize("form,end,code", [("script", "raise", 1), ("module", "exit 3", 3)])
+async def test_a_script_cannot_tell_a_standby_from_a_cold_start(daemon, tmp_path, form, end, code):
+    d, go = await start_probe(daemon, tmp_path, end, form, "--max-restarts", "1")
+    standbys = await pool_ready(d)
+    os.write(go, b"g")  # attempt 0 (cold) ends; attempt 1 runs in the standbys
+    assert await d.finish() == 1  # the second failure spends the budget
+    handed = {e["standby_pid"]: e["rank"] for e in d.named("standby_state", to="handed_out")}
+    assert set(handed) == standbys
+    assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys
+    for rank in (0, 1):
+        cold, warm = lines(d, 0, rank), lines(d, 1, rank)
+        assert cold == warm  # the report, the traceback or the exit line: equal, line for line
+        report = cold[0]
+        assert report["argv"][1:] == ["x", "--flag"] and report["name"] == "__main__"
+        assert report["file"] == str(tmp_path / "probe.py") and report["cwd"] == str(tmp_path)
+        assert report["deathsig"] == signal.SIGKILL and report["session_leader"]
+    for attempt in (0, 1):
+        assert [e["returncode"] for e in d.named("worker_exited", attempt=attempt)] == [code, -signal.SIGTERM]
+    if end == "raise":
+        assert lines(d, 1, 1)[-1] == "ValueError: rank 1 fails"
+    assert not any(pid_alive(p) for p in standbys | idle(d))  # the refilled pool died with the run
+
+
+async def test_a_standby_killed_or_hung_while_idle_is_replaced_and_never_handed_a_rank(daemon, tmp_path):
+    d, go = await start_probe(daemon, tmp_path, "exit 0", "script")
+    killed, stopped = sorted(await pool_ready(d))
+    os.kill(killed, signal.SIGKILL)
+    await d.wait_for(lambda e: e["event"] == "standby_state" and e["standby_pid"] == killed and e["to"] == "dead")
+    replacement = (await d.wait_for(lambda e: e["event"] == "standby_state" and e["to"] == "idle"
+                                    and e["standby_pid"] not in (killed, stopped)))["standby_pid"]
+    os.kill(stopped, signal.SIGSTOP)
+    os.kill(d.named("worker_started", rank=1)[0]["pid"], signal.SIGKILL)  # attempt 0 fails
+    assert await d.finish() == 0
+    dead = {e["standby_pid"]: e["reason"] for e in d.named("standby_state", to="dead")}
+    assert dead[killed] == "exited with -9 while idle: replaced"
+    assert "no answer to its order" in dead[stopped]
+    started = {e["pid"] for e in d.named("worker_started", attempt=1)}
+    assert replacement in started and not started & {killed, stopped}
+    assert len(d.named("standby_not_used", rank=d.named("worker_started", pid=replacement)[0]["rank"] ^ 1)) >= 1
+    # a standby is no rank until it is handed one: no worker event ever named the other two
+    assert not {e.get("pid") for e in d.events if e["event"].startswith("worker_")} & {killed, stopped}
+
+
+async def test_standbys_die_with_the_daemon(daemon, tmp_path):
+    d, go = await start_probe(daemon, tmp_path, "exit 0", "script")
+    standbys = await pool_ready(d)
+    assert await d.sigkill(within=2) == []
+    deadline = asyncio.get_running_loop().time() + 2
+    while any(pid_alive(p) for p in standbys) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)  # observing the kernel: there is no event for another's death
+    assert not any(pid_alive(p) for p in standbys)
+
+
+async def test_a_standby_that_cannot_start_disables_the_pool_and_ranks_start_cold(daemon, tmp_path):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "dies.py").write_text("raise SystemExit(5)\n")  # kills the interpreter
+    config = tmp_path / "run.toml"
+    path = os.pathsep.join([str(tmp_path / "lib"), str(ROOT)])
+    config.write_text(f'[env]\nPYTHONPATH = "{path}"\n')
+    d, go = await start_probe(daemon, tmp_path, "exit 0", "script", "--config", str(config),
+                              "--preload", "json,no_such_module,dies")
+    disabled = await d.wait_for(lambda e: e["event"] == "standby_disabled")
+    assert "exited with 5 before it was ready" in disabled["reason"]
+    os.kill(d.named("worker_started", rank=1)[0]["pid"], signal.SIGKILL)
+    assert await d.finish() == 0
+    assert {e["reason"].split(":")[0] for e in d.named("standby_not_used", attempt=None)} >= {"pool disabled"}
+    assert len(d.named("worker_started", attempt=1)) == 2 and d.named("standby_state", to="idle") == []
+    assert len(d.named("standby_disabled")) == 1
+
+
+async def test_a_non_python_command_always_starts_cold(daemon, tmp_path):
+    d = await daemon(*FAST, command=["/bin/sh", "-c", "exit 0"])
+    assert await d.finish() == 0
+    assert {e["reason"] for e in d.named("standby_not_used")} == {
+        "not a `python script.py` or `python -m module` command"}
+    assert d.named("standby_state") == []

@@ -1,0 +1,68 @@
+"""The store host: every attempt's store is up before its ranks, fresh, on master_addr only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from harness import Daemon
+
+PROBE = str(Path(__file__).with_name("store_probe.py"))
+CRASHES = 5
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every IPv4/IPv6 TCP socket ``pid`` listens on, from /proc."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        with open(table) as fh:
+            for row in list(fh)[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                    addr, port = cols[1].split(":")
+                    raw = bytes.fromhex(addr)
+                    ip = ".".join(str(b) for b in raw[::-1]) if width == 8 else raw.hex()
+                    found.add((ip, int(port, 16)))
+    return found
+
+
+async def test_every_attempt_meets_a_fresh_store_on_master_addr_and_a_dead_host_is_replaced(daemon, tmp_path):
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    fd = os.open(go, os.O_RDWR)
+    os.environ.update(PROBE_GO=str(go), PROBE_CRASHES=str(CRASHES))
+    try:
+        d: Daemon = await daemon("--store-host", "--standby", "--restart-backoff", "0",
+                                 "--max-restarts", str(CRASHES), "--grace-period", "5",
+                                 command=[sys.executable, PROBE])
+    finally:
+        del os.environ["PROBE_GO"], os.environ["PROBE_CRASHES"]
+    for rank in (0, 1):
+        await d.wait_for(lambda e: e.get("worker_event") == "reduced" and e["rank"] == rank, timeout=120)
+    host = d.named("store_host_started")[0]["pid"]
+    port = d.named("launching")[0]["master_port"]
+    assert listening(host) == {("127.0.0.1", port)}  # master_addr only, never 0.0.0.0
+    for e in d.named("worker_output", worker_event="reduced"):
+        assert listening(e["worker_pid"]) & {(ip, port) for ip in ("0.0.0.0", "127.0.0.1")} == set()
+    os.kill(host, signal.SIGKILL)  # the next launch must start another host
+    os.write(fd, b"gg")
+    assert await d.finish(timeout=240) == 0
+    launches = d.named("launching")
+    assert len(launches) == CRASHES + 1 and all(e["agent_store"] for e in launches)
+    assert len({e["master_port"] for e in launches}) == len(launches)  # a fresh store each time
+    reduced = d.named("worker_output", worker_event="reduced")
+    assert sorted((e["attempt"], e["rank"]) for e in reduced) == [(a, r) for a in range(CRASHES + 1) for r in (0, 1)]
+    assert {(e["sum"], e["worker_agent_store"]) for e in reduced} == {(2.0, "True")}
+    hosts = [e["pid"] for e in d.named("store_host_started")]
+    assert len(hosts) == 2 and hosts[0] == host
+    assert d.named("store_fallback") == []
