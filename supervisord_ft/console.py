@@ -140,6 +140,7 @@ class ConsoleView:
         if name == "worker_exited":
             return self._exited(e)
         if name == "hang_detected":
+            run.steps_before_failure = run.attempt_max_step
             return [f"[bold red]rank {e['rank']} hung[/]: no output for {e['silent_for']:.1f} s"
                     + (" before its first step" if e.get("before_first_step") else "")]
         if name == "recovered":
@@ -186,8 +187,10 @@ class ConsoleView:
     def _exited(self, e: dict[str, Any]) -> list[str]:
         if e.get("returncode") == 0 or e.get("attempt") != self.run.attempt:
             return []
-        self.run.steps_before_failure = self.run.attempt_max_step
         how = f"signal {e['signal']}" if "signal" in e else f"exit code {e['returncode']}"
+        if self.run.state in ("RECOVERING", "STOPPING"):  # a peer of the failure, torn down
+            return [f"[dim]rank {e['rank']} ended during teardown: {how}[/]"]
+        self.run.steps_before_failure = self.run.attempt_max_step
         lines = [f"[bold red]rank {e['rank']} failed[/]: {how} after {e.get('runtime', 0):.1f} s"]
         lines += [f"  [dim]| {_esc(line)}[/]" for line in self.run.stderr.get(e["rank"], ())]
         return lines
