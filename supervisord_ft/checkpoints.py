@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
@@ -217,20 +218,31 @@ def mtime(path: Path) -> float | None:
         return None
 
 
-def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *, exclusive: bool = False) -> Path:
     """Write ``path`` so that its name appears only once the content is complete and durable.
 
     ``write`` receives an open binary file. On any error the temporary is removed and the
-    exception propagates; an existing file at ``path`` is left untouched.
+    exception propagates; an existing file at ``path`` is left untouched. Each writer (process
+    and thread) has its own temporary, so concurrent writers never clash. With ``exclusive`` the first writer
+    to finish wins (``os.link`` refuses an existing name) and the others drop their temporary:
+    for ranks that save the same step at once (their contents are equal).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}-{threading.get_ident()}")
     try:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return path
+            finally:
+                tmp.unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -180,10 +180,11 @@ def test_prune_keeps_the_newest_intact_and_the_protected_one(tmp_path):
     assert left == [10, 30, 40, 50]
 
 
-def test_a_writer_sigkilled_mid_write_leaves_only_a_temporary_that_is_never_selected(tmp_path):
+@pytest.mark.parametrize("mode", ["replace", "exclusive"])  # exclusive: a just-in-time save
+def test_a_writer_sigkilled_mid_write_leaves_only_a_temporary_that_is_never_selected(tmp_path, mode):
     old = save(tmp_path, 10)
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", WRITER, str(tmp_path), mode], stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert writer.stdout.readline().strip() == "half written"
@@ -207,8 +208,16 @@ def write(fh):
     fh.flush()
     print("half written", flush=True)
     time.sleep(60)
-ck.atomic_write(ck.checkpoint_path(sys.argv[1], 20), write)
+ck.atomic_write(ck.checkpoint_path(sys.argv[1], 20), write, exclusive=sys.argv[2] == "exclusive")
 """
+
+
+def test_exclusive_writers_of_one_step_cannot_clash_the_first_to_finish_wins(tmp_path):
+    target = ck.checkpoint_path(tmp_path, 5)
+    assert ck.atomic_write(target, lambda fh: fh.write(b"first"), exclusive=True) == target
+    assert ck.atomic_write(target, lambda fh: fh.write(b"second"), exclusive=True) == target
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # the loser's temporary is gone
 
 
 def test_prune_reads_each_unchanged_kept_file_once(tmp_path, monkeypatch):

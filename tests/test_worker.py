@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import signal
 import socket
 import sys
@@ -15,14 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import pytest_asyncio
-import torch
 
 from supervisord_ft.checkpoints import TEMP_MARKER, checkpoint_path, discover
 from supervisord_ft.errors import ConfigError
-from worker import rng
 from worker.checkpoint import load_checkpoint
 from worker.contract import SupervisorEnv, report_progress
 from worker.train import parse_args
@@ -155,16 +151,6 @@ def test_flags_accept_both_spellings() -> None:
     assert parse_args(["--checkpoint-interval", "4"], env) == parse_args(["--checkpoint_interval", "4"], env)
 
 
-def test_restored_rng_streams_repeat_their_draws() -> None:
-    def draw() -> tuple[float, float, float]:
-        return torch.rand(1).item(), random.random(), float(np.random.rand())
-
-    saved = rng.capture()
-    draws = draw()
-    rng.restore(saved)
-    assert draw() == draws
-
-
 async def test_first_sigterm_sets_the_stop_flag_second_kills() -> None:
     script = (
         "import time\n"
@@ -187,20 +173,60 @@ async def test_first_sigterm_sets_the_stop_flag_second_kills() -> None:
 # --- the built-in job -----------------------------------------------------------------------
 
 
+async def resume_newest(directory: Path, reference: tuple[Path, str]) -> int:
+    """Resume the job from the newest intact checkpoint in ``directory``; its weights must end
+    bit-identical to the reference. Returns the first step the resumed group made."""
+    newest = discover(directory).newest
+    assert newest is not None
+    resumed = await run_job(*JOB, "--resume_from_checkpoint", str(newest.path), env=checkpoint_dir_env(directory))
+    assert [e.returncode for e in resumed] == [0, 0]
+    assert resumed[0].last("training_done")["weights_sha256"] == reference[1]
+    return resumed[0].events[0]["step"]
+
+
 @e2e
-async def test_crashed_run_resumed_from_newest_checkpoint_ends_bit_identical(
+async def test_a_survivor_saves_its_last_completed_step_so_a_crash_costs_no_step(
     tmp_path: Path, reference: tuple[Path, str]
 ) -> None:
     crashed = await run_job(*JOB, "--crash_at_step", "13", "--crash_rank", "1", env=checkpoint_dir_env(tmp_path))
     assert crashed[1].returncode == 1 and crashed[1].last("injected_crash")["step"] == 13
-    assert crashed[0].returncode != 0  # its peer is gone mid-collective
+    assert crashed[0].returncode == 1  # its peer is gone mid-collective: it saves, then exits 1
+    assert crashed[0].last("jit_checkpoint")["path"] == str(checkpoint_path(tmp_path, 13))
+    assert await resume_newest(tmp_path, reference) == 14
 
-    newest = discover(tmp_path).newest
-    assert newest is not None and newest.step == 10
-    resumed = await run_job(*JOB, "--resume_from_checkpoint", str(newest.path), env=checkpoint_dir_env(tmp_path))
-    assert [e.returncode for e in resumed] == [0, 0]
-    assert resumed[0].events[0]["step"] == 11
-    assert resumed[0].last("training_done")["weights_sha256"] == reference[1]
+
+@e2e
+async def test_without_jit_checkpoints_a_crash_resumes_from_the_periodic_one(
+    tmp_path: Path, reference: tuple[Path, str]
+) -> None:
+    crashed = await run_job(*JOB, "--crash_at_step", "13", "--crash_rank", "1", "--no-jit-checkpoint",
+                            env=checkpoint_dir_env(tmp_path))
+    assert [e.returncode for e in crashed] == [1, 1]
+    assert await resume_newest(tmp_path, reference) == 11
+
+
+@e2e
+async def test_the_writer_killed_with_a_periodic_save_in_flight_costs_no_step(
+    tmp_path: Path, reference: tuple[Path, str]
+) -> None:
+    # rank 0 starts the background save of step 10, then dies at once; rank 1 saves step 10 itself
+    crashed = await run_job(*JOB, "--crash_at_step", "10", "--crash_rank", "0", env=checkpoint_dir_env(tmp_path))
+    assert [e.returncode for e in crashed] == [1, 1]
+    assert crashed[1].last("jit_checkpoint")["path"] == str(checkpoint_path(tmp_path, 10))
+    assert await resume_newest(tmp_path, reference) == 11
+
+
+@e2e
+async def test_survivors_saving_one_step_at_once_leave_one_intact_file(tmp_path: Path) -> None:
+    crashed = await run_job(*JOB, "--crash_at_step", "13", "--crash_rank", "1", world_size=3,
+                            env=checkpoint_dir_env(tmp_path))
+    assert [e.returncode for e in crashed] == [1, 1, 1]
+    survivors = (crashed[0], crashed[2])
+    # each saves the step it last completed (13 here; with more ranks one may be a step behind)
+    assert {e.last("jit_checkpoint")["path"] for e in survivors} == {str(checkpoint_path(tmp_path, 13))}
+    assert not any(TEMP_MARKER in p.name for p in tmp_path.iterdir())
+    state = load_checkpoint(discover(tmp_path).newest.path)
+    assert (state["global_step"], state["world_size"]) == (13, 3)
 
 
 @e2e
@@ -254,10 +280,12 @@ async def test_only_the_newest_checkpoints_are_kept(reference: tuple[Path, str])
 
 
 @e2e
-async def test_checkpoint_holds_every_ranks_rng_streams(reference: tuple[Path, str]) -> None:
+async def test_a_checkpoint_is_one_ranks_state_with_a_torch_optim_state_and_no_rng_streams(
+    reference: tuple[Path, str]
+) -> None:
     state = load_checkpoint(checkpoint_path(reference[0], 20))
     assert (state["global_step"], state["world_size"], state["steps_per_epoch"]) == (20, 2, 10)
-    streams = state["rng_states"]
-    assert sorted(streams) == [0, 1]
-    assert all(set(s) == {"torch", "python", "numpy"} for s in streams.values())
-    assert not streams[0]["torch"].equal(streams[1]["torch"]), "ranks must draw from distinct streams"
+    assert "rng_states" not in state  # randomness comes from (seed, step, rank)
+    assert state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    momentum = state["optimizer"]["state"]
+    assert len(momentum) == 6 and all(set(s) == {"momentum_buffer"} for s in momentum.values())

@@ -1,6 +1,7 @@
 """The training side of supervisord-ft.
 
 ``contract`` (torch-free) is what any training script needs to cooperate with the supervisor;
-``checkpoint`` and ``rng`` move torch state in and out of checkpoint files; ``train`` is the
-built-in job, run as ``python -m worker``; ``startup`` (torch-free) times a rank's start-up phases.
+``checkpoint`` moves torch state in and out of checkpoint files, and ``async_checkpoint`` writes
+it without stalling training; ``train`` is the built-in job, run as ``python -m worker``;
+``startup`` (torch-free) times a rank's start-up phases.
 """

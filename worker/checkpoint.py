@@ -9,10 +9,11 @@ file cannot run code.
 from __future__ import annotations
 
 import pickle
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -29,12 +30,17 @@ def save_checkpoint(
     *,
     keep: int | None = None,
     protect: Iterable[Path] | None = None,
+    exclusive: bool = False,
+    abandon: threading.Event | None = None,
 ) -> Path:
     """Write ``state`` as ``checkpoint_step_<step>.pt``, then delete all but the ``keep`` newest.
 
     The name appears only once the file is complete and durable. ``keep`` and ``protect`` default
     to the supervisor's SUPERVISORD_FT_KEEP_CHECKPOINTS and resume file: the file this attempt
-    resumed from is never deleted under it. Prints a ``checkpoint_saved`` event.
+    resumed from is never deleted under it. ``exclusive``: an existing file of that step wins
+    (ranks saving one step at once). Once ``abandon`` is set the write raises
+    :class:`SaveAbandoned` at its next chunk and its temporary is removed. Prints a
+    ``checkpoint_saved`` event.
     """
     started = time.monotonic()
     if keep is None or protect is None:
@@ -43,10 +49,33 @@ def save_checkpoint(
         protect = ([env.resume_from] if env.resume_from else []) if protect is None else protect
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = atomic_write(checkpoint_path(directory, step), lambda fh: torch.save(state, fh))
+    def write(fh: BinaryIO) -> None:
+        torch.save(state, fh if abandon is None else _Abandonable(fh, abandon))
+
+    path = atomic_write(checkpoint_path(directory, step), write, exclusive=exclusive)
     prune(directory, keep, protect)
     emit("checkpoint_saved", step=step, path=str(path), seconds=round(time.monotonic() - started, 4))
     return path
+
+
+class SaveAbandoned(Exception):
+    """A write given up on purpose (see ``abandon``); no file was named."""
+
+
+class _Abandonable:
+    """A file whose next write raises once ``abandon`` is set: torch.save stops mid-file."""
+
+    def __init__(self, fh: BinaryIO, abandon: threading.Event) -> None:
+        self._fh = fh
+        self._abandon = abandon
+
+    def write(self, data: bytes) -> int:
+        if self._abandon.is_set():
+            raise SaveAbandoned("checkpoint write abandoned")
+        return self._fh.write(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:

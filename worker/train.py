@@ -3,20 +3,24 @@
 Determinism is the point. With the same seed and world size, a run that crashes or is stopped and
 then resumes from its newest checkpoint ends with weights bit-identical to a run that never
 stopped, because every input to a step is either a pure function of (seed, step, rank) (the
-data) or saved in the checkpoint (weights, momentum, each rank's RNG streams that dropout draws
-from), and CPU kernels run on one thread.
+data, and the seed dropout draws from) or saved in the checkpoint (weights, momentum), and CPU
+kernels run on one thread. No RNG stream is saved, so any one rank's state is the whole
+checkpoint: when a peer dies, each survivor saves its last completed step at once
+(:class:`~worker.contract.SaveOnFailure`), and periodic saves are written in the background
+(:class:`~worker.async_checkpoint.AsyncCheckpointer`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import resource
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +32,9 @@ from torch import nn
 from supervisord_ft import builtin_job
 from supervisord_ft.errors import CheckpointError, ConfigError
 
-from . import rng
-from .checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
-from .contract import CheckpointRequest, StopFlag, SupervisorEnv, emit, report_progress
+from .async_checkpoint import AsyncCheckpointer, WriteFailed
+from .checkpoint import load_checkpoint, newest_checkpoint
+from .contract import CheckpointRequest, SaveOnFailure, StopFlag, SupervisorEnv, emit, exit_now, report_progress
 from .startup import CLOCK
 
 IN_FEATURES = 16
@@ -43,7 +47,7 @@ EXIT_CHECKPOINT_FAILED = 3  # a save failed (disk full, I/O error); the previous
 DISK_FULL_LIMIT = 4096  # bytes a file may grow to once --disk_full_at_step has struck
 AUTO = Path("auto")  # --resume_from_checkpoint auto
 STATE_KEYS = frozenset(
-    {"model", "optimizer", "epoch", "global_step", "steps_per_epoch", "world_size", "seed", "rng_states"}
+    {"model", "optimizer", "epoch", "global_step", "steps_per_epoch", "world_size", "seed"}
 )
 
 
@@ -67,6 +71,8 @@ class Options:
     batch_size: int
     hidden: int
     step_time: float  # seconds of simulated compute per step
+    jit_checkpoint: bool  # survivors of a failed collective save their last completed step
+    async_checkpoint: bool  # periodic saves are written in the background
 
     @property
     def total_steps(self) -> int:
@@ -116,6 +122,10 @@ def parse_args(argv: Sequence[str] | None, env: SupervisorEnv) -> Options:
     option("batch_size", type=_positive, default=32)
     option("hidden", type=_positive, default=64)
     option("step_time", type=_non_negative, default=0.0, help="seconds of sleep per step, to simulate compute")
+    option("jit_checkpoint", action=argparse.BooleanOptionalAction, default=True,
+           help="when a collective fails (a peer died), save the last completed step before exiting")
+    option("async_checkpoint", action=argparse.BooleanOptionalAction, default=True,
+           help="write periodic checkpoints in a background thread from a snapshot")
     args = parser.parse_args(argv)
     if not 0 <= args.crash_rank < env.world_size:
         parser.error(f"--crash_rank {args.crash_rank} is not a rank of WORLD_SIZE={env.world_size}")
@@ -162,39 +172,6 @@ def build_model(seed: int, hidden: int) -> nn.Module:
     )
 
 
-class MomentumSGD:
-    """SGD with heavy-ball momentum: the update of ``torch.optim.SGD(lr, momentum)``, hand-written.
-
-    Any ``torch.optim`` optimizer imports ``torch._dynamo`` on first use, about as long again as
-    importing torch, paid on every (re)start. The whole state is one momentum buffer per parameter.
-    """
-
-    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float) -> None:
-        self.params = params
-        self.lr = lr
-        self.momentum = momentum
-        self.buffers: list[torch.Tensor] | None = None  # created by the first step, as torch does
-
-    @torch.no_grad()
-    def step(self) -> None:
-        if self.buffers is None:
-            self.buffers = [p.grad.clone() for p in self.params]
-        else:
-            for buf, p in zip(self.buffers, self.params):
-                buf.mul_(self.momentum).add_(p.grad)
-        for buf, p in zip(self.buffers, self.params):
-            p.add_(buf, alpha=-self.lr)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"momentum_buffers": self.buffers}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        buffers = state["momentum_buffers"]
-        if buffers is not None and [b.shape for b in buffers] != [p.shape for p in self.params]:
-            raise ValueError("momentum buffers do not match the parameters' shapes")
-        self.buffers = buffers
-
-
 def weights_sha256(model: nn.Module) -> str:
     """A digest of the exact weight bytes: equal only for bit-identical models."""
     digest = hashlib.sha256()
@@ -233,10 +210,15 @@ class Trainer:
         self.env = env
         self.model = build_model(opts.seed, opts.hidden)
         self.params = list(self.model.parameters())
-        self.optimizer = MomentumSGD(self.params, LEARNING_RATE, MOMENTUM)
+        # Building it imports torch._dynamo (as long again as torch; in the `load` start-up phase).
+        self.optimizer = torch.optim.SGD(self.params, lr=LEARNING_RATE, momentum=MOMENTUM)
         self.task = SyntheticRegression.create(opts.seed, opts.batch_size)
-        self.step = 0  # completed global steps
-        rng.seed_all(derive_seed(opts.seed, "rank", env.rank))
+        self.step = 0  # completed global steps: the weights and momentum are those after this step
+        resumed = opts.resume_from_checkpoint
+        self.checkpointer = AsyncCheckpointer(opts.checkpoint_dir, keep=opts.keep_checkpoints,
+                                              protect=[resumed] if resumed else [])
+        self.on_failure = (SaveOnFailure(self.save_now, EXIT_CRASHED) if opts.jit_checkpoint
+                           else contextlib.nullcontext())
 
     def epoch_of(self, step: int) -> int:
         return (step - 1) // self.opts.steps
@@ -257,53 +239,67 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as exc:
             reason = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"checkpoint {path} does not fit this model: {reason}") from None
-        rng.restore(state["rng_states"][self.env.rank])
         self.step = state["global_step"]
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint of completed step ``self.step``: equal on every rank, so any rank may write it."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch_of(self.step),
+            "global_step": self.step,
+            "steps_per_epoch": self.opts.steps,
+            "world_size": self.env.world_size,
+            "seed": self.opts.seed,
+        }
 
     def train_step(self, stop_flag: StopFlag, save_request: CheckpointRequest) -> tuple[float, bool, bool]:
         """One global step on every rank. Returns (mean loss, whether the ranks agreed to stop after
         it, whether some rank asked for a checkpoint after it)."""
-        self.step += 1
-        x, y = self.task.batch(self.step, self.env.rank)
+        step = self.step + 1
+        x, y = self.task.batch(step, self.env.rank)
+        torch.manual_seed(derive_seed(self.opts.seed, "dropout", step, self.env.rank))
         self.model.zero_grad()
         loss = nn.functional.mse_loss(self.model(x), y)
         loss.backward()
         if self.opts.step_time:
             time.sleep(self.opts.step_time)
         # The flags are read as late as possible, so a signal during the compute counts for this step.
-        mean_loss, stop, save = all_reduce_step(
-            self.params, loss, stop_flag.requested, save_request.take(), self.env.world_size
-        )
+        with self.on_failure:  # a peer died: save step - 1, whose update is the last one applied
+            mean_loss, stop, save = all_reduce_step(
+                self.params, loss, stop_flag.requested, save_request.take(), self.env.world_size
+            )
         self.optimizer.step()
+        self.step = step
         return mean_loss, stop, save
 
     def save(self) -> None:
-        """Rank 0 writes the state, with every rank's RNG streams; no rank returns before the file is durable."""
-        gathered: list[Any] | None = [None] * self.env.world_size if self.env.rank == 0 else None
-        dist.gather_object(rng.capture(), gathered, dst=0)
-        if gathered is not None:
-            state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "epoch": self.epoch_of(self.step),
-                "global_step": self.step,
-                "steps_per_epoch": self.opts.steps,
-                "world_size": self.env.world_size,
-                "seed": self.opts.seed,
-                "rng_states": dict(enumerate(gathered)),
-            }
-            resumed = self.opts.resume_from_checkpoint
-            protect = [resumed] if resumed else []
-            try:
-                save_checkpoint(
-                    state, self.step, self.opts.checkpoint_dir, keep=self.opts.keep_checkpoints, protect=protect
-                )
-            except OSError as exc:
-                # atomic_write removed its temporary: the newest complete checkpoint is still the last one.
-                emit("checkpoint_failed", step=self.step, error=exc.strerror or str(exc))
-                raise CheckpointWriteError(f"cannot save the checkpoint of step {self.step}: {exc}") from None
-        # No rank runs ahead (to an injected crash, or to exit) while the file is still being written.
-        dist.barrier()
+        """Rank 0 saves the state in the background; the next save waits for this one."""
+        if self.env.rank == 0:
+            with self._failures_reported():
+                self.checkpointer.save(self.state(), self.step)
+                if not self.opts.async_checkpoint:
+                    self.checkpointer.wait()
+
+    def check_saves(self, wait: bool = False) -> None:
+        """Raise :class:`CheckpointWriteError` if a background save failed; with ``wait``, first
+        wait until the save in flight is durable (before exiting)."""
+        with self._failures_reported():
+            self.checkpointer.wait() if wait else self.checkpointer.check()
+
+    def save_now(self) -> Path:
+        """The just-in-time save of the last completed step, on a failed collective."""
+        return self.checkpointer.save_now(self.state(), self.step)
+
+    @contextlib.contextmanager
+    def _failures_reported(self) -> Iterator[None]:
+        try:
+            yield
+        except WriteFailed as exc:
+            # atomic_write removed its temporary: the newest complete checkpoint is still the last one.
+            error = exc.error
+            emit("checkpoint_failed", step=exc.step, error=getattr(error, "strerror", None) or str(error))
+            raise CheckpointWriteError(str(exc)) from None
 
 
 def fill_disk() -> None:
@@ -334,6 +330,7 @@ def train(opts: Options, env: SupervisorEnv) -> None:
                      attempt=max(env.restart_count, env.torchelastic_restart_count), **CLOCK.report())
             if trainer.step == opts.disk_full_at_step and env.rank == 0:
                 fill_disk()
+            trainer.check_saves()
             periodic = trainer.step % opts.checkpoint_interval == 0 or trainer.step == opts.total_steps
             if stop or requested or periodic:
                 trainer.save()
@@ -341,9 +338,11 @@ def train(opts: Options, env: SupervisorEnv) -> None:
                 emit("injected_crash", step=trainer.step, exit_code=opts.crash_exit_code, time=time.time())
                 os._exit(opts.crash_exit_code)  # abrupt on purpose: no cleanup, like a real fault
             if stop and trainer.step < opts.total_steps:
+                trainer.check_saves(wait=True)
                 emit("stopped", step=trainer.step)
                 finished = True
                 return
+        trainer.check_saves(wait=True)
         emit("training_done", step=trainer.step, weights_sha256=weights_sha256(trainer.model))
         finished = True
     finally:
@@ -361,16 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except CheckpointWriteError as exc:
-        print(f"worker: {exc}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # At once: a slow exit lets the peers, failing at the barrier, be reported first.
-        os._exit(EXIT_CHECKPOINT_FAILED)
+        print(f"worker: {exc}", file=sys.stderr)
+        exit_now(EXIT_CHECKPOINT_FAILED)  # at once: its peers' failures come after its own
     except RuntimeError:
-        # Mostly a collective that failed because a peer died (gloo raises RuntimeError): the
-        # group is being torn down and relaunched, and nothing can be saved. Report it, then skip
-        # the interpreter's torch teardown, which measured 0.4 s of every recovery.
+        # A collective that failed because a peer died, with --no-jit_checkpoint (else
+        # SaveOnFailure handled it), or another runtime error: the group is broken.
         traceback.print_exc()
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(EXIT_CRASHED)
+        exit_now(EXIT_CRASHED)
     return 0
