@@ -2,7 +2,10 @@
 
 Runs unchanged under `torchrun` too. The four things a script needs (see README, "The worker
 contract"): resume from SUPERVISORD_FT_RESUME_FROM, write checkpoints atomically under the
-supervisor's naming, stop at a step boundary on SIGTERM, report progress as JSON lines.
+supervisor's naming, stop at a step boundary on SIGTERM, report progress as JSON lines. Two
+more make checkpoints cheap: periodic saves written in the background (AsyncCheckpointer), and
+a just-in-time save of the last completed step when a peer dies (SaveOnFailure), so a crash
+costs no completed step.
 
     supervisord-ft run --num-workers 2 -- python examples/minimal_train.py --steps 200
 """
@@ -15,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from worker.checkpoint import load_checkpoint, save_checkpoint
-from worker.contract import CheckpointRequest, StopFlag, SupervisorEnv, emit, report_progress
+from worker.async_checkpoint import AsyncCheckpointer
+from worker.checkpoint import load_checkpoint
+from worker.contract import CheckpointRequest, SaveOnFailure, StopFlag, SupervisorEnv, emit, report_progress
 
 
 def main() -> None:
@@ -34,20 +38,28 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     step = 0
     if env.resume_from is not None:  # set by the supervisor when a checkpoint exists
-        state = load_checkpoint(env.resume_from)  # verified (zip CRCs) before it is unpickled
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+        saved = load_checkpoint(env.resume_from)  # verified (zip CRCs) before it is unpickled
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        step = saved["step"]
 
-    ckdir = env.checkpoint_dir or Path("checkpoints")
+    ckpt = AsyncCheckpointer(env.checkpoint_dir or Path("checkpoints"))
+
+    def state() -> dict:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+
+    # A collective fails when a peer dies, before this step's update: save the last completed step, exit 1.
+    on_failure = SaveOnFailure(lambda: ckpt.save_now(state(), step))
     while step < args.steps:
         g = torch.Generator().manual_seed(step * env.world_size + env.rank)
         x = torch.randn(16, 8, generator=g)
         loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
+        with on_failure:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
         for p in model.parameters():
-            dist.all_reduce(p.grad)
             p.grad /= env.world_size
         opt.step()
         step += 1
@@ -55,16 +67,15 @@ def main() -> None:
         # Every rank must agree to stop (or save) at the same step, or peers block in the next
         # collective: one all_reduce carries both votes.
         votes = torch.tensor([float(stop.requested), float(save_now.take())])
-        dist.all_reduce(votes)
+        with on_failure:
+            dist.all_reduce(votes)
         stopping, asked = votes.tolist()
-        if step % args.checkpoint_every == 0 or stopping > 0 or asked > 0:
-            if env.rank == 0:
-                save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "step": step}, step, ckdir)
-            dist.barrier()
+        if env.rank == 0 and (step % args.checkpoint_every == 0 or stopping > 0 or asked > 0):
+            ckpt.save(state(), step)  # a snapshot; written in the background, named once complete
         if stopping > 0:
             emit("stopped", step=step)
             break
+    ckpt.wait()  # the last save is durable before exit
     dist.destroy_process_group()
 
 

@@ -86,6 +86,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("master_addr", str, "rendezvous address (`MASTER_ADDR`); checked at start-up"),
     Option("master_port", int, "`MASTER_PORT`; 0 = a fresh free port on every launch; a fixed port must be "
            "free at start-up", minimum=0, maximum=65535),
+    Option("jit_checkpoint_timeout", float, "seconds the survivors of a failed rank get to save "
+           "their last completed step and exit by themselves before the teardown signals them "
+           "(0 disables; the built-in job then saves nothing on a peer's death)", minimum=0),
     Option("hang_timeout", float, "seconds without any output after which a rank is "
            "declared hung and the group recovered (0 disables)", minimum=0),
     Option("startup_timeout", float, "seconds a rank may take from launch to its first step "
@@ -143,6 +146,7 @@ class Config:
     keep_checkpoints: int = builtin_job.KEEP_CHECKPOINTS
     master_addr: str = "127.0.0.1"
     master_port: int = 0
+    jit_checkpoint_timeout: float = 1.0
     hang_timeout: float = 600.0
     startup_timeout: float = 1200.0
     startup_window: float = 30.0

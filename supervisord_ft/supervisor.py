@@ -28,7 +28,7 @@ from .rendezvous import LocalRendezvous, RankInfo, Rendezvous
 from .restarts import Failure, RestartPolicy
 from .standby import StandbyLauncher
 from .watchdog import Watchdog
-from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, stop
+from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, stop, wait_exits
 
 EXIT_CODES = {State.DONE: EXIT_DONE, State.FAILED: EXIT_FAILED}
 STEP_EVENT = "step"
@@ -237,7 +237,7 @@ class Supervisor:
                                 checkpoint_dir=c.checkpoint_dir,
                                 keep_checkpoints=c.keep_checkpoints,
                                 resume_from=a.resume_from.path if a.resume_from else None,
-                                crash=crash)
+                                crash=crash, jit_checkpoint=c.jit_checkpoint_timeout > 0)
 
     def _env(self, a: Attempt, rank: RankInfo) -> dict[str, str]:
         return envvars.for_rank({**os.environ, **self.cfg.env}, rank, a.endpoint,
@@ -303,10 +303,18 @@ class Supervisor:
         (log.info if rc == 0 else log.warning)("worker_exited", **fields)
 
     # -- RECOVERING / STOPPING ------------------------------------------------------------------
-    async def _teardown(self, why: str) -> None:
+    async def _teardown(self, why: str, let_exit: float = 0.0) -> None:
+        """Stop the attempt's workers; first give them ``let_exit`` seconds to exit by themselves."""
         a = self.attempt
         assert a is not None
         live = [w for w in a.workers if w.alive]
+        if let_exit and live:
+            # Survivors of a dead peer save their last completed step, then exit on their own; a
+            # SIGTERM now would kill a script that does not catch it mid-save.
+            await wait_exits(live, let_exit, self._kill_now)
+            self.log.info("jit_checkpoint_wait", attempt=a.id, timeout=let_exit,
+                          exited_on_their_own=[w.rank for w in live if not w.alive],
+                          still_alive=a.alive())
         report = await stop(a.workers, self.cfg.grace_period, self._kill_now)
         for w in sorted((w for w in live if not w.alive), key=lambda w: w.exited_at or 0):
             self._report_exit(a, w)
@@ -318,9 +326,10 @@ class Supervisor:
         await orphans.sweep(a.workers, self.log)
 
     async def _recover(self) -> None:
-        await self._teardown("recovery")
         a = self.attempt
         assert a is not None and a.failure is not None
+        died = a.failure.returncode is not None  # a rank exited: not a hang, not a failed spawn
+        await self._teardown("recovery", self.cfg.jit_checkpoint_timeout if died else 0.0)
         before = a.resume_from
         try:
             self.resume_from = self._select_checkpoint()

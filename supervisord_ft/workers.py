@@ -205,6 +205,21 @@ async def spawn(spec: WorkerSpec, attempt: int, launcher: Launcher, router: Outp
     return Worker(spec, started, readers)
 
 
+async def wait_exits(workers: Sequence[Worker], timeout: float, cut_short: asyncio.Event) -> None:
+    """Wait until every one of ``workers`` has exited, ``timeout`` has passed, or ``cut_short`` is set."""
+    pending = {w.exit for w in workers if w.alive}
+    cut = asyncio.create_task(cut_short.wait())
+    try:
+        async with asyncio.timeout(timeout):
+            while pending and not cut.done():
+                _, pending = await asyncio.wait(pending | {cut}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(cut)
+    except TimeoutError:
+        pass
+    finally:
+        cut.cancel()
+
+
 @dataclass(frozen=True)
 class StopReport:
     seconds: float
@@ -223,17 +238,7 @@ async def stop(workers: Sequence[Worker], grace: float, kill_now: asyncio.Event)
     live = [w for w in workers if w.alive]
     for w in live:
         w.signal_group(signal.SIGTERM)
-    pending = {w.exit for w in live}
-    kill = asyncio.create_task(kill_now.wait())
-    try:
-        async with asyncio.timeout(grace):
-            while pending and not kill.done():
-                _, pending = await asyncio.wait(pending | {kill}, return_when=asyncio.FIRST_COMPLETED)
-                pending.discard(kill)
-    except TimeoutError:
-        pass
-    finally:
-        kill.cancel()
+    await wait_exits(live, grace, kill_now)
     terminated = [w.rank for w in live if not w.alive]
     killed = [w.rank for w in live if w.alive]
     # Every group of this attempt, exited leaders included: what they forked may live on. The

@@ -96,6 +96,10 @@ def main() -> int:
     p.add_argument("--fail-attempts", type=int, default=1, help="attempts (from 0) that fail")
     p.add_argument("--hang", action="store_true", help="the failing rank hangs instead of exiting")
     p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--survivor-save", type=float, default=None, metavar="S",
+                   help="when the failing rank fails, the others spend S seconds writing "
+                        "jit-<rank> (SIGTERM kills them meanwhile), then exit 1: survivors of "
+                        "a dead peer saving a just-in-time checkpoint")
     p.add_argument("--spawn-child", nargs="?", const="group", choices=["group", "detached"],
                    help="fork a sleeping grandchild: in the worker's process group, or detached "
                         "from it as daemons do (double fork, setsid, stdio on /dev/null)")
@@ -159,13 +163,20 @@ def main() -> int:
         print(f"cannot resume from {os.path.basename(resume)}: not a state of this job",
               file=sys.stderr, flush=True)
         return 2
-    failing = rank == args.fail_rank and attempt < args.fail_attempts
+    fault = args.fail_rank is not None and attempt < args.fail_attempts
+    failing = fault and rank == args.fail_rank
     for step in range(1, args.steps + 1):
         if failing and step - 1 == args.fail_at_step:
             print(f"rank {rank} failing at step {step - 1}", file=sys.stderr, flush=True)
             if args.hang:
                 time.sleep(3600)
             return args.fail_code
+        if fault and args.survivor_save is not None and step - 1 == args.fail_at_step:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a script that does not catch it
+            time.sleep(args.survivor_save)  # the write itself
+            with open(f"jit-{rank}", "w"):
+                pass
+            return 1
         if stop:
             emit("stopped", step=step - 1)
             return 0

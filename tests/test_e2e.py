@@ -45,13 +45,21 @@ def reference_sha(tmp_path_factory) -> str:
     return asyncio.run(run())
 
 
-async def test_crash_is_recovered_from_the_newest_checkpoint_with_bit_identical_weights(daemon, reference_sha):
+async def test_a_crash_costs_no_step_the_survivor_saves_just_in_time_and_weights_match(daemon, reference_sha):
     d = await daemon(*COMMON, *SIZES, "--crash-at-step", "23", "--crash-rank", "1")
     assert await d.finish(timeout=120) == 0
     assert d.named("worker_exited", rank=1, restart=0)[0]["returncode"] == 1
+    assert d.named("jit_checkpoint_wait")[0]["exited_on_their_own"] == [0]  # saved, then exited
+    assert d.named("checkpoint_selected")[-1]["step"] == 23  # not the periodic one of step 20
+    assert steps_seen(d, 1)[0] == 24 and d.named("recovered")[0]["step"] == 24
+    assert final_sha(d) == reference_sha
+
+
+async def test_with_jit_checkpoint_timeout_0_a_crash_resumes_from_the_periodic_checkpoint(daemon, reference_sha):
+    d = await daemon(*COMMON, *SIZES, "--crash-at-step", "23", "--crash-rank", "1", "--jit-checkpoint-timeout", "0")
+    assert await d.finish(timeout=120) == 0
     assert d.named("checkpoint_selected")[-1]["step"] == 20
-    assert steps_seen(d, 1)[0] == 21  # resumed right after the checkpoint: 3 steps redone
-    assert d.named("recovered")[0]["step"] == 21
+    assert steps_seen(d, 1)[0] == 21  # 3 steps redone
     assert final_sha(d) == reference_sha
 
 
@@ -102,16 +110,17 @@ async def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(daemon, r
     failed = d.named("worker_output", rank=0, worker_event="checkpoint_failed")
     assert failed[0]["worker_step"] == 15 and "too large" in failed[0]["error"]
     assert d.named("worker_exited", rank=0, restart=0)[0]["returncode"] == 3
-    # no partial file took a final name: the recovery found step 10 intact, nothing rejected
-    assert d.named("checkpoint_selected")[1]["step"] == 10
+    # no partial file took a final name, nothing rejected; rank 1, whose disk is fine, saved the
+    # last step rank 0 completed before it exited
     assert d.named("checkpoint_rejected") == []
+    assert d.named("checkpoint_selected")[1]["step"] == max(steps_seen(d, 0))
     assert final_sha(d) == reference_sha
 
 
 async def test_random_sigkills_of_random_ranks_still_end_bit_identical(daemon, reference_sha):
     rnd = random.Random(1234)
     d = await daemon(*COMMON, "--max-restarts", "10", command=[*WORKER, "--step_time", "0.01"])
-    kills = 0
+    survivors = []
     for restart in range(3):
         target = rnd.randrange(2, 19)  # a random step, often beside a checkpoint write
         event = await d.wait_for(lambda e: e.get("worker_event") == "step" and e["restart"] == restart
@@ -119,11 +128,14 @@ async def test_random_sigkills_of_random_ranks_still_end_bit_identical(daemon, r
         victim = rnd.choice(d.named("worker_started", restart=restart))
         if event["worker_step"] < 55 and pid_alive(victim["pid"]):
             os.kill(victim["pid"], signal.SIGKILL)
-            kills += 1
+            survivors.append(1 - victim["rank"])
             await d.wait_for(lambda e: e["event"] == "launching" and e["restart"] == restart + 1)
     assert await d.finish(timeout=120) == 0
-    assert kills == 3 and d.events[-1]["restarts"] == 3
+    assert len(survivors) == 3 and d.events[-1]["restarts"] == 3
     assert d.named("checkpoint_rejected") == []
+    for restart, survivor in enumerate(survivors):  # no completed step is ever done twice
+        done = [e["step"] for e in d.named("worker_output", rank=survivor, restart=restart, worker_event="step")]
+        assert steps_seen(d, restart + 1)[0] == max(done) + 1
     assert final_sha(d) == reference_sha
 
 
@@ -143,8 +155,8 @@ async def test_the_readme_demo_recovers_from_its_injected_crash_and_ends_done(da
     d = await daemon("--config", str(ROOT / "configs" / "demo.toml"))
     assert await d.finish(timeout=180) == 0
     assert d.states() == ["LAUNCHING", "RUNNING", "RECOVERING", "LAUNCHING", "RUNNING", "DONE"]
-    assert d.named("checkpoint_selected")[-1]["step"] == 250
-    assert d.named("recovered")[0]["step"] == 251
+    assert d.named("checkpoint_selected")[-1]["step"] == 255
+    assert d.named("recovered")[0]["step"] == 256
 
 
 async def test_the_example_script_resumes_after_a_rank_is_killed(daemon):
@@ -154,6 +166,7 @@ async def test_the_example_script_resumes_after_a_rank_is_killed(daemon):
     os.kill(d.named("worker_started", rank=1)[0]["pid"], signal.SIGKILL)
     assert await d.finish(timeout=120) == 0
     selected = d.named("checkpoint_selected")[-1]["step"]
-    assert selected >= 40
+    assert selected == max(steps_seen(d, 0))  # rank 0 saved its last step just in time
+    assert d.named("worker_output", rank=0, restart=0, worker_event="jit_checkpoint")
     assert steps_seen(d, 1)[0] == selected + 1
     assert max(steps_seen(d, 1)) == 400

@@ -14,7 +14,7 @@ LONG = ["--steps", "2000", "--step-time", "0.01"]  # runs ~20 s unless stopped
 
 
 async def test_crash_tears_down_survivors_and_relaunches_the_group(daemon):
-    d = await daemon("--num-workers", "3", "--grace-period", "5",
+    d = await daemon("--num-workers", "3", "--grace-period", "5", "--jit-checkpoint-timeout", "0",
                      command=[*FAKE_WORKER, "--steps", "20", "--step-time", "0.02",
                               "--fail-rank", "1", "--fail-at-step", "3", "--fail-code", "7"])
     assert await d.finish() == 0
@@ -32,6 +32,27 @@ async def test_crash_tears_down_survivors_and_relaunches_the_group(daemon):
     exit_event = d.events[-1]
     assert exit_event == {**exit_event, "event": "supervisor_exit", "state": "DONE",
                           "restarts": 1, "exit_code": 0}
+
+
+SURVIVORS_SAVE = [*FAKE_WORKER, "--steps", "5", "--fail-rank", "1", "--fail-at-step", "2",
+                  "--survivor-save", "2"]
+
+
+async def test_survivors_of_a_failed_rank_get_jit_checkpoint_timeout_to_save_and_exit(daemon):
+    d = await daemon("--num-workers", "3", "--jit-checkpoint-timeout", "30", command=SURVIVORS_SAVE)
+    assert await d.finish() == 0
+    waited = d.named("jit_checkpoint_wait")[0]
+    assert waited["exited_on_their_own"] == [0, 2] and waited["still_alive"] == []
+    assert sorted(p.name for p in d.workdir.glob("jit-*")) == ["jit-0", "jit-2"]
+    assert d.named("teardown", why="recovery")[0]["terminated"] == []
+
+
+async def test_without_jit_checkpoint_timeout_survivors_are_signalled_at_once(daemon):
+    d = await daemon("--num-workers", "3", "--jit-checkpoint-timeout", "0", command=SURVIVORS_SAVE)
+    assert await d.finish() == 0
+    assert d.named("jit_checkpoint_wait") == []
+    assert sorted(d.named("teardown", why="recovery")[0]["terminated"]) == [0, 2]
+    assert list(d.workdir.glob("jit-*")) == []
 
 
 async def test_restart_budget_exhausted_ends_failed_with_exit_1(daemon):
