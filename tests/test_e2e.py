@@ -135,7 +135,9 @@ async def test_random_sigkills_of_random_ranks_still_end_bit_identical(daemon, r
     assert d.named("checkpoint_rejected") == []
     for restart, survivor in enumerate(survivors):  # no completed step is ever done twice
         done = [e["step"] for e in d.named("worker_output", rank=survivor, restart=restart, worker_event="step")]
-        assert steps_seen(d, restart + 1)[0] == max(done) + 1
+        # (the next attempt's victim may die before its first line: take the first any rank reported)
+        resumed = [e["step"] for e in d.named("worker_output", restart=restart + 1, worker_event="step")]
+        assert min(resumed) == max(done) + 1
     assert final_sha(d) == reference_sha
 
 
