@@ -32,11 +32,15 @@ class TrainJob:
     batch_size: int = 32
     crash_at_step: int | None = None  # first attempt only
     crash_rank: int = 1
+    jit_checkpoint: bool = True  # survivors of a dead peer save their last completed step
+    async_checkpoint: bool = True  # periodic saves written in the background
 
     def program(self, checkpoint_dir: Path) -> Program:
         args = ["--epochs", "1", "--steps", str(self.steps), "--checkpoint_interval", str(self.checkpoint_interval),
                 "--step_time", str(self.step_time), "--hidden", str(self.hidden), "--batch_size", str(self.batch_size),
                 "--checkpoint_dir", str(checkpoint_dir), "--resume_from_checkpoint", "auto"]
+        args += [] if self.jit_checkpoint else ["--no-jit_checkpoint"]
+        args += [] if self.async_checkpoint else ["--no-async_checkpoint"]
         if self.crash_at_step is not None:
             args += ["--crash_at_step", str(self.crash_at_step), "--crash_rank", str(self.crash_rank)]
         return Program(("-m", "worker"), tuple(args))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -75,14 +76,19 @@ class AsyncCheckpointer:
         """The step being written in the background, or None."""
         return self._step if self._thread is not None and self._thread.is_alive() else None
 
-    def save(self, state: dict[str, Any], step: int) -> None:
-        """Snapshot ``state`` (of completed step ``step``) and write it in the background."""
+    def save(self, state: dict[str, Any], step: int) -> float:
+        """Snapshot ``state`` (of completed step ``step``) and write it in the background.
+        Returns the seconds the snapshot took: what training is blocked for, but for a wait on
+        the previous write."""
         self.wait()
+        started = time.perf_counter()
         self._buffer = snapshot(state, self._buffer)
+        copied = time.perf_counter() - started
         self._step, self._abandon = step, threading.Event()
         self._thread = threading.Thread(target=self._run, args=(self._buffer, step, self._abandon),
                                         name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
+        return copied
 
     def _run(self, state: dict[str, Any], step: int, abandon: threading.Event) -> None:
         try:

@@ -277,7 +277,8 @@ class Trainer:
         """Rank 0 saves the state in the background; the next save waits for this one."""
         if self.env.rank == 0:
             with self._failures_reported():
-                self.checkpointer.save(self.state(), self.step)
+                copied = self.checkpointer.save(self.state(), self.step)
+                emit("checkpoint_started", step=self.step, snapshot_seconds=round(copied, 4))
                 if not self.opts.async_checkpoint:
                     self.checkpointer.wait()
 
