@@ -9,8 +9,8 @@ blocking save. A write that failed is raised on the training thread by the next 
 :meth:`save` or :meth:`wait`.
 
 :meth:`save_now` is the just-in-time save (see :class:`worker.contract.SaveOnFailure`): the write
-in flight is finished if it holds the same step, else abandoned (its temporary is removed, never
-named), then the live state is written at once, first writer wins.
+in flight is finished if it holds the same step, else abandoned (it is not waited for, and its
+temporary is never named), then the live state is written at once, first writer wins.
 """
 
 from __future__ import annotations
@@ -114,11 +114,10 @@ class AsyncCheckpointer:
             raise WriteFailed(self._step, error) from error
 
     def abandon(self) -> None:
-        """Give up the write in flight; its temporary is removed and never named."""
-        if self._thread is not None:
-            self._abandon.set()
-            self._thread.join()  # stops at its next write call
-            self._thread = self._error = None
+        """Give up the write in flight without waiting for it: once complete, its temporary is
+        removed, never named (if the process exits first, a hidden temporary is left, which is
+        never a candidate and is removed at the next launch)."""
+        self._abandon.set()
 
     def save_now(self, state: dict[str, Any], step: int) -> Path:
         """The just-in-time save of ``state`` at ``step``: blocking, first writer of a step wins."""
