@@ -52,7 +52,7 @@ RESERVED = frozenset({
     "before_first_step", "returncode", "runtime", "signal", "why", "terminated", "killed",
     "ranks", "attempts", "groups", "moved_to", "pids", "skipped", "host", "first_lost",
     "last_lost", "agent_store", "standby_pid", "preload", "modules", "addr", "port", "host_pid",
-    "mtime",
+    "mtime", "timeout", "exited_on_their_own", "still_alive",
 })
 
 

@@ -134,9 +134,9 @@ async def test_random_sigkills_of_random_ranks_still_end_bit_identical(daemon, r
     assert len(survivors) == 3 and d.events[-1]["restarts"] == 3
     assert d.named("checkpoint_rejected") == []
     for restart, survivor in enumerate(survivors):  # no completed step is ever done twice
-        done = [e["step"] for e in d.named("worker_output", rank=survivor, restart=restart, worker_event="step")]
+        done = [e["worker_step"] for e in d.named("worker_output", rank=survivor, restart=restart, worker_event="step")]
         # (the next attempt's victim may die before its first line: take the first any rank reported)
-        resumed = [e["step"] for e in d.named("worker_output", restart=restart + 1, worker_event="step")]
+        resumed = [e["worker_step"] for e in d.named("worker_output", restart=restart + 1, worker_event="step")]
         assert min(resumed) == max(done) + 1
     assert final_sha(d) == reference_sha
 
