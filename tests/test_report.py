@@ -93,8 +93,9 @@ async def test_without_matplotlib_report_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.e2e
 async def test_the_report_of_a_real_crash_and_recovery_holds_its_numbers(daemon, tmp_path):
-    # The demo in small: 60 steps, a checkpoint every 5; rank 1 dies after step 23.
-    d = await daemon(*COMMON, *SIZES, "--crash-at-step", "23", "--crash-rank", "1")
+    # The demo in small: 60 steps, a checkpoint every 5; rank 1 dies after step 23. No
+    # just-in-time save, so that the recovery redoes steps for the report to count.
+    d = await daemon(*COMMON, *SIZES, "--crash-at-step", "23", "--crash-rank", "1", "--jit-checkpoint-timeout", "0")
     assert await d.finish(timeout=120) == 0
     attempts, _ = await report(tmp_path / "run")
     first, second = attempts
