@@ -2,8 +2,9 @@
 
 The training job (2 or 4 ranks, ~12 ms steps, a checkpoint every 20 steps) crashes rank 1 after
 step 610 on its first attempt (``--crash_at_step``; late enough that the standby pool of "ours
-warm" is ready by then); the launcher relaunches the group, which resumes from step 600. Recovery = the first resumed step's completion − the crash, both read from
-the workers' own wall clocks, so the number means the same for both launchers. The run is
+warm" is ready by then); the launcher relaunches the group, which resumes from rank 0's
+just-in-time checkpoint of step 610 (from step 600 with ``--no-jit_checkpoint``). Recovery = the
+first resumed step's completion − the crash, both read from the workers' own wall clocks, so the number means the same for both launchers. The run is
 stopped once every rank of the resumed group reported its first step.
 
 The breakdown is measured the same way for both launchers:
