@@ -206,6 +206,18 @@ async def test_without_jit_checkpoints_a_crash_resumes_from_the_periodic_one(
 
 
 @e2e
+async def test_a_failed_jit_save_falls_back_to_the_newest_periodic_checkpoint(
+    tmp_path: Path, reference: tuple[Path, str]
+) -> None:
+    # rank 0's disk is full from step 12 on (after the periodic save of step 10): its save of 13 fails
+    crashed = await run_job(*JOB, "--crash_at_step", "13", "--crash_rank", "1", "--disk_full_at_step", "12",
+                            env=checkpoint_dir_env(tmp_path))
+    assert crashed[0].returncode == 1 and "too large" in crashed[0].last("jit_checkpoint_failed")["error"]
+    assert not any(TEMP_MARKER in p.name for p in tmp_path.iterdir())
+    assert await resume_newest(tmp_path, reference) == 11
+
+
+@e2e
 async def test_the_writer_killed_with_a_periodic_save_in_flight_costs_no_step(
     tmp_path: Path, reference: tuple[Path, str]
 ) -> None:
