@@ -30,10 +30,25 @@ def at(event: dict) -> float:
 
 
 async def until_full(fd: int, timeout: float = 10) -> None:
-    """Wait until the pipe ``fd`` reads from holds (nearly) its capacity: its writer is stuck."""
-    async with asyncio.timeout(timeout):
-        while int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4), "little") < STDOUT_PIPE - 4096:
-            await asyncio.sleep(0.01)  # a pipe's fill level is no event anyone can await
+    """Wait until the pipe ``fd`` reads from is full: its writer is stuck.
+
+    Not a byte count: the kernel fills a pipe page by page, and how short of 64 KiB a full pipe
+    stays depends on how the writes fell (57,222 and 65,417 bytes were both seen full). Full is
+    more than half of it held, unchanged for 0.3 s while the daemon writes a `status` event
+    every 0.1 s and a line per worker line.
+    """
+    held, since = -1, time.monotonic()
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                now = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4), "little")
+                if now != held:
+                    held, since = now, time.monotonic()
+                elif held > STDOUT_PIPE // 2 and time.monotonic() - since > 0.3:
+                    return
+                await asyncio.sleep(0.01)  # a pipe's fill level is no event anyone can await
+    except TimeoutError:
+        raise AssertionError(f"the daemon's stdout pipe never filled: {held} bytes") from None
 
 
 async def read_all(fd: int) -> list[bytes]:

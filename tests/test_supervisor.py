@@ -88,7 +88,8 @@ async def test_sigint_gives_exit_130(daemon):
 
 async def test_worker_ignoring_sigterm_is_killed_after_the_grace_period(daemon):
     d = await daemon("--grace-period", "0.5", "--max-restarts", "0",
-                     command=[*FAKE_WORKER, *LONG, "--ignore-sigterm", "--fail-rank", "1", "--fail-at-step", "2"])
+                     command=[*FAKE_WORKER, *LONG, "--ignore-sigterm", "--fail-rank", "1", "--fail-at-step", "2",
+                              "--startup-delay", "0.5"])
     assert await d.finish() == 1
     teardown = d.named("teardown")[0]
     assert teardown["killed"] == [0]
@@ -98,7 +99,8 @@ async def test_worker_ignoring_sigterm_is_killed_after_the_grace_period(daemon):
 
 async def test_second_sigint_kills_at_once(daemon):
     d = await daemon("--grace-period", "60", command=[*FAKE_WORKER, *LONG, "--ignore-sigterm"])
-    await d.wait_for(lambda e: e.get("worker_event") == "step")
+    for rank in (0, 1):  # each ignores SIGTERM from before its first step
+        await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == rank)
     d.signal(signal.SIGINT)
     await d.wait_for(lambda e: e["event"] == "state_changed" and e["to"] == "STOPPING")
     t0 = time.monotonic()
