@@ -159,7 +159,8 @@ class Config:
     metrics_addr: str = "127.0.0.1"
     store_host: bool = False
     standby: bool = False
-    preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim")
+    # torch._dynamo too: building any torch.optim optimizer imports it, about 1 s on its own.
+    preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim", "torch._dynamo")
     epochs: int = builtin_job.EPOCHS
     steps: int = builtin_job.STEPS_PER_EPOCH
     checkpoint_interval: int = builtin_job.CHECKPOINT_INTERVAL
