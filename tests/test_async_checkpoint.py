@@ -64,11 +64,17 @@ def test_save_returns_while_the_write_is_blocked_and_writes_the_state_as_it_was(
     assert load_checkpoint(checkpoint_path(tmp_path, 1))["w"].eq(1.0).all()
 
 
-def test_never_two_saves_in_flight_and_the_buffer_is_reused(tmp_path):
+def writing_step_1(tmp_path):
+    """A checkpointer whose write of step 1 is under way, held by a slow disk."""
     disk = SlowDisk()
     saver = AsyncCheckpointer(tmp_path, keep=3, protect=[], write=disk)
     saver.save(state(1.0), 1)
     assert disk.started.acquire(timeout=TIMEOUT_S)
+    return disk, saver
+
+
+def test_never_two_saves_in_flight_and_the_buffer_is_reused(tmp_path):
+    disk, saver = writing_step_1(tmp_path)
     first_buffer = saver._buffer["w"]
     second = threading.Thread(target=saver.save, args=(state(2.0), 2))
     second.start()
@@ -82,10 +88,7 @@ def test_never_two_saves_in_flight_and_the_buffer_is_reused(tmp_path):
 
 
 def test_a_just_in_time_save_abandons_an_older_write_which_never_gets_a_name(tmp_path):
-    disk = SlowDisk()
-    saver = AsyncCheckpointer(tmp_path, keep=3, protect=[], write=disk)
-    saver.save(state(1.0), 1)
-    assert disk.started.acquire(timeout=TIMEOUT_S)
+    disk, saver = writing_step_1(tmp_path)
     saver.save_now(state(2.0), 2)  # abandons step 1, writes step 2 at once
     assert checkpoint_path(tmp_path, 2).is_file()
     saver.wait()  # the abandoned write ends; no error
@@ -93,10 +96,7 @@ def test_a_just_in_time_save_abandons_an_older_write_which_never_gets_a_name(tmp
 
 
 def test_a_just_in_time_save_of_the_step_in_flight_finishes_that_write(tmp_path):
-    disk = SlowDisk()
-    saver = AsyncCheckpointer(tmp_path, keep=3, protect=[], write=disk)
-    saver.save(state(1.0), 1)
-    assert disk.started.acquire(timeout=TIMEOUT_S)
+    disk, saver = writing_step_1(tmp_path)
     disk.release.set()
     assert saver.save_now(state(9.0), 1) == checkpoint_path(tmp_path, 1)
     assert load_checkpoint(checkpoint_path(tmp_path, 1))["w"].eq(1.0).all()
