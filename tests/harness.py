@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +191,12 @@ class Daemon:
         for pid in self.worker_pids():
             if pid_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def taken_port() -> Iterator[int]:
+    """A loopback port that a listening socket holds for the duration."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]

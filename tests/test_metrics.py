@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import FAKE_WORKER
+from harness import taken_port, FAKE_WORKER
 from supervisord_ft import httpd
 from supervisord_ft.config import build
 from supervisord_ft.errors import ConfigError
@@ -93,10 +92,7 @@ async def test_a_scrape_during_a_run_with_a_crash_shows_state_restarts_steps_and
 
 
 async def test_a_taken_metrics_port_is_exit_2_before_anything_starts(daemon, tmp_path: Path):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         d = await daemon("--metrics-port", str(port), command=[*FAKE_WORKER])
         assert await d.finish() == 2
     assert d.stderr.strip() == (f"supervisord-ft: error: metrics_port: cannot listen on "

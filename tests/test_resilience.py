@@ -6,9 +6,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 
-from harness import FAKE_WORKER, pid_alive
+from harness import taken_port, FAKE_WORKER, pid_alive
 from supervisord_ft.output import REDRAW_INTERVAL
 
 from supervisord_ft import procfs
@@ -128,10 +127,7 @@ async def test_fifty_recoveries_leak_no_fds_memory_or_zombies(daemon):
 
 
 async def test_a_port_already_taken_is_a_config_error_before_any_worker(daemon):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
+    with taken_port() as port:
         d = await daemon("--master-port", str(port), command=[*FAKE_WORKER])
         assert await d.finish() == 2
     assert d.events == []
