@@ -11,7 +11,7 @@ the exit never locks onto a polling phase), printing its wall-clock time just be
 
 from __future__ import annotations
 
-from .launch import Launch, Ours, Runner, Torchrun
+from .launch import COLD, Launch, Ours, Runner, Torchrun
 from .report import Result, Summary, Table, ratios
 from .workloads import LightJob
 
@@ -41,7 +41,7 @@ async def run(quick: bool) -> Result:
     ours_signal: list[list[float]] = []
     theirs: dict[str, list[list[float]]] = {t.name: [] for t in TORCHRUNS}
     for _ in range(reps):
-        event, signal = await latencies(Ours(), ours_exits)
+        event, signal = await latencies(Ours(options=COLD), ours_exits)
         ours_event += event
         ours_signal.append(signal)
         for t in TORCHRUNS:

@@ -88,7 +88,7 @@ class Ours:
 
     grace_period: float = 10.0
     name: str = "ours"
-    options: tuple[str, ...] = ()  # more daemon options (OURS_WARM's)
+    options: tuple[str, ...] = ()  # more daemon options (OURS_COLD's)
 
     @property
     def env(self) -> dict[str, str]:
@@ -157,8 +157,11 @@ def job_env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **extra}
 
 
-# Warm standby ranks and a store hosted before the ranks start (supervisord_ft/standby.py, storehost.py).
-OURS_WARM = Ours(name="ours warm", options=("--standby", "--store-host"))
+# Without the warm standby ranks and the store hosted before the ranks start (both on by default:
+# supervisord_ft/standby.py, storehost.py). Benchmarks of the daemon's own costs use it: a pool would
+# import torch beside their torch-free workers, and hold 200 MiB per rank of the scale benchmark.
+COLD = ("--no-standby", "--no-store-host")
+OURS_COLD = Ours(name="ours cold", options=COLD)
 TORCHRUN_DEFAULT = Torchrun(0.1, label="torchrun default")
 TORCHRUN_TUNED = Torchrun(0.001, share_store=False, label="torchrun tuned")
 

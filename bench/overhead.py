@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .launch import TORCHRUN_TUNED, Launch, Ours, Runner, iso_time
+from .launch import COLD, TORCHRUN_TUNED, Launch, Ours, Runner, iso_time
 from .report import Result, Summary, Table
 from .workloads import LightJob
 
@@ -59,7 +59,7 @@ def read_delays(events: Path, rate: int, lines: int) -> Delays:
 
 async def delays_at(rate: int, seconds: float) -> Delays:
     lines = int(rate * seconds)
-    async with Launch(Ours(), flood(lines, rate), workers=1, capture=False) as run:
+    async with Launch(Ours(options=COLD), flood(lines, rate), workers=1, capture=False) as run:
         await run.wait_exit(TIMEOUT)
         return read_delays(run.workdir / "run" / "events.jsonl", rate, lines)
 
@@ -73,7 +73,7 @@ async def cost(runner: Runner, lines: int) -> dict[str, float]:
 async def run(quick: bool) -> Result:
     lines, seconds, ladder, bisections = (100_000, 1.0, (20_000, 80_000), 0) if quick else \
         (1_000_000, 3.0, (10_000, 20_000, 40_000, 60_000, 80_000, 120_000, 160_000), 2)
-    costs = {r.name: await cost(r, lines) for r in (Ours(), TORCHRUN_TUNED)}
+    costs = {r.name: await cost(r, lines) for r in (Ours(options=COLD), TORCHRUN_TUNED)}
     tried: list[Delays] = []
     for rate in ladder:
         tried.append(await delays_at(rate, seconds))

@@ -24,7 +24,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from .launch import (OURS_WARM, TORCHRUN_DEFAULT, TORCHRUN_TUNED, BenchError, Launch, Ours, Record, Runner,
+from .launch import (OURS_COLD, TORCHRUN_DEFAULT, TORCHRUN_TUNED, BenchError, Launch, Ours, Record, Runner,
                      watch_exit)
 from .report import Result, Summary, Table, ratios
 from .workloads import TrainJob
@@ -50,7 +50,7 @@ class Recovery:
     stages: dict[str, float] = field(default_factory=dict)  # STAGES, in seconds
     failed_restarts: int = 0  # relaunched groups that died before their first step
     daemon: dict[str, float] = field(default_factory=dict)  # ours: detection and teardown, from its events
-    warm_ranks: int = 0  # ours warm: resumed ranks that ran in a standby
+    warm_ranks: int = 0  # ours: resumed ranks that ran in a standby
 
     @property
     def recovered(self) -> bool:
@@ -95,8 +95,8 @@ async def measure(runner: Runner, workers: int) -> Recovery:
 
 async def run(quick: bool) -> Result:
     # torchrun default is left out of the quick run: its failed restarts cost 30 s or more each.
-    runners: tuple[Runner, ...] = (OURS_WARM, Ours(), TORCHRUN_TUNED) if quick else (
-        OURS_WARM, Ours(), TORCHRUN_DEFAULT, TORCHRUN_TUNED)
+    runners: tuple[Runner, ...] = (Ours(), OURS_COLD, TORCHRUN_TUNED) if quick else (
+        Ours(), OURS_COLD, TORCHRUN_DEFAULT, TORCHRUN_TUNED)
     reps, sizes = (1, (2,)) if quick else (3, (2, 4))
     samples: dict[tuple[int, str], list[Recovery]] = {(n, r.name): [] for n in sizes for r in runners}
     for _ in range(reps):
@@ -105,17 +105,17 @@ async def run(quick: bool) -> Result:
                 samples[n, runner.name].append(await measure(runner, n))
 
     main = Table("Recovery time (s): crash → first completed step after resume",
-                 ["workers", "launcher", "recovery, median [min–max]", "ours warm/this (per pair)", "warm ranks",
+                 ["workers", "launcher", "recovery, median [min–max]", "ours/this (per pair)", "warm ranks",
                   "failed restarts",
                   f"not resumed in {RESUME_TIMEOUT:g} s"])
     parts = Table("Where recovery time goes (s, medians)", ["workers", "launcher", *STAGES, "total"])
     data: dict[str, object] = {}
     for n in sizes:
-        ours = [s.seconds for s in samples[n, OURS_WARM.name]]
+        ours = [s.seconds for s in samples[n, "ours"]]
         for runner in runners:
             runs = samples[n, runner.name]
             total = Summary.of([s.seconds for s in runs])
-            ratio = ratios(ours, [s.seconds for s in runs]) if runner is not OURS_WARM else None
+            ratio = ratios(ours, [s.seconds for s in runs]) if runner.name != "ours" else None
             lost = sum(not s.recovered for s in runs)
             main.add(n, runner.name, total.fmt(), ratio.fmt() if ratio else "",
                      f"{sum(s.warm_ranks for s in runs)} of {n * len(runs)}", sum(s.failed_restarts for s in runs),
@@ -130,7 +130,8 @@ async def run(quick: bool) -> Result:
                 "samples": [{"seconds": s.seconds, "stages": s.stages, "failed_restarts": s.failed_restarts,
                              "daemon": s.daemon} for s in runs],
             }
-    main.notes.append("ours warm: --standby --store-host (warm standby ranks, a store up before the ranks); "
+    main.notes.append("ours: the defaults (warm standby ranks, a store up before the ranks); ours cold: "
+                      "--no-standby --no-store-host; "
                       "warm ranks: resumed ranks that ran in a standby. "
                       f"torchrun default: --monitor-interval 0.1, shared rendezvous store; tuned: "
                       f"--monitor-interval 0.001 and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1. {reps} runs per cell. "

@@ -12,13 +12,13 @@ import asyncio
 import random
 import time
 
-from .launch import TORCHRUN_DEFAULT, BenchError, Launch, Ours, Runner, watch_exit
+from .launch import COLD, TORCHRUN_DEFAULT, BenchError, Launch, Ours, Runner, watch_exit
 from .report import Result, Summary, Table, ratios
 from .workloads import LightJob
 
 NAME = "scale"
 JOB = LightJob()
-RUNNERS: tuple[Runner, ...] = (Ours(), TORCHRUN_DEFAULT)
+RUNNERS: tuple[Runner, ...] = (Ours(options=COLD), TORCHRUN_DEFAULT)
 TIMEOUT = 300.0
 METRICS = ("all_started_s", "all_reaped_s", "cpu_s", "peak_rss_mib")
 

@@ -27,7 +27,7 @@ import signal
 import time
 from typing import Any
 
-from .launch import Launch, Ours, iso_time
+from .launch import COLD, Launch, Ours, iso_time
 from .report import Result, Table
 from .workloads import LightJob
 
@@ -41,7 +41,7 @@ async def paused(pause: float) -> dict[str, Any]:
     job = LightJob(("--flood-lines", str(int(RATE * (pause + 30))), "--flood-rate", str(RATE)))
     r, w = os.pipe()
     try:
-        async with Launch(Ours(), job, workers=2, max_restarts=1, capture=False, stdout=w) as run:
+        async with Launch(Ours(options=COLD), job, workers=2, max_restarts=1, capture=False, stdout=w) as run:
             os.close(w)
             w = -1
             events = run.workdir / "run" / "events.jsonl"

@@ -18,7 +18,7 @@ import asyncio
 import random
 from dataclasses import dataclass
 
-from .launch import TORCHRUN_DEFAULT, TORCHRUN_TUNED, Launch, Ours, Runner, Torchrun, watch_exit
+from .launch import COLD, TORCHRUN_DEFAULT, TORCHRUN_TUNED, Launch, Ours, Runner, Torchrun, watch_exit
 from .report import Result, Summary, Table, ratios
 from .workloads import Job, LightJob, TrainJob
 
@@ -55,13 +55,13 @@ async def teardown(runner: Runner, job: Job, workers: int, seed: int) -> float:
 
 async def run(quick: bool) -> Result:
     reps, workers, grace = (1, 2, 1) if quick else (2, 4, 2)
-    cases = [Case("survivors blocked in all-reduce, dead peer", TrainJob(), workers, (Ours(), TORCHRUN_TUNED), reps),
+    cases = [Case("survivors blocked in all-reduce, dead peer", TrainJob(), workers, (Ours(options=COLD), TORCHRUN_TUNED), reps),
              Case(f"survivors ignore SIGTERM, grace {grace:g} s both", IGNORES_SIGTERM, 4,
-                  (Ours(float(grace)), Torchrun(0.001, shutdown_timeout=grace, label=f"torchrun --shutdown-timeout {grace}")),
+                  (Ours(float(grace), options=COLD), Torchrun(0.001, shutdown_timeout=grace, label=f"torchrun --shutdown-timeout {grace}")),
                   reps)]
     if not quick:
         cases.append(Case("survivors ignore SIGTERM, each launcher's default grace", IGNORES_SIGTERM, 4,
-                          (Ours(), TORCHRUN_DEFAULT), 1))
+                          (Ours(options=COLD), TORCHRUN_DEFAULT), 1))
     table = Table("Teardown (s): first rank's exit → last rank's exit",
                   ["case", "ranks", "launcher", "teardown, median [min–max]", "ours/this (per pair)"])
     data: dict[str, object] = {}

@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
             "metavar": opt.kind.__name__.upper() if not opt.choices else "{" + ",".join(opt.choices) + "}"}
         run.add_argument(*opt.flags, dest=opt.name, default=argparse.SUPPRESS, **how,
                          help=f"{opt.help.replace('`', '')} "
-                              f"(default: {'off' if opt.default in (None, False) else opt.default}){opt.bound}")
+                              f"(default: {opt.shown_default}){opt.bound}")
     for name, help_, description in READERS:
         view = sub.add_parser(name, help=help_, description=description)
         view.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's run_dir")

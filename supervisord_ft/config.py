@@ -54,6 +54,13 @@ class Option:
         return Config.__dataclass_fields__[self.name].default
 
     @property
+    def shown_default(self) -> str:
+        """``on``/``off`` for a switch or an unset option, a list comma-separated, else the value."""
+        if isinstance(self.default, tuple):
+            return ", ".join(map(str, self.default)) or "none"
+        return "on" if self.default is True else "off" if self.default in (None, False) else str(self.default)
+
+    @property
     def bound(self) -> str:
         """The upper bound as --help and the README show it after the text."""
         return "" if self.maximum is None else f" (at most {self.maximum})"
@@ -157,8 +164,8 @@ class Config:
     max_line_bytes: int = 65536
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
-    store_host: bool = False
-    standby: bool = False
+    store_host: bool = True
+    standby: bool = True
     # torch._dynamo too: building any torch.optim optimizer imports it, about 1 s on its own.
     preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim", "torch._dynamo")
     epochs: int = builtin_job.EPOCHS
@@ -336,8 +343,8 @@ def reference_table() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for opt in OPTIONS:
         default = opt.default
-        if default is None or default is False:
-            shown = "off"
+        if default is None or isinstance(default, bool):
+            shown = opt.shown_default
         elif default == ():
             shown = "(none)"
         elif isinstance(default, tuple):

@@ -18,6 +18,8 @@ from supervisord_ft.procfs import alive as pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_WORKER = [sys.executable, str(Path(__file__).with_name("fake_worker.py"))]
+# The defaults turned off: no standby pool, rank 0 hosts the store.
+COLD = ("--no-standby", "--no-store-host")
 Event = dict[str, Any]
 
 
@@ -92,7 +94,10 @@ class Daemon:
         redirections applied to the daemon (e.g. ``>&-`` to start it with stdout closed);
         ``env``: variables added to the daemon's environment."""
         argv = [sys.executable, "-m", "supervisord_ft", "run", "--log-format", "json",
-                "--checkpoint-dir", str(workdir / "ckpt"), "--run-dir", str(workdir / "run"), *args]
+                "--checkpoint-dir", str(workdir / "ckpt"), "--run-dir", str(workdir / "run")]
+        if command:  # a script's ranks start cold unless the test says otherwise: a pool and a
+            argv += COLD  # store host would import torch beside a torch-free fake worker
+        argv += args
         if command:
             argv += ["--", *command]
         if redirect:
