@@ -6,8 +6,10 @@ BENCHMARKS.md). The pool keeps one standby interpreter per rank (``python -m sta
 torch-side half of this protocol, :mod:`standby.runner`), started ahead of need with the
 environment every rank shares and with the pipes that become the rank's stdout and stderr. On
 launch, a standby gets the rank's argv, environment and working directory as one JSON line and
-runs the script as a fresh ``python`` would. After every hand-out the pool refills itself in
-the background.
+runs the script as a fresh ``python`` would. The pool fills, and refills after every hand-out,
+in the background once the launched group has settled (its first step, or :data:`SETTLE_AFTER`
+seconds for a script that reports no steps): a standby importing torch beside ranks still
+starting takes the CPU their start-up needs (on 2 cores it delayed a first step by 3 s).
 
 Only ``PYTHON script.py ...`` and ``PYTHON -m module ...`` are served warm, with ``PYTHON`` the
 interpreter the first launch named and an environment equal to the standbys' in everything but
@@ -45,6 +47,7 @@ from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 ACTIVATE_TIMEOUT = 2.0  # an idle standby answers its order in milliseconds; past this it is hung
 READY_TIMEOUT = 600.0  # importing torch on a loaded machine takes seconds, never minutes
+SETTLE_AFTER = 10.0  # a group that reports no step is taken as started after this long
 
 
 class State(enum.Enum):
@@ -114,6 +117,7 @@ class StandbyLauncher:
         self.disabled: str | None = None  # why the pool gave up; None while it works
         self.standbys: list[Standby] = []
         self._filler: asyncio.Task[None] | None = None
+        self._settle_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # one watcher per standby
 
     # -- Launcher -------------------------------------------------------------------------------
@@ -128,15 +132,20 @@ class StandbyLauncher:
                 except StandbyError as exc:
                     why_cold = str(exc)
                 finally:
-                    self._refill()
+                    self._refill_later()
         self.log.info("standby_not_used", rank=spec.rank.rank, reason=why_cold)
         started = await self.cold.start(spec)
         if self.python is None and self.disabled is None and _is_python(spec.argv):
             self.python, self.env = spec.argv[0], _shared(spec.env)
-            self._refill()
+            self._refill_later()
         return started
 
+    def settled(self) -> None:
+        self._refill()
+
     async def close(self) -> None:
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
         for task in (self._filler, *self._tasks):
             if task is not None:
                 task.cancel()
@@ -167,8 +176,16 @@ class StandbyLauncher:
                 return s
         return None
 
+    def _refill_later(self) -> None:
+        """Refill once the group settles: at :meth:`settled`, at the latest after SETTLE_AFTER."""
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+        self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_AFTER, self._refill)
+
     def _refill(self) -> None:
         """Start standbys in the background until ``size`` are starting or idle."""
+        if self.python is None:  # no Python rank launched yet: nothing to start standbys for
+            return
         if self.disabled is None and (self._filler is None or self._filler.done()):
             self._filler = asyncio.create_task(self._fill(), name="standby-fill")
 

@@ -104,6 +104,7 @@ class Supervisor:
         a.watchdog.step(source.rank)
         if not a.stepped:
             a.stepped = True
+            self.launcher.settled()
             if a.recovering_since is not None:
                 source.log.info("recovered", step=fields.get("step"),
                                 seconds=round(time.monotonic() - a.recovering_since, 3))

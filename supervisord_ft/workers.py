@@ -67,11 +67,14 @@ class Started:
 class Launcher(Protocol):
     """Starts ranks and owns whatever it needs to (a pool of warm interpreters, one day).
 
-    ``start`` hands out one process per spec; ``close`` releases what the launcher holds when
-    the run ends. The loop never assumes a process was created by fork/exec.
+    ``start`` hands out one process per spec; ``settled`` says the group it started has made
+    its first step (its start-up no longer needs the CPU); ``close`` releases what the launcher
+    holds when the run ends. The loop never assumes a process was created by fork/exec.
     """
 
     async def start(self, spec: WorkerSpec) -> Started: ...
+
+    def settled(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -82,6 +85,9 @@ class SubprocessLauncher:
     A bigger pipe gives the daemon slack: a worker printing 200k lines/s fills the default
     64 KiB in about 10 ms, so a short scheduling gap in the daemon would block it.
     """
+
+    def settled(self) -> None:
+        """Nothing to do: every rank is started afresh."""
 
     async def start(self, spec: WorkerSpec) -> Started:
         pipes = [_pipe(), _pipe()]

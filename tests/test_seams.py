@@ -58,6 +58,7 @@ class FakeLauncher:
         self.script = script
         self.ranks: list[FakeRank] = []
         self.closed = False
+        self.settled_after: list[int] = []  # ranks started when each ``settled`` came
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, spec: WorkerSpec) -> Started:
@@ -67,6 +68,9 @@ class FakeLauncher:
         self._tasks.append(asyncio.create_task(self.script(rank, attempt)))
         return Started(rank.pid, lambda: rank.status, rank.signal_group, rank.forward,
                        rank.stdout, rank.stderr)
+
+    def settled(self) -> None:
+        self.settled_after.append(len(self.ranks))
 
     async def close(self) -> None:
         self.closed = True
@@ -134,6 +138,8 @@ async def test_a_scripted_crash_is_recovered_through_the_seams(tmp_path):
     assert named(events, "recovered")[0]["attempt"] == 1
     assert launcher.closed and rendezvous.closed and sup.restarts == 1
     assert named(events, "supervisor_exit")[0]["attempts"] == 2
+    # once per attempt, at its first step (so after some rank of that attempt was started)
+    assert len(launcher.settled_after) == 2 and launcher.settled_after[1] > 2
 
 
 async def test_the_first_failure_is_chosen_by_time_not_by_set_order(tmp_path):
