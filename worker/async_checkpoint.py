@@ -16,6 +16,7 @@ temporary is never named), then the live state is written at once, first writer 
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from supervisord_ft.checkpoints import checkpoint_path
 from .checkpoint import SaveAbandoned, save_checkpoint
 
 Write = Callable[..., Path]  # save_checkpoint's signature; tests pass a slower one
+WRITER_NICE = 19  # the background writer gets the CPU training leaves idle, and little more
 
 
 def snapshot(state: Any, into: Any = None) -> Any:
@@ -91,6 +93,11 @@ class AsyncCheckpointer:
         return copied
 
     def _run(self, state: dict[str, Any], step: int, abandon: threading.Event) -> None:
+        # The write yields the CPU to training: where ranks use every core, a writer at the
+        # same priority takes its seconds of CPU (torch's CRCs, the copy into the page cache)
+        # out of the steps. Linux nices one thread; the just-in-time save (the training
+        # thread's own) keeps its priority.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         try:
             self._write(state, step, self.directory, keep=self.keep, protect=self.protect, abandon=abandon)
         except BaseException as exc:  # handed to the training thread by _finish
