@@ -11,7 +11,9 @@ same runs: the snapshot itself (rank 0's ``checkpoint_started`` ``snapshot_secon
 state into the warm buffer), the background write (``checkpoint_saved`` seconds), the file size.
 
 Overhead: the mean step time over a run saving every 10 steps (asynchronously) against the same
-run with no save but the last one, both taken in this invocation.
+run with no save but the last one, the two alternating, with 2 ranks (every core training: the
+writer's CPU comes out of the steps) and with 1 rank (a core left for the writer, as on a GPU
+node, where the ranks' own CPU use is small).
 
 The stall is the training script's, not the launcher's (neither launcher touches a checkpoint
 while the job runs), so this runs under our daemon only.
@@ -46,9 +48,9 @@ class Size:
                         batch_size=8, async_checkpoint=async_checkpoint)
 
 
-async def step_times(job: TrainJob) -> tuple[dict[int, float], Launch, float]:
+async def step_times(job: TrainJob, workers: int = WORKERS) -> tuple[dict[int, float], Launch, float]:
     """Each step's completion (the first rank to report it), the finished run, its file's MiB."""
-    async with Launch(Ours(), job, WORKERS) as run:
+    async with Launch(Ours(), job, workers) as run:
         if await run.wait_exit(TIMEOUT) != 0:
             raise RuntimeError(f"exit {run.returncode}\n{run.stderr_tail()}")
         newest = max(run.checkpoint_dir.glob("*.pt"), key=lambda p: p.stat().st_mtime)
@@ -70,14 +72,16 @@ async def stalls(size: Size, async_checkpoint: bool) -> dict[str, object]:
             "save_s": [r.fields["seconds"] for r in run.named("checkpoint_saved")]}
 
 
-async def overhead(size: Size) -> dict[str, float]:
-    """Mean step time over steps 2..N-1 (the last step's save excluded) with and without saves."""
-    means = {}
-    for key, interval in (("no_saves_step_s", NEVER), ("saving_step_s", OVERHEAD_INTERVAL)):
-        at, _, _ = await step_times(size.job(size.overhead_steps, interval))
-        means[key] = (at[size.overhead_steps - 1] - at[2]) / (size.overhead_steps - 3)
-    means["overhead"] = means["saving_step_s"] / means["no_saves_step_s"] - 1
-    return means
+async def overhead(size: Size, workers: int, reps: int) -> dict[str, object]:
+    """Mean step time over steps 2..N-1 (the last step's save excluded) with and without saves,
+    ``reps`` runs of each, alternating; the overhead per pair."""
+    means: dict[str, list[float]] = {"no_saves_step_s": [], "saving_step_s": []}
+    for _ in range(reps):
+        for key, interval in (("no_saves_step_s", NEVER), ("saving_step_s", OVERHEAD_INTERVAL)):
+            at, _, _ = await step_times(size.job(size.overhead_steps, interval), workers)
+            means[key].append((at[size.overhead_steps - 1] - at[2]) / (size.overhead_steps - 3))
+    return {**{k: Summary.of(v) for k, v in means.items()},
+            "overhead": Summary.of([b / a - 1 for a, b in zip(means["no_saves_step_s"], means["saving_step_s"])])}
 
 
 async def run(quick: bool) -> Result:
@@ -88,7 +92,8 @@ async def run(quick: bool) -> Result:
                    "stall, 3rd save on", "snapshot (warm copy), 3rd on", "stall / snapshot",
                    "write (rank 0), 3rd on"])
     costs = Table(f"Training overhead of an asynchronous save every {OVERHEAD_INTERVAL} steps",
-                  ["model", "step s, no saves", f"step s, a save every {OVERHEAD_INTERVAL}", "overhead"])
+                  ["model", "ranks on 2 cores", "runs", "step s, no saves", f"step s, a save every {OVERHEAD_INTERVAL}",
+                   "overhead (per pair)"])
     data: dict[str, object] = {}
     for size in sizes:
         data[size.label] = {}
@@ -101,9 +106,12 @@ async def run(quick: bool) -> Result:
                       f"{first:.3f}", steady.fmt(), snap.fmt(), f"{ratio:.2f}", save.fmt())
             data[size.label][mode] = {**m, "stall_first_s": first, "stall_steady_s": steady,
                                       "snapshot_steady_s": snap, "save_steady_s": save, "stall_per_snapshot": ratio}
-        o = await overhead(size)
-        costs.add(size.label, f"{o['no_saves_step_s']:.4f}", f"{o['saving_step_s']:.4f}", f"{o['overhead']:+.2%}")
-        data[size.label]["overhead"] = o
+        for workers in (2, 1):
+            reps = 1 if quick or size.label == "100M" else 3
+            o = await overhead(size, workers, reps)
+            costs.add(size.label, workers, reps, o["no_saves_step_s"].fmt(digits=4), o["saving_step_s"].fmt(digits=4),
+                      f"{o['overhead'].median:+.2%} [{o['overhead'].min:+.2%} – {o['overhead'].max:+.2%}]")
+            data[size.label][f"overhead_{workers}_ranks"] = o
     table.notes.append("One run per size and mode; 'from the 3rd save on' summarises every later checkpoint of the run "
                        "but the last step's (no step follows it).")
     return Result(NAME, [table, costs], data)
