@@ -172,3 +172,22 @@ async def test_the_example_script_resumes_after_a_rank_is_killed(daemon):
     assert d.named("worker_output", rank=0, restart=0, worker_event="jit_checkpoint")
     assert steps_seen(d, 1)[0] == selected + 1
     assert max(steps_seen(d, 1)) == 400
+
+
+async def test_the_example_script_recovers_warm_through_the_standby_pool_and_the_store_host(daemon):
+    """A plain torchrun-style script, the defaults on: the relaunched ranks are the standbys, each
+    attempt has its own store, and the resume starts at the survivor's just-in-time checkpoint."""
+    d = await daemon(*COMMON, "--standby", "--store-host",
+                     command=[sys.executable, str(ROOT / "examples" / "minimal_train.py"), "--steps", "10000000"])
+    await d.wait_for(lambda e: e["event"] == "standby_state" and len(d.named("standby_state", to="idle")) == 2,
+                     timeout=120)
+    standbys = {e["standby_pid"] for e in d.named("standby_state", to="idle")}
+    os.kill(d.named("worker_started", rank=1)[0]["pid"], signal.SIGKILL)
+    await d.wait_for(lambda e: e["event"] == "recovered")
+    assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys
+    assert [e["attempt"] for e in d.named("store_ready")] == [0, 1]
+    assert len({e["port"] for e in d.named("store_ready")}) == 2
+    assert d.named("checkpoint_selected")[-1]["step"] == max(steps_seen(d, 0))
+    assert min(steps_seen(d, 1)) == max(steps_seen(d, 0)) + 1  # no completed step lost
+    d.proc.send_signal(signal.SIGTERM)
+    assert await d.finish() == 128 + signal.SIGTERM
