@@ -157,8 +157,8 @@ async def test_the_readme_demo_recovers_from_its_injected_crash_and_ends_done(da
     d = await daemon("--config", str(ROOT / "configs" / "demo.toml"))
     assert await d.finish(timeout=180) == 0
     assert d.states() == ["LAUNCHING", "RUNNING", "RECOVERING", "LAUNCHING", "RUNNING", "DONE"]
-    assert d.named("checkpoint_selected")[-1]["step"] == 255
-    assert d.named("recovered")[0]["step"] == 256
+    assert d.named("checkpoint_selected")[-1]["step"] == 1505
+    assert d.named("recovered")[0]["step"] == 1506
 
 
 async def test_the_example_script_resumes_after_a_rank_is_killed(daemon):
