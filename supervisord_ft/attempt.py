@@ -35,6 +35,7 @@ class Attempt:
     launched_at: float = field(default_factory=time.monotonic)
     workers: list[Worker] = field(default_factory=list)
     stepped: bool = False  # some rank reported a step
+    jit_armed: set[int] = field(default_factory=set)  # ranks that will save if a peer dies
     failure: Failure | None = None
     failed_at: float | None = None
     last_stderr: dict[int, bytes] = field(default_factory=dict)

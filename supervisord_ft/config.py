@@ -94,8 +94,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("master_port", int, "`MASTER_PORT`; 0 = a fresh free port on every launch; a fixed port must be "
            "free at start-up", minimum=0, maximum=65535),
     Option("jit_checkpoint_timeout", float, "seconds the survivors of a failed rank get to save "
-           "their last completed step and exit by themselves before the teardown signals them "
-           "(0 disables; the built-in job then saves nothing on a peer's death)", minimum=0),
+           "their last completed step and exit by themselves before the teardown signals them, "
+           "if they armed such a save (`jit_checkpoint_armed`, printed by "
+           "`worker.contract.SaveOnFailure`); 0 disables (the built-in job then saves nothing on a "
+           "peer's death)", minimum=0),
     Option("hang_timeout", float, "seconds without any output after which a rank is "
            "declared hung and the group recovered (0 disables)", minimum=0),
     Option("startup_timeout", float, "seconds a rank may take from launch to its first step "

@@ -32,6 +32,8 @@ from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, st
 
 EXIT_CODES = {State.DONE: EXIT_DONE, State.FAILED: EXIT_FAILED}
 STEP_EVENT = "step"
+# Printed by worker.contract.SaveOnFailure: this rank saves its last completed step if a peer dies.
+JIT_ARMED_EVENT = "jit_checkpoint_armed"
 # A terminal or ssh session closing (HUP), Ctrl+\ (QUIT), Ctrl+C (INT), systemd/SLURM/Kubernetes
 # (TERM): each is a graceful stop, exit 128 + n.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -99,7 +101,11 @@ class Supervisor:
             a.last_stderr[source.rank] = raw
 
     def _on_json(self, source: Source, fields: dict[str, Any]) -> None:
-        if fields.get("event") != STEP_EVENT or (a := self._current(source)) is None:
+        if (a := self._current(source)) is None:
+            return
+        if fields.get("event") == JIT_ARMED_EVENT:
+            a.jit_armed.add(source.rank)
+        if fields.get("event") != STEP_EVENT:
             return
         a.watchdog.step(source.rank)
         if not a.stepped:
@@ -309,9 +315,10 @@ class Supervisor:
         a = self.attempt
         assert a is not None
         live = [w for w in a.workers if w.alive]
-        if let_exit and live:
+        if let_exit and a.jit_armed & {w.rank for w in live}:
             # Survivors of a dead peer save their last completed step, then exit on their own; a
-            # SIGTERM now would kill a script that does not catch it mid-save.
+            # SIGTERM now would kill a script that does not catch it mid-save. Only ranks that
+            # armed such a save are waited for: any other script would only cost the wait.
             await wait_exits(live, let_exit, self._kill_now)
             self.log.info("jit_checkpoint_wait", attempt=a.id, timeout=let_exit,
                           exited_on_their_own=[w.rank for w in live if not w.alive],

@@ -100,6 +100,8 @@ def main() -> int:
                    help="when the failing rank fails, the others spend S seconds writing "
                         "jit-<rank> (SIGTERM kills them meanwhile), then exit 1: survivors of "
                         "a dead peer saving a just-in-time checkpoint")
+    p.add_argument("--arm-jit", action="store_true",
+                   help="print jit_checkpoint_armed, as worker.contract.SaveOnFailure does")
     p.add_argument("--spawn-child", nargs="?", const="group", choices=["group", "detached"],
                    help="fork a sleeping grandchild: in the worker's process group, or detached "
                         "from it as daemons do (double fork, setsid, stdio on /dev/null)")
@@ -165,6 +167,8 @@ def main() -> int:
         return 2
     fault = args.fail_rank is not None and attempt < args.fail_attempts
     failing = fault and rank == args.fail_rank
+    if args.arm_jit:
+        emit("jit_checkpoint_armed")
     for step in range(1, args.steps + 1):
         if failing and step - 1 == args.fail_at_step:
             print(f"rank {rank} failing at step {step - 1}", file=sys.stderr, flush=True)

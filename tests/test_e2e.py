@@ -184,6 +184,7 @@ async def test_the_example_script_recovers_warm_through_the_standby_pool_and_the
     standbys = {e["standby_pid"] for e in d.named("standby_state", to="idle")}
     os.kill(d.named("worker_started", rank=1)[0]["pid"], signal.SIGKILL)
     await d.wait_for(lambda e: e["event"] == "recovered")
+    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == 0 and e["restart"] == 1)
     assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys
     assert [e["attempt"] for e in d.named("store_ready")] == [0, 1]
     assert len({e["port"] for e in d.named("store_ready")}) == 2

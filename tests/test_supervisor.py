@@ -35,7 +35,7 @@ async def test_crash_tears_down_survivors_and_relaunches_the_group(daemon):
 
 
 SURVIVORS_SAVE = [*FAKE_WORKER, "--steps", "5", "--fail-rank", "1", "--fail-at-step", "2",
-                  "--survivor-save", "2"]
+                  "--survivor-save", "2", "--arm-jit"]
 
 
 async def test_survivors_of_a_failed_rank_get_jit_checkpoint_timeout_to_save_and_exit(daemon):
@@ -47,8 +47,11 @@ async def test_survivors_of_a_failed_rank_get_jit_checkpoint_timeout_to_save_and
     assert d.named("teardown", why="recovery")[0]["terminated"] == []
 
 
-async def test_without_jit_checkpoint_timeout_survivors_are_signalled_at_once(daemon):
-    d = await daemon("--num-workers", "3", "--jit-checkpoint-timeout", "0", command=SURVIVORS_SAVE)
+@pytest.mark.parametrize("how", ["timeout 0", "no rank armed a save"])
+async def test_without_jit_checkpoint_timeout_survivors_are_signalled_at_once(daemon, how):
+    options, command = (("0", SURVIVORS_SAVE) if how == "timeout 0" else
+                        ("600", [a for a in SURVIVORS_SAVE if a != "--arm-jit"]))
+    d = await daemon("--num-workers", "3", "--jit-checkpoint-timeout", options, command=command)
     assert await d.finish() == 0
     assert d.named("jit_checkpoint_wait") == []
     assert sorted(d.named("teardown", why="recovery")[0]["terminated"]) == [0, 2]

@@ -42,6 +42,9 @@ class Exit:
     events: list[dict[str, Any]]
     stderr: str
 
+    def first(self, event: str) -> dict[str, Any]:
+        return [e for e in self.events if e["event"] == event][0]
+
     def last(self, event: str) -> dict[str, Any]:
         return [e for e in self.events if e["event"] == event][-1]
 
@@ -181,7 +184,7 @@ async def resume_newest(directory: Path, reference: tuple[Path, str]) -> int:
     resumed = await run_job(*JOB, "--resume_from_checkpoint", str(newest.path), env=checkpoint_dir_env(directory))
     assert [e.returncode for e in resumed] == [0, 0]
     assert resumed[0].last("training_done")["weights_sha256"] == reference[1]
-    return resumed[0].events[0]["step"]
+    return resumed[0].first("step")["step"]
 
 
 @e2e
@@ -260,7 +263,7 @@ async def test_sigterm_stops_all_ranks_at_one_checkpointed_step_and_resume_match
     env = {**checkpoint_dir_env(tmp_path), "SUPERVISORD_FT_RESUME_FROM": str(checkpoint_path(tmp_path, stop_step))}
     resumed = await run_job(*JOB, env=env)
     assert [e.returncode for e in resumed] == [0, 0]
-    assert resumed[1].events[0]["step"] == stop_step + 1
+    assert resumed[1].first("step")["step"] == stop_step + 1
     assert resumed[1].last("training_done")["weights_sha256"] == reference[1]
 
 

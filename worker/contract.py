@@ -115,8 +115,9 @@ class SaveOnFailure:
     ``exclusive=True`` so that survivors saving the same step at once cannot clash); then the
     process exits with ``exit_code`` at once (:func:`exit_now`). A failed ``save`` is reported
     (``jit_checkpoint_failed``) and the exit is the same: recovery then resumes from the newest
-    periodic checkpoint. The supervisor gives survivors ``jit_checkpoint_timeout`` seconds to
-    get there before it signals them. Other exceptions pass through untouched.
+    periodic checkpoint. Its first ``with`` prints ``jit_checkpoint_armed``; the supervisor gives
+    survivors that printed it ``jit_checkpoint_timeout`` seconds to get there before it signals
+    them (others are signalled at once). Other exceptions pass through untouched.
     """
 
     def __init__(self, save: Callable[[], object], exit_code: int = 1,
@@ -124,8 +125,12 @@ class SaveOnFailure:
         self.save = save
         self.exit_code = exit_code
         self.errors = errors
+        self._armed = False
 
     def __enter__(self) -> SaveOnFailure:
+        if not self._armed:  # the supervisor now waits for this rank's save when a peer dies
+            emit("jit_checkpoint_armed")
+            self._armed = True
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,

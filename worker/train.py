@@ -116,7 +116,8 @@ def parse_args(argv: Sequence[str] | None, env: SupervisorEnv) -> Options:
     option("crash_exit_code", type=int, default=1, metavar="C",
            help="its exit status; 0 makes it a rank that quits early without an error")
     option("disk_full_at_step", type=_positive, default=None, metavar="K",
-           help="fault injection: from step K on, rank 0's writes fail as on a full disk")
+           help="fault injection: from step K on, rank 0's writes fail as on a full disk (a save "
+                "in flight at K completes first)")
     option("seed", type=int, default=builtin_job.SEED)
     option("keep_checkpoints", type=_positive, default=env.keep_checkpoints)
     option("batch_size", type=_positive, default=32)
@@ -330,6 +331,7 @@ def train(opts: Options, env: SupervisorEnv) -> None:
                 emit("startup_timings", rank=env.rank, pid=os.getpid(), resumed_at=resumed_at,
                      attempt=max(env.restart_count, env.torchelastic_restart_count), **CLOCK.report())
             if trainer.step == opts.disk_full_at_step and env.rank == 0:
+                trainer.checkpointer.wait()  # a save already in flight lands first: the fault is in later ones
                 fill_disk()
             trainer.check_saves()
             periodic = trainer.step % opts.checkpoint_interval == 0 or trainer.step == opts.total_steps
