@@ -30,10 +30,10 @@ def highest_step(run: Launch, by: float) -> int:
 
 
 def helpers(run: Launch) -> list[int]:
-    """The idle standbys' and the store host's pids."""
+    """The idle standbys' pids, then the store host's."""
     gone = {r.fields["standby_pid"] for r in run.named("standby_state") if r.fields["to"] in ("dead", "handed_out")}
     idle = {r.fields["standby_pid"] for r in run.named("standby_state", to="idle")} - gone
-    return sorted(idle | {r.fields["pid"] for r in run.named("store_host_started")})
+    return sorted(idle) + [r.fields["pid"] for r in run.named("store_host_started")]
 
 
 async def measure(runner: Runner, window: float, opens_at: float | None) -> dict[str, object]:
@@ -81,5 +81,6 @@ async def run(quick: bool) -> Result:
                   Summary.of([r["helper_cpu_s"] for r in runs]).fmt() if name == "ours" else "")
         data[name] = {"steps_per_s": rate, "ratio_ours_over_cold": ratio, "runs": runs}
     table.notes.append(f"{reps} run(s) per launcher, alternating. RSS: resident memory at the window's end "
-                       "(the standbys' torch pages are private to each: no fork server shares them).")
+                       "(the standbys' torch pages are private to each: no fork server shares them). Launch → first "
+                       "step: the store host imports torch beside the first launch's ranks; the pool starts after.")
     return Result(NAME, [table], data)
