@@ -205,3 +205,52 @@ def taken_port() -> Iterator[int]:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         yield taken.getsockname()[1]
+
+
+class Cluster:
+    """The daemons of one multi-node job on loopback: a workdir (run dir) per node, one shared
+    checkpoint dir, one worker per node. Node 0 hosts the rendezvous store (``is_host``), so
+    any other node may be killed and restarted."""
+
+    def __init__(self, root: Path, nnodes: int, args: tuple[str, ...], *, nnodes_spec: str | None = None,
+                 per_node: list[list[str]] | None = None, rdzv_conf: str = "",
+                 command: list[str] | None = None) -> None:
+        self.root = root
+        self.args = args
+        self.spec = nnodes_spec or str(nnodes)
+        self.per_node = per_node or [[] for _ in range(nnodes)]
+        self.rdzv_conf = rdzv_conf
+        self.command = command
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+        self.nodes: list[Daemon] = []
+        self.started: list[Daemon] = []  # every daemon ever started, for the cleanup
+
+    def argv(self, n: int) -> list[str]:
+        conf = ",".join(filter(None, [f"is_host={int(n == 0)}", self.rdzv_conf]))
+        return ["--nnodes", self.spec, "--nproc-per-node", "1", "--rdzv-endpoint", self.endpoint,
+                "--rdzv-id", "test-job", "--local-addr", "127.0.0.1", "--rdzv-conf", conf,
+                "--checkpoint-dir", str(self.root / "ckpt"), *self.args, *self.per_node[n]]
+
+    async def start_node(self, n: int) -> Daemon:
+        """Start node ``n``'s daemon (again, after it died: same run dir)."""
+        workdir = self.root / f"node{n}"
+        workdir.mkdir(exist_ok=True)
+        d = await Daemon.start(workdir, *self.argv(n), command=self.command)
+        self.started.append(d)
+        while len(self.nodes) <= n:
+            self.nodes.append(d)
+        self.nodes[n] = d
+        return d
+
+    restart = start_node
+
+    async def finish(self, timeout: float = 180, nodes: list[int] | None = None) -> list[int]:
+        """Every (or each given) node's exit code, read to its end."""
+        chosen = [self.nodes[n] for n in (nodes if nodes is not None else range(len(self.nodes)))]
+        return list(await asyncio.gather(*(d.finish(timeout) for d in chosen)))
+
+    async def kill(self) -> None:
+        for d in self.started:
+            await d.kill()
