@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
+from datetime import datetime
 
 import pytest
 
+import netns
 from harness import Cluster, Daemon, pid_alive
 
 pytestmark = pytest.mark.multinode
@@ -31,21 +32,23 @@ def final_sha(*nodes: Daemon) -> str:
     return shas.pop()
 
 
-_REFERENCES: dict[int, str] = {}
+_REFERENCES: dict[tuple[str, ...], str] = {}
 
 
-async def reference_sha(tmp_path, world_size: int) -> str:
-    """The weights of an uninterrupted single-node run of the same world size (once per module)."""
-    if world_size not in _REFERENCES:
+async def reference_sha(tmp_path, world_size: int, *sizes: str) -> str:
+    """The weights of an uninterrupted single-node run of the same world size and sizes (once
+    per module)."""
+    args = (*SIZES, *sizes, "--num-workers", str(world_size))
+    if args not in _REFERENCES:
         workdir = tmp_path / "reference"
         workdir.mkdir()
-        d = await Daemon.start(workdir, *SIZES, "--num-workers", str(world_size))
+        d = await Daemon.start(workdir, *args)
         try:
-            assert await d.finish(timeout=120) == 0
-            _REFERENCES[world_size] = final_sha(d)
+            assert await d.finish(timeout=180) == 0
+            _REFERENCES[args] = final_sha(d)
         finally:
             await d.kill()
-    return _REFERENCES[world_size]
+    return _REFERENCES[args]
 
 
 def recovering_reasons(d: Daemon) -> list[str]:
@@ -163,3 +166,40 @@ async def test_with_min_max_nodes_the_job_goes_on_without_a_lost_node(cluster):
     survivor.signal(signal.SIGTERM)
     assert await c.finish(nodes=[0]) == [143]
     assert not pid_alive(survivor_pid)
+
+
+def at(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+# The partition: both nodes' ranks block in a collective that never completes (gloo alone would
+# wait 30 minutes); each node's hang watchdog sees it within hang_timeout. The link stays down
+# longer than the rendezvous store's read_timeout, so node 1's store connections fail and are
+# replaced; within join_timeout of the first node rejoining, the link must come back.
+HANG, READ, DOWN = 4, 5, 10
+
+
+async def test_a_partitioned_node_is_detected_and_the_job_resumes_when_the_link_returns(cluster, tmp_path):
+    if why := netns.available():
+        pytest.skip(f"network namespaces: {why}")
+    sizes = ("--steps", "400")
+    with netns.bridged(2) as net:
+        c = await cluster(2, *COMMON, *sizes, "--hang-timeout", str(HANG), net=net,
+                          rdzv_conf=f"{FAST},read_timeout={READ},join_timeout=120")
+        for d in c.nodes:
+            await d.wait_for(lambda e: e.get("worker_event") == "step" and e["worker_step"] >= 3)
+        cut = datetime.now().timestamp()
+        net.link(1, up=False)
+        detected = [await d.wait_for(lambda e: e["event"] == "state_changed" and e["to"] == "RECOVERING")
+                    for d in c.nodes]
+        await asyncio.sleep(DOWN - (datetime.now().timestamp() - cut))  # the scenario: a 10 s cut
+        restored = datetime.now().timestamp()
+        net.link(1, up=True)
+        running = [await d.wait_for(lambda e: e["event"] == "state_changed" and e["to"] == "RUNNING"
+                                    and e["attempt"] == 1, timeout=120) for d in c.nodes]
+        assert await c.finish() == [0, 0]
+    assert final_sha(*c.nodes) == await reference_sha(tmp_path, 2, *sizes)
+    for e in detected:  # by the hang watchdog (or the other node's news), not by gloo's timeout
+        assert at(e) - cut < HANG + 3, (e, cut)
+    for e in running:  # the documented bound: read_timeout + the reconnect pause + a round
+        assert at(e) - restored < READ + 10, (e, restored)
