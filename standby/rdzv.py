@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
+import traceback
 from datetime import timedelta
 from typing import Any
 
@@ -50,15 +52,11 @@ class Member:
     """This node's membership: the torch handler, our own store clients, the current round."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from torch.distributed.elastic.rendezvous import RendezvousParameters
         self.config = config
         self.conf: dict[str, str] = config["conf"]
         self.host, _, port = config["endpoint"].rpartition(":")
         self.port = int(port)
-        self.params = RendezvousParameters(
-            backend="c10d", endpoint=config["endpoint"], run_id=config["run_id"],
-            min_nodes=config["min_nodes"], max_nodes=config["max_nodes"],
-            local_addr=config["local_addr"], **self.conf)
+        self.params = self._params(self.conf)
         self.join_timeout = float(self.conf.get("join_timeout", 600))
         self.close_timeout = float(self.conf.get("close_timeout", 30))
         self.read_timeout = timedelta(seconds=float(self.conf.get("read_timeout", 60)))
@@ -79,9 +77,32 @@ class Member:
         store = dist.TCPStore(self.host, self.port, is_master=False, timeout=self.read_timeout)
         return dist.PrefixStore(prefix, store)
 
+    def _params(self, conf: dict[str, str]) -> Any:
+        from torch.distributed.elastic.rendezvous import RendezvousParameters
+        c = self.config
+        return RendezvousParameters(backend="c10d", endpoint=c["endpoint"], run_id=c["run_id"],
+                                    min_nodes=c["min_nodes"], max_nodes=c["max_nodes"],
+                                    local_addr=c["local_addr"], **conf)
+
     def _connect(self) -> None:
-        from torch.distributed.elastic.rendezvous import registry
-        self.handler = registry.get_rendezvous_handler(self.params)
+        """Join the rendezvous store; host it if its address is this node's and nobody does yet.
+
+        Torch guesses whether to host from the host name only, so a node whose address is the
+        endpoint's under another name (a pod's DNS name, a namespace's address) would never host
+        and every node would wait for a store that nobody serves. An address is this node's if a
+        socket can be bound to it; then hosting is tried first, as torch does, and a store that
+        another process here already hosts is joined instead. An explicit ``is_host`` wins.
+        """
+        from torch.distributed.elastic.rendezvous import RendezvousConnectionError, registry
+        guesses = ["1", "0"] if _is_local(self.host) else ["0"]
+        for is_host in [self.conf["is_host"]] if "is_host" in self.conf else guesses:
+            self.params = self._params({**self.conf, "is_host": is_host})
+            try:
+                self.handler = registry.get_rendezvous_handler(self.params)
+                break
+            except RendezvousConnectionError:
+                if is_host == "0" or "is_host" in self.conf:
+                    raise
         self.job = self._client(f"supervisord_ft/{self.params.run_id}")
 
     # -- join ---------------------------------------------------------------------------------
@@ -95,7 +116,6 @@ class Member:
                 if self.handler is None:
                     self._connect()
                 info = self.handler.next_rendezvous()
-                break
             except RendezvousClosedError:
                 outcome = self._outcome()
                 self.emit(event="closed", reason=outcome.get("reason", "the rendezvous was closed"),
@@ -114,11 +134,15 @@ class Member:
                     return
                 self.emit(event="retry", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
                 time.sleep(RECONNECT_PAUSE)
-        # The handler's round number: the same on every node of the round (torch keeps it in its
-        # shared state; no public accessor).
-        self.round = self.handler._state_holder.state.round
-        self.group_rank, self.nnodes = info.rank, info.world_size
-        self._publish_round(local_world_size)
+                continue
+            # The handler's round number: the same on every node of the round (torch keeps it in
+            # its shared state; no public accessor).
+            self.round = self.handler._state_holder.state.round
+            self.group_rank, self.nnodes = info.rank, info.world_size
+            try:
+                return self._publish_round(local_world_size)
+            except DistError as exc:  # a node of the round is gone before it said its size: rejoin
+                self.emit(event="retry", reason=f"round {self.round}: {exc}".splitlines()[0])
 
     def _publish_round(self, local_world_size: int) -> None:
         key = f"{self.round}/"
@@ -154,9 +178,14 @@ class Member:
 
     # -- after the round ----------------------------------------------------------------------
     def vote(self, step: int | None) -> None:
+        from torch.distributed import DistError
         key = f"{self.round}/step/"
-        self.job.set(f"{key}{self.group_rank}", json.dumps(step))
-        votes = [json.loads(self.job.get(f"{key}{n}")) for n in range(self.nnodes)]
+        try:
+            self.job.set(f"{key}{self.group_rank}", json.dumps(step))
+            votes = [json.loads(self.job.get(f"{key}{n}")) for n in range(self.nnodes)]
+        except DistError as exc:  # a node of the round is gone before it voted
+            self.emit(event="broken", round=self.round, reason=str(exc).splitlines()[0])
+            return
         agreed = None if None in votes else min(votes)
         self.emit(event="agreed", round=self.round, step=agreed, votes=votes)
 
@@ -195,20 +224,38 @@ class Member:
             return {}
 
 
+def _is_local(host: str) -> bool:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:  # not an address of this node (or a name that does not resolve)
+        return False
+
+
 def main() -> None:
+    # Torch's handler would otherwise make group rank 0 host a store for the workers and publish
+    # its address in the first round only: a node that joins a later round (one restarted after
+    # its loss) waits for that address forever. The round's workers' store is ours (Hosted).
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     member = Member(json.loads(sys.argv[1]))
     orders = lines.Reader(0)
-    while (order := orders.read()) is not None:
-        cmd = order.pop("cmd")
-        if cmd == "join":
-            member.join(order["local_world_size"])
-        elif cmd == "vote":
-            member.vote(order["step"])
-        elif cmd == "news":
-            member.news(order)
-        elif cmd == "close":
-            member.close(order["outcome"], order["reason"], order.get("signal"))
-            break
+    try:
+        while (order := orders.read()) is not None:
+            cmd = order.pop("cmd")
+            if cmd == "join":
+                member.join(order["local_world_size"])
+            elif cmd == "vote":
+                member.vote(order["step"])
+            elif cmd == "news":
+                member.news(order)
+            elif cmd == "close":
+                member.close(order["outcome"], order["reason"], order.get("signal"))
+                break
+    except Exception:  # a bug: the daemon sees this helper exit 1 and fails the run, saying so
+        traceback.print_exc()
+        os._exit(1)
     os._exit(0)  # nothing of torch's teardown is needed; the hosted stores end with us
 
 

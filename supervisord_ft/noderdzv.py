@@ -158,6 +158,8 @@ class NodeRendezvous:
     async def agree(self, newest: Checkpoint | None) -> Checkpoint | None:
         reply = await self._ask({"cmd": "vote", "step": newest.step if newest else None},
                                 self._timeout("read_timeout", 60))
+        if reply["event"] != "agreed":
+            raise RendezvousFailed(f"round {self.round} broken before every node voted: {reply['reason']}")
         step = reply["step"]
         self.log.info("checkpoint_agreed", step=step, votes=reply["votes"])
         if step is None:

@@ -212,8 +212,8 @@ def taken_port() -> Iterator[int]:
 class Cluster:
     """The daemons of one multi-node job: a workdir (run dir) per node, one shared checkpoint
     dir, one worker per node; on loopback, or each node in its own network namespace (``net``,
-    see :mod:`netns`). Node 0 hosts the rendezvous store (``is_host``), so any other node may be
-    killed and restarted."""
+    see :mod:`netns`). Node 0 hosts the rendezvous store, so any other node may be killed and
+    restarted."""
 
     def __init__(self, root: Path, nnodes: int, args: tuple[str, ...], *, nnodes_spec: str | None = None,
                  per_node: list[list[str]] | None = None, rdzv_conf: str = "",
@@ -233,7 +233,10 @@ class Cluster:
         self.started: list[Daemon] = []  # every daemon ever started, for the cleanup
 
     def argv(self, n: int) -> list[str]:
-        conf = ",".join(filter(None, [f"is_host={int(n == 0)}", self.rdzv_conf]))
+        # On loopback every node's address is the endpoint's: say which one hosts. In namespaces
+        # the daemons find out themselves (the endpoint's address is node 0's).
+        host = "" if self.net else f"is_host={int(n == 0)}"
+        conf = ",".join(filter(None, [host, self.rdzv_conf]))
         return ["--nnodes", self.spec, "--nproc-per-node", "1", "--rdzv-endpoint", self.endpoint,
                 "--rdzv-id", "test-job", "--local-addr", self.addrs[n], "--rdzv-conf", conf,
                 "--checkpoint-dir", str(self.root / "ckpt"), *self.args, *self.per_node[n]]
