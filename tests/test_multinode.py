@@ -203,3 +203,24 @@ async def test_a_partitioned_node_is_detected_and_the_job_resumes_when_the_link_
         assert at(e) - cut < HANG + 3, (e, cut)
     for e in running:  # the documented bound: read_timeout + the reconnect pause + a round
         assert at(e) - restored < READ + 10, (e, restored)
+
+
+async def test_one_restart_budget_is_spent_alike_on_every_node_and_its_end_fails_them_all(cluster):
+    from harness import FAKE_WORKER
+    # Global rank 1 fails at its first step in every attempt; max_restarts 2 allows two relaunches.
+    c = await cluster(2, "--restart-backoff", "0", "--max-restarts", "2", "--startup-window", "0",
+                      command=[*FAKE_WORKER, "--steps", "400", "--step-time", "0.05", "--fail-rank", "1",
+                               "--fail-at-step", "1", "--fail-attempts", "9"])
+    assert await c.finish(timeout=120) == [1, 1]
+    for d in c.nodes:
+        assert d.events[-1]["restarts"] == 2
+        assert [e["restarts"] for e in d.named("rendezvous_round")] == [0, 1, 2]
+        assert "max_restarts (2)" in d.named("state_changed", to="FAILED")[0]["reason"]
+
+
+async def test_a_stop_signal_while_waiting_for_the_other_nodes_stops_at_once(cluster):
+    c = await cluster(2, *COMMON, start=[0])
+    await c.nodes[0].wait_for(lambda e: e["event"] == "rendezvous_helper_started")
+    c.nodes[0].signal(signal.SIGTERM)
+    assert await c.finish(timeout=30) == [143]
+    assert c.nodes[0].states() == ["LAUNCHING", "STOPPING", "STOPPED"]
