@@ -12,10 +12,11 @@ protocol). It runs torch's own rendezvous, ``DynamicRendezvousHandler`` over the
   store is reused) and publishes where it listens.
 - ``{"cmd": "vote", "step": S}``: this node's newest intact checkpoint step (or null); answer
   ``agreed`` with the step every node resumes from, the lowest vote (null if any node has none).
-- ``{"cmd": "news", "kind": ..., ...}``: the job must restart, stop or fail because of this node;
+- ``{"cmd": "news", "kind": ..., ...}``: the job must restart or stop because of this node;
   the first news of a round wins (``compare_set``), and a restart counts once in the job's count.
   No answer: every helper, this one too, reports the round's news as a ``news`` event the moment
-  it is set, because a thread per round blocks on the key with the store's ``wait``.
+  it is set, because a thread per round blocks on the key with the store's ``wait``. A node that
+  arrives while a round with room for it runs sets the news ``rejoin`` (see :meth:`Member._knock`).
 - ``{"cmd": "close", "outcome": ..., "reason": ...}``: the run ends here. Nodes of the current
   round wait for each other (bounded: ``close_timeout``) so that the store host stays up until all
   have read their news; a failed job closes the rendezvous so that joining nodes hear it at once.
@@ -115,6 +116,7 @@ class Member:
             try:
                 if self.handler is None:
                     self._connect()
+                    self._knock()
                 info = self.handler.next_rendezvous()
             except RendezvousClosedError:
                 outcome = self._outcome()
@@ -143,6 +145,18 @@ class Member:
                 return self._publish_round(local_world_size)
             except DistError as exc:  # a node of the round is gone before it said its size: rejoin
                 self.emit(event="retry", reason=f"round {self.round}: {exc}".splitlines()[0])
+
+    def _knock(self) -> None:
+        """A new member (a node starting, or back after its loss) finds a round running with room
+        for it: it sets that round's news, so that its nodes start a new round with this one at
+        once (torchrun's agents poll ``num_nodes_waiting`` for it). Torch's state is read through
+        its handler's private holder: there is no public accessor."""
+        holder = self.handler._state_holder
+        holder.sync()
+        state = holder.state
+        if state.complete and len(state.participants) < self.params.max_nodes:
+            self.job.compare_set(f"{state.round}/{NEWS}", "", json.dumps(
+                {"kind": "rejoin", "reason": "a node is waiting to join", "by_node": None}))
 
     def _publish_round(self, local_world_size: int) -> None:
         key = f"{self.round}/"

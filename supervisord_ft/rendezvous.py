@@ -48,8 +48,9 @@ class RendezvousFailed(Exception):
 @dataclass(frozen=True)
 class News:
     """One node's word on the job, for every other node of the round: ``restart`` (a rank of
-    that node failed or hung), ``stop`` (it got a stop signal), ``fail`` (it ended the job), or
-    ``lost`` (the rendezvous store went away; from this node's own helper)."""
+    that node failed or hung), ``stop`` (it got a stop signal), ``rejoin`` (a node waits to join a
+    round with room for it: a new round, no restart spent; ``by_node`` None), or ``lost`` (the
+    rendezvous store went away; from this node's own helper)."""
 
     kind: str
     round: int

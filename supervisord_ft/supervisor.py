@@ -361,8 +361,9 @@ class Supervisor:
             self.fsm.transition(State.STOPPING, why)
             return
         a.news = news
-        a.fail(-1 if news.rank is None else news.rank, news.returncode, news.reason,
-               self.cfg.startup_window)
+        if news.kind != "rejoin":
+            a.fail(-1 if news.rank is None else news.rank, news.returncode, news.reason,
+                   self.cfg.startup_window)
         self.fsm.transition(State.RECOVERING, why)
 
     def _stop(self, reason: str) -> None:
@@ -408,7 +409,15 @@ class Supervisor:
 
     async def _recover(self) -> None:
         a = self.attempt
-        assert a is not None and a.failure is not None
+        assert a is not None
+        if a.news is not None and a.news.kind == "rejoin":  # a bigger group, not a failure
+            await self._teardown("new round")
+            if self._stop_requested.is_set():
+                self._stop(self._stop_reason())
+            else:
+                self.fsm.transition(State.LAUNCHING, "a new round for a node that joins (no restart spent)")
+            return
+        assert a.failure is not None
         if a.news is None:  # ours: the other nodes hear of it now, not after the teardown
             self.rendezvous.announce("restart", a.failure.last_error or f"rank {a.failure.rank} failed",
                                      rank=a.failure.rank, returncode=a.failure.returncode)

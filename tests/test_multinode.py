@@ -224,3 +224,23 @@ async def test_a_stop_signal_while_waiting_for_the_other_nodes_stops_at_once(clu
     c.nodes[0].signal(signal.SIGTERM)
     assert await c.finish(timeout=30) == [143]
     assert c.nodes[0].states() == ["LAUNCHING", "STOPPING", "STOPPED"]
+
+
+async def test_with_min_max_nodes_a_node_that_arrives_later_is_taken_in_at_once(cluster):
+    from harness import FAKE_WORKER
+    c = await cluster(2, "--restart-backoff", "0", "--grace-period", "2", nnodes_spec="1:2",
+                      rdzv_conf="last_call_timeout=1", start=[0],
+                      command=[*FAKE_WORKER, "--print-env", "--steps", "400", "--step-time", "0.05"])
+    first = c.nodes[0]
+    alone = await first.wait_for(lambda e: e.get("worker_event") == "env")
+    assert alone["env"]["WORLD_SIZE"] == "1"
+    await c.start_node(1)
+    for d in c.nodes:
+        env = await d.wait_for(lambda e: e.get("worker_event") == "env" and e["env"]["WORLD_SIZE"] == "2",
+                               timeout=60)
+        assert env["env"]["GROUP_WORLD_SIZE"] == "2"
+    reason = first.named("state_changed", to="RECOVERING")[0]["reason"]
+    assert reason == "a node is waiting to join"
+    c.nodes[1].signal(signal.SIGTERM)
+    assert await c.finish() == [143, 143]
+    assert all(d.events[-1]["restarts"] == 0 for d in c.nodes)  # a bigger group spends no restart
