@@ -16,7 +16,7 @@ protocol). It runs torch's own rendezvous, ``DynamicRendezvousHandler`` over the
   the first news of a round wins (``compare_set``), and a restart counts once in the job's count.
   No answer: every helper, this one too, reports the round's news as a ``news`` event the moment
   it is set, because a thread per round blocks on the key with the store's ``wait``. A node that
-  arrives while a round with room for it runs sets the news ``rejoin`` (see :meth:`Member._knock`).
+  arrives while a round with room for it runs sets the news ``rejoin`` (see :meth:`Member._knocking`).
 - ``{"cmd": "close", "outcome": ..., "reason": ...}``: the run ends here. Nodes of the current
   round wait for each other (bounded: ``close_timeout``) so that the store host stays up until all
   have read their news; a failed job closes the rendezvous so that joining nodes hear it at once.
@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -47,6 +50,7 @@ OUTCOME = "outcome"
 # A connection to the rendezvous store that failed is replaced after this pause, until the join
 # deadline: a store host that is restarting, or a network link that is down for a while.
 RECONNECT_PAUSE = 1.0
+KNOCK_INTERVAL = 1.0  # torch's join looks at the rendezvous state as often
 
 
 class Member:
@@ -73,10 +77,11 @@ class Member:
         with self._lock:  # the news threads write too
             lines.write(1, **fields)
 
-    def _client(self, prefix: str) -> Any:
+    def _client(self, prefix: str | None) -> Any:
+        """A connection of our own to the rendezvous store; keys under ``prefix`` unless None."""
         import torch.distributed as dist
         store = dist.TCPStore(self.host, self.port, is_master=False, timeout=self.read_timeout)
-        return dist.PrefixStore(prefix, store)
+        return store if prefix is None else dist.PrefixStore(prefix, store)
 
     def _params(self, conf: dict[str, str]) -> Any:
         from torch.distributed.elastic.rendezvous import RendezvousParameters
@@ -116,8 +121,8 @@ class Member:
             try:
                 if self.handler is None:
                     self._connect()
-                    self._knock()
-                info = self.handler.next_rendezvous()
+                with self._knocking():
+                    info = self.handler.next_rendezvous()
             except RendezvousClosedError:
                 outcome = self._outcome()
                 self.emit(event="closed", reason=outcome.get("reason", "the rendezvous was closed"),
@@ -146,17 +151,37 @@ class Member:
             except DistError as exc:  # a node of the round is gone before it said its size: rejoin
                 self.emit(event="retry", reason=f"round {self.round}: {exc}".splitlines()[0])
 
-    def _knock(self) -> None:
-        """A new member (a node starting, or back after its loss) finds a round running with room
-        for it: it sets that round's news, so that its nodes start a new round with this one at
-        once (torchrun's agents poll ``num_nodes_waiting`` for it). Torch's state is read through
-        its handler's private holder: there is no public accessor."""
-        holder = self.handler._state_holder
-        holder.sync()
-        state = holder.state
-        if state.complete and len(state.participants) < self.params.max_nodes:
-            self.job.compare_set(f"{state.round}/{NEWS}", "", json.dumps(
-                {"kind": "rejoin", "reason": "a node is waiting to join", "by_node": None}))
+    @contextmanager
+    def _knocking(self) -> Iterator[None]:
+        """While this node waits to join: whenever a round with room for it runs without it (it
+        is new, back after its loss, or came after the round's last call), set that round's news
+        ``rejoin``, so that its nodes start a bigger round at once. It looks at once and then every
+        second, as torch's join does (torchrun's agents poll for waiting nodes instead), through
+        a store client of its own: the handler is busy joining."""
+        from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+        done = threading.Event()
+
+        def knock() -> None:
+            try:
+                store = self._client(None)
+                backend = C10dRendezvousBackend(store, self.params.run_id)
+                while True:
+                    found = backend.get_state()
+                    state = pickle.loads(found[0]) if found else None
+                    if state is not None and state.complete and len(state.participants) < self.params.max_nodes:
+                        self.job.compare_set(f"{state.round}/{NEWS}", "", json.dumps(
+                            {"kind": "rejoin", "reason": "a node is waiting to join", "by_node": None}))
+                    if done.wait(KNOCK_INTERVAL):
+                        return
+            except Exception as exc:  # the join itself meets the same trouble and says so
+                self.emit(event="retry", reason=f"knock: {type(exc).__name__}: {exc}".splitlines()[0])
+
+        thread = threading.Thread(target=knock, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
 
     def _publish_round(self, local_world_size: int) -> None:
         key = f"{self.round}/"

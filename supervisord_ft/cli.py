@@ -119,10 +119,11 @@ async def _run(cfg: Config) -> int:
             if resolve_format(cfg.log_format, stdout) == "console":
                 console = ConsoleView(stdout, show_steps=cfg.show_steps)
                 bus.subscribe(console)
-            log = Log(EventsFile(cfg.run_dir / EVENTS_FILE), None if console else stdout, bus)
+            where: dict[str, Any] = {}  # multi-node: every event's node rank and round
+            log = Log(EventsFile(cfg.run_dir / EVENTS_FILE), None if console else stdout, bus, where)
             run_id = new_run_id()
             logger = log.logger.bind(run_id=run_id)
-            rendezvous = _rendezvous(cfg, logger)
+            rendezvous = _rendezvous(cfg, logger, where)
             try:
                 service.announce(logger)
                 await leftovers.kill(logger)
@@ -134,9 +135,9 @@ async def _run(cfg: Config) -> int:
                 log.close()
 
 
-def _rendezvous(cfg: Config, log: Any) -> Rendezvous:
+def _rendezvous(cfg: Config, log: Any, where: dict[str, Any]) -> Rendezvous:
     if cfg.multi_node:
-        return NodeRendezvous(cfg, log)
+        return NodeRendezvous(cfg, log, where)
     if cfg.store_host:
         return StoreRendezvous(cfg.master_addr, cfg.master_port, log)
     return LocalRendezvous(cfg.master_addr, cfg.master_port)

@@ -45,7 +45,9 @@ class NodeRendezvous:
 
     multi_node = True
 
-    def __init__(self, cfg: Config, log: Any, python: str = sys.executable) -> None:
+    def __init__(self, cfg: Config, log: Any, where: dict[str, Any], python: str = sys.executable) -> None:
+        """``where``: the fields every event of this daemon gets (:class:`logs.Log`'s context):
+        its node rank and round, set here for each round (null before the first)."""
         self.cfg = cfg
         self.python = python
         self.local_addr = node_addr(cfg)
@@ -58,7 +60,9 @@ class NodeRendezvous:
         self.round: int | None = None
         self.node_rank: int | None = None
         self.restarts = 0
-        self.log = log.bind(node_rank=None, round=None)
+        self.log = log
+        self.where = where
+        where.update(node_rank=None, round=None)
 
     def check(self) -> None:
         """This node's address must be local: the round's workers' store may be hosted on it."""
@@ -144,7 +148,7 @@ class NodeRendezvous:
         if reply["event"] != "round":
             raise RendezvousFailed(f"{reply['event']}: {reply.get('reason')}")
         self.round, self.node_rank = reply["round"], reply["group_rank"]
-        self.log = self.log.bind(node_rank=self.node_rank, round=self.round)
+        self.where.update(node_rank=self.node_rank, round=self.round)
         self.log.info("rendezvous_round", attempt=attempt, nnodes=reply["nnodes"],
                       world_size=reply["world_size"], rank_offset=reply["rank_offset"],
                       master_addr=reply["master_addr"], master_port=reply["master_port"],

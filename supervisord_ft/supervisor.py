@@ -52,9 +52,6 @@ class Supervisor:
         self.launcher = launcher or (StandbyLauncher(cfg.num_workers, cfg.preload, log)
                                      if cfg.standby else SubprocessLauncher())
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
-        if self.rendezvous.multi_node:  # every event says where it comes from, bound per round
-            self.log = log.bind(node_rank=None, round=None)
-        self._base_log = self.log
         self.fsm = StateMachine(on_change=self._log_transition)
         self.policy = RestartPolicy(cfg.max_restarts, cfg.restart_window, cfg.restart_backoff,
                                     cfg.restart_backoff_max, cfg.no_retry_exit_codes)
@@ -208,10 +205,9 @@ class Supervisor:
                        recovering_since=previous.failed_at if previous is not None else None)
 
     async def _join_round(self, rank: RankInfo) -> None:
-        """Multi-node, once a round is complete (no worker of any node is alive): this node's
-        events say where they come from, the restart count is the group's, and the checkpoint is
-        the one every node can resume from. One node of the group tidies the shared directory."""
-        self.log = self._base_log.bind(node_rank=rank.node_rank, round=self.rendezvous.round)
+        """Multi-node, once a round is complete (no worker of any node is alive): the restart
+        count is the group's, and the checkpoint is the one every node can resume from. One node
+        of the group tidies the shared directory."""
         while self.policy.total < self.rendezvous.restarts:  # a node that joined late catches up
             self.policy.spend(time.monotonic())
         self.resume_from = await self.rendezvous.agree(self._select_checkpoint(tidy=rank.node_rank == 0))
