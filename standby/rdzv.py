@@ -53,6 +53,54 @@ RECONNECT_PAUSE = 1.0
 KNOCK_INTERVAL = 1.0  # torch's join looks at the rendezvous state as often
 
 
+class Bell:
+    """Wakes a joining helper when the rendezvous state changes, instead of a second later.
+
+    While it waits for other nodes, torch's join reads the shared state, sleeps a second
+    (``_delay(1)``) and reads it again, so a round completes up to a second after its last node
+    joined. Here every write of the state by a helper rings the bell (a counter and one key per
+    ring in the store), and a helper's sleep ends at the next ring. A ring missed (one between the
+    read of the counter and the wait) costs the second torch would have slept anyway. Torch has no
+    hook for either: its module's ``_delay``, the handler's backend and its one-second read cache
+    are replaced, in this helper process only.
+    """
+
+    def __init__(self, ringer: Any, sleeper: Any) -> None:
+        self.ringer, self.sleeper = ringer, sleeper  # one connection each: a wait blocks its own
+        self._lock = threading.Lock()  # rings come from the join and from the heartbeat thread
+
+    def hang(self, handler: Any) -> None:
+        from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+        backend = handler._state_holder._backend
+        write = backend.set_state
+
+        def set_state(*args: Any, **kwargs: Any) -> Any:
+            result = write(*args, **kwargs)
+            if result is not None and result[2]:  # (state, token, written)
+                self.ring()
+            return result
+
+        backend.set_state = set_state
+        dynamic_rendezvous._delay = self.sleep
+        # The holder serves reads from a cache for a second: a wake-up would read the old state.
+        handler._state_holder._cache_duration = 0
+
+    def ring(self) -> None:
+        with self._lock:
+            self.ringer.set(f"bell/{self.ringer.add('bell', 1)}", "")
+
+    def sleep(self, seconds: float | tuple[float, float]) -> None:
+        from torch.distributed import DistStoreError
+        from torch.distributed.elastic.rendezvous.utils import _delay
+        if isinstance(seconds, tuple):  # the random stagger before a first join: kept
+            return _delay(seconds)
+        try:
+            rung = self.sleeper.add("bell", 0)
+            self.sleeper.wait([f"bell/{rung + 1}"], timedelta(seconds=seconds))
+        except DistStoreError:  # no ring within the second: torch's own pace
+            pass
+
+
 class Member:
     """This node's membership: the torch handler, our own store clients, the current round."""
 
@@ -109,7 +157,9 @@ class Member:
             except RendezvousConnectionError:
                 if is_host == "0" or "is_host" in self.conf:
                     raise
-        self.job = self._client(f"supervisord_ft/{self.params.run_id}")
+        prefix = f"supervisord_ft/{self.params.run_id}"
+        self.job = self._client(prefix)
+        Bell(self._client(prefix), self._client(prefix)).hang(self.handler)
 
     # -- join ---------------------------------------------------------------------------------
     def join(self, local_world_size: int) -> None:

@@ -1,7 +1,9 @@
-"""Multi-node on one machine: several daemons on loopback, one run dir each, one shared
-checkpoint dir, the real torch worker over gloo, joined through torch's c10d rendezvous.
+"""Multi-node on one machine: several daemons, one run dir each, one shared checkpoint dir,
+the real torch worker over gloo (the fake one where the world size changes), joined through
+torch's c10d rendezvous; on loopback, and (as root) in network namespaces joined by a bridge,
+where a node's link can be cut.
 
-Run by ``make test-multinode`` (marker ``multinode``), not by ``make test``.
+Run by ``make test-multinode`` (marker ``multinode``; CI runs it), not by ``make test``.
 """
 
 from __future__ import annotations
