@@ -96,9 +96,10 @@ class NodeRendezvous:
             event = json.loads(line)
             kind = event.pop("event")
             if kind in ("news", "lost"):
-                self.heard.put_nowait(News(kind=event.pop("kind", kind), round=event.pop("round"),
-                                           by_node=event.pop("by_node", None),
-                                           reason=event.pop("reason"), **event))
+                self.heard.put_nowait(News(kind=event.get("kind", kind), round=event["round"],
+                                           by_node=event.get("by_node"), reason=event["reason"],
+                                           rank=event.get("rank"), returncode=event.get("returncode"),
+                                           signal=event.get("signal")))
             elif kind in NOTICES:
                 self.log.warning(NOTICES[kind], **event)
             else:
