@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 TORCH_CPU_INDEX = https://download.pytorch.org/whl/cpu
 PIP_INDEX = $(if $(filter cpu,$(TORCH_INDEX)),--extra-index-url $(TORCH_CPU_INDEX),)
 
-.PHONY: venv demo test test-fast soak bench bench-quick clean
+.PHONY: venv demo test test-fast test-multinode soak bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Several daemons of one job on this machine (loopback, and network namespaces as root).
+test-multinode: $(STAMP)
+	$(PY) -m pytest -q -m multinode tests/test_multinode.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not e2e and not soak'

@@ -127,6 +127,7 @@ class Torchrun:
     share_store: bool = True
     shutdown_timeout: int | None = None  # whole seconds (torchrun parses an int); its default is 30
     label: str = ""
+    rendezvous: tuple[str, ...] = ("--standalone",)  # or a multi-node job's --nnodes, --rdzv-* flags
 
     @property
     def name(self) -> str:
@@ -137,7 +138,7 @@ class Torchrun:
         return {} if self.share_store else {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
     def argv(self, program: Program, workers: int, max_restarts: int, workdir: Path) -> list[str]:
-        argv = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(workers),
+        argv = [PYTHON, "-m", "torch.distributed.run", *self.rendezvous, "--nproc-per-node", str(workers),
                 "--max-restarts", str(max_restarts), "--monitor-interval", str(self.monitor_interval)]
         if self.shutdown_timeout is not None:
             argv += ["--shutdown-timeout", str(self.shutdown_timeout)]
@@ -243,6 +244,7 @@ class Launch:
     capture: bool = True
     stdout: int = subprocess.DEVNULL  # where stdout goes when it is not captured
     sample_interval: float = 0.1
+    checkpoint_dir: Path | None = None  # shared by the nodes of a multi-node job; else the run's own
     records: list[Record] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     returncode: int | None = None
@@ -250,7 +252,7 @@ class Launch:
 
     async def __aenter__(self) -> Launch:
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
-        self.checkpoint_dir = self.workdir / "ckpt"
+        self.checkpoint_dir = self.checkpoint_dir or self.workdir / "ckpt"
         argv = self.runner.argv(self.job.program(self.checkpoint_dir), self.workers, self.max_restarts, self.workdir)
         self._stderr = open(self.workdir / "stderr.log", "ab")  # append: the child's writes never overlap
         self._changed = asyncio.Event()

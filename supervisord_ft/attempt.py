@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from .checkpoints import Checkpoint
-from .rendezvous import Endpoint, RankInfo
+from .rendezvous import Endpoint, News, RankInfo
 from .restarts import Failure
 from .watchdog import Watchdog
 from .workers import Worker
@@ -37,6 +37,7 @@ class Attempt:
     stepped: bool = False  # some rank reported a step
     jit_armed: set[int] = field(default_factory=set)  # ranks that will save if a peer dies
     failure: Failure | None = None
+    news: News | None = None  # another node's word that ended this attempt (multi-node)
     failed_at: float | None = None
     last_stderr: dict[int, bytes] = field(default_factory=dict)
 

@@ -19,7 +19,8 @@ from .config import (OPTIONS, Config, build, ensure_appendable, ensure_fd_budget
 from .console import ConsoleView
 from .errors import EXIT_CODES, ConfigError, SupervisorError
 from .logs import EVENTS_FILE, EventBus, EventsFile, Log, resolve_format
-from .rendezvous import LocalRendezvous
+from .noderdzv import NodeRendezvous, node_addr
+from .rendezvous import LocalRendezvous, Rendezvous
 from .runlog import new_run_id
 from .service import Service
 from .stdio import StdoutWriter, reopen_closed
@@ -104,22 +105,25 @@ async def _run(cfg: Config) -> int:
     ensure_writable_dir("checkpoint_dir", cfg.checkpoint_dir)
     ensure_writable_dir("run_dir", cfg.run_dir)
     ensure_fd_budget(cfg.num_workers)
-    with dirlock.hold("checkpoint_dir", cfg.checkpoint_dir):
+    # Multi-node: every node's daemon shares the checkpoint dir; each holds its own run_dir.
+    locked = ("run_dir", cfg.run_dir) if cfg.multi_node else ("checkpoint_dir", cfg.checkpoint_dir)
+    with dirlock.hold(*locked):
         leftovers = orphans.find_leftovers(cfg.run_dir)  # before this daemon writes to run_dir
         ensure_appendable("run_dir", cfg.run_dir / EVENTS_FILE)
         orphans.become_subreaper()
-        LocalRendezvous(cfg.master_addr, cfg.master_port).check()
+        # Multi-node: the round's workers' store may be hosted on this node's address.
+        LocalRendezvous(node_addr(cfg) if cfg.multi_node else cfg.master_addr, cfg.master_port).check()
         stdout, bus = StdoutWriter(), EventBus()
         async with Service(cfg, bus) as service:  # a taken metrics port stops us here: exit 2
             console = None
             if resolve_format(cfg.log_format, stdout) == "console":
                 console = ConsoleView(stdout, show_steps=cfg.show_steps)
                 bus.subscribe(console)
-            log = Log(EventsFile(cfg.run_dir / EVENTS_FILE), None if console else stdout, bus)
+            where: dict[str, Any] = {}  # multi-node: every event's node rank and round
+            log = Log(EventsFile(cfg.run_dir / EVENTS_FILE), None if console else stdout, bus, where)
             run_id = new_run_id()
             logger = log.logger.bind(run_id=run_id)
-            rendezvous = (StoreRendezvous(cfg.master_addr, cfg.master_port, logger)
-                          if cfg.store_host else LocalRendezvous(cfg.master_addr, cfg.master_port))
+            rendezvous = _rendezvous(cfg, logger, where)
             try:
                 service.announce(logger)
                 await leftovers.kill(logger)
@@ -129,6 +133,14 @@ async def _run(cfg: Config) -> int:
                     console.close()
                     stdout.close()
                 log.close()
+
+
+def _rendezvous(cfg: Config, log: Any, where: dict[str, Any]) -> Rendezvous:
+    if cfg.multi_node:
+        return NodeRendezvous(cfg, log, where)
+    if cfg.store_host:
+        return StoreRendezvous(cfg.master_addr, cfg.master_port, log)
+    return LocalRendezvous(cfg.master_addr, cfg.master_port)
 
 
 def _runner() -> asyncio.Runner:

@@ -13,7 +13,7 @@ import resource
 import shutil
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,13 @@ MAX_WORKERS = 4096
 # Descriptors the daemon holds: a base (stdio, event loop, events file) and per rank its two pipes
 # and a spare for the spawn in progress.
 FDS_BASE, FDS_PER_WORKER = 64, 3
+
+
+# torchrun's defaults and the settings its c10d rendezvous reads (`--rdzv-conf`).
+DEFAULT_RDZV_PORT = 29400
+RDZV_BACKENDS = ("c10d",)
+RDZV_CONF_KEYS = ("join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout",
+                  "keep_alive_interval", "keep_alive_max_attempt", "read_timeout", "is_host")
 
 
 class ExitCodes(tuple):
@@ -48,6 +55,7 @@ class Option:
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     builtin_job: bool = False  # applies only to the built-in `python -m worker` job
+    alias: str | None = None  # torchrun's name for it: another flag and TOML key
 
     @property
     def default(self) -> Any:
@@ -67,14 +75,17 @@ class Option:
 
     @property
     def flags(self) -> list[str]:
-        dashed = "--" + self.name.replace("_", "-")
-        return [dashed] if "_" not in self.name else [dashed, "--" + self.name]
+        names = [self.name] + ([self.alias] if self.alias else [])
+        return list(dict.fromkeys(f"--{spelling}" for name in names
+                                  for spelling in (name.replace("_", "-"), name)))
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("num_workers", int, "worker processes (ranks) in the group; each costs the daemon a "
+    Option("num_workers", int, "worker processes (ranks) in the group, on this node (torchrun's "
+           "`nproc_per_node`, also accepted); each costs the daemon a "
            "process and 2 pipe descriptors, so the soft `ulimit -n` is raised as far as needed and "
-           "a hard limit too low is refused at start-up", minimum=1, maximum=MAX_WORKERS),
+           "a hard limit too low is refused at start-up", minimum=1, maximum=MAX_WORKERS,
+           alias="nproc_per_node"),
     Option("max_restarts", int, "relaunches allowed; the next failure ends the run FAILED", minimum=0),
     Option("checkpoint_dir", Path, "where `checkpoint_step_<N>.pt` files live"),
     Option("run_dir", Path, "where `events.jsonl` is written (appended to)"),
@@ -126,6 +137,19 @@ OPTIONS: tuple[Option, ...] = (
            "so a relaunched Python rank skips its imports (`false`: every rank starts cold)"),
     Option("preload", Names, "modules a standby imports before it is handed a rank (a TOML list, "
            "or `torch,numpy` on the command line)"),
+    Option("nnodes", str, "multi-node: `N` or `MIN:MAX` nodes, one daemon each, as torchrun's "
+           "`--nnodes`; with more than one, the nodes meet through the c10d rendezvous (off or 1: "
+           "this node alone)"),
+    Option("rdzv_endpoint", str, "multi-node: `HOST:PORT` of the rendezvous store (port "
+           f"{DEFAULT_RDZV_PORT} if left out), hosted by the node whose address it is"),
+    Option("rdzv_id", str, "multi-node: the job's id, the same on every node "
+           "(`TORCHELASTIC_RUN_ID` of the workers)"),
+    Option("rdzv_backend", str, "multi-node: the rendezvous backend", choices=RDZV_BACKENDS),
+    Option("rdzv_conf", str, "multi-node: torch's rendezvous settings as `key=value,...`: "
+           + ", ".join(f"`{k}`" for k in RDZV_CONF_KEYS) + " (seconds; torch's defaults)"),
+    Option("local_addr", str, "multi-node: this node's address as the others reach it (the "
+           "round's workers' store listens there when this node is group rank 0; off: its "
+           "fully qualified host name, as torchrun)"),
     Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
     Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
     Option("checkpoint_interval", int, "built-in job: checkpoint every N global steps", minimum=1,
@@ -140,6 +164,7 @@ OPTIONS: tuple[Option, ...] = (
            builtin_job=True),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
+ALIASES = {o.alias: o.name for o in OPTIONS if o.alias}
 
 
 @dataclass(frozen=True)
@@ -168,6 +193,12 @@ class Config:
     metrics_addr: str = "127.0.0.1"
     store_host: bool = True
     standby: bool = True
+    nnodes: str | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "none"
+    rdzv_backend: str = "c10d"
+    rdzv_conf: str | None = None
+    local_addr: str | None = None
     # torch._dynamo too: building any torch.optim optimizer imports it, about 1 s on its own.
     preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim", "torch._dynamo")
     epochs: int = builtin_job.EPOCHS
@@ -184,6 +215,24 @@ class Config:
     @property
     def builtin_job(self) -> bool:
         return not self.command
+
+    @property
+    def node_range(self) -> tuple[int, int]:
+        """(MIN, MAX) nodes; (1, 1) when ``nnodes`` is not given. Validated by :func:`build`."""
+        if self.nnodes is None:
+            return 1, 1
+        low, _, high = self.nnodes.partition(":")
+        return int(low), int(high or low)
+
+    @property
+    def multi_node(self) -> bool:
+        return self.node_range[1] > 1
+
+    @property
+    def rdzv_options(self) -> dict[str, str]:
+        """``rdzv_conf`` as a dict (validated by :func:`build`)."""
+        pairs = (item.split("=", 1) for item in (self.rdzv_conf or "").split(",") if item.strip())
+        return {key.strip(): value.strip() for key, value in pairs}
 
 
 def _coerce(opt: Option, value: Any, source: str) -> Any:
@@ -306,7 +355,10 @@ def build(toml: Mapping[str, Any], cli: Mapping[str, str], command: list[str] | 
             values["command"] = _command(value, source)
         elif key == "env":
             values["env"] = _env(value, source)
-        elif key in BY_NAME:
+        elif key in BY_NAME or key in ALIASES:
+            key = ALIASES.get(key, key)
+            if key in values:
+                raise ConfigError(f"{source}: {key} given twice (once as torchrun's name)")
             values[key] = _coerce(BY_NAME[key], value, source)
             given.add(key)
         else:
@@ -323,8 +375,39 @@ def build(toml: Mapping[str, Any], cli: Mapping[str, str], command: list[str] | 
             raise ConfigError(f"{job_keys[0]}: applies only to the built-in job, but a command was given")
     if cfg.metrics_port and cfg.metrics_port == cfg.master_port:
         raise ConfigError(f"metrics_port: {cfg.metrics_port} is also master_port")
-    if cfg.crash_rank >= cfg.num_workers:
-        raise ConfigError(f"crash_rank: must be < num_workers ({cfg.num_workers}), got {cfg.crash_rank}")
+    cfg = _check_nodes(cfg)
+    ranks = cfg.num_workers * cfg.node_range[1]
+    if cfg.crash_rank >= ranks:
+        raise ConfigError(f"crash_rank: must be < num_workers ({cfg.num_workers})"
+                          f"{' x nnodes' if cfg.multi_node else ''}, got {cfg.crash_rank}")
+    return cfg
+
+
+def _check_nodes(cfg: Config) -> Config:
+    """``nnodes`` as torchrun reads it, and what a multi-node run needs beside it."""
+    if cfg.nnodes is not None:
+        parts = cfg.nnodes.split(":")
+        if not (len(parts) <= 2 and all(p.isdigit() for p in parts)
+                and 1 <= int(parts[0]) <= int(parts[-1])):
+            raise ConfigError(f"nnodes: expected N or MIN:MAX with 1 <= MIN <= MAX, got {cfg.nnodes!r}")
+    items = [item for item in (cfg.rdzv_conf or "").split(",") if item.strip()]
+    if any("=" not in item for item in items):
+        raise ConfigError(f"rdzv_conf: expected key=value,..., got {cfg.rdzv_conf!r}")
+    for key, value in cfg.rdzv_options.items():
+        if key not in RDZV_CONF_KEYS:
+            raise ConfigError(f"rdzv_conf: unknown setting {key!r} (known: {', '.join(RDZV_CONF_KEYS)})")
+        if key != "is_host" and not (value.isdigit() and int(value) > 0):
+            raise ConfigError(f"rdzv_conf: {key} must be a whole number of seconds > 0, got {value!r}")
+    if not cfg.multi_node:
+        return cfg
+    if cfg.rdzv_endpoint is None:
+        raise ConfigError(f"rdzv_endpoint: required with nnodes {cfg.nnodes} (HOST:PORT of the "
+                          "rendezvous store)")
+    host, sep, port = cfg.rdzv_endpoint.rpartition(":")
+    if not sep:
+        return replace(cfg, rdzv_endpoint=f"{cfg.rdzv_endpoint}:{DEFAULT_RDZV_PORT}")
+    if not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"rdzv_endpoint: expected HOST:PORT, got {cfg.rdzv_endpoint!r}")
     return cfg
 
 

@@ -14,14 +14,19 @@ from .rendezvous import Endpoint, RankInfo
 # torchrun's names and meanings
 RANK = "RANK"
 LOCAL_RANK = "LOCAL_RANK"
-GROUP_RANK = "GROUP_RANK"
+GROUP_RANK = "GROUP_RANK"  # the node's rank in the round
+GROUP_WORLD_SIZE = "GROUP_WORLD_SIZE"  # nodes in the round
+ROLE_RANK = "ROLE_RANK"  # one role ("default"): the same as RANK
+ROLE_NAME = "ROLE_NAME"
+ROLE_WORLD_SIZE = "ROLE_WORLD_SIZE"
 WORLD_SIZE = "WORLD_SIZE"
 LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 TORCHELASTIC_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
 TORCHELASTIC_MAX_RESTARTS = "TORCHELASTIC_MAX_RESTARTS"
-# The daemon's run_id, as `torchrun --standalone` gives each invocation a fresh rdzv id here.
+# Multi-node: the job's rdzv_id, as torchrun. One node: the daemon's run_id, as `torchrun
+# --standalone` gives each invocation a fresh rdzv id.
 TORCHELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"
 # ours
 RUN_ID = "SUPERVISORD_FT_RUN_ID"  # the daemon invocation's run_id, as on every event it logs
@@ -34,7 +39,10 @@ UNBUFFERED = "PYTHONUNBUFFERED"  # a Python worker's lines reach the daemon as t
 # torchrun's agent does; unset when rank 0 hosts it.
 USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
 
-ALL = (RANK, LOCAL_RANK, GROUP_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+ROLE = "default"  # torchrun's role name when none is given
+
+ALL = (RANK, LOCAL_RANK, GROUP_RANK, GROUP_WORLD_SIZE, ROLE_RANK, ROLE_NAME, ROLE_WORLD_SIZE,
+       WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
        TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, TORCHELASTIC_RUN_ID, RUN_ID,
        RESTART_COUNT, CHECKPOINT_DIR, RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED, USE_AGENT_STORE)
 # The ones that differ between ranks or attempts (or runs). Everything else, PYTHONUNBUFFERED
@@ -44,15 +52,17 @@ PER_RANK = tuple(v for v in ALL if v != UNBUFFERED)
 
 def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run_id: str,
              restart: int, max_restarts: int, checkpoint_dir: Path, keep_checkpoints: int,
-             resume_from: Path | None) -> dict[str, str]:
+             resume_from: Path | None, rdzv_id: str | None = None) -> dict[str, str]:
     """``base`` with every variable above set for ``rank`` (and a stale RESUME_FROM removed)."""
     env = dict(base)
     env.update({
         RANK: str(rank.rank), LOCAL_RANK: str(rank.local_rank), GROUP_RANK: str(rank.node_rank),
-        WORLD_SIZE: str(rank.world_size), LOCAL_WORLD_SIZE: str(rank.local_world_size),
+        GROUP_WORLD_SIZE: str(rank.nnodes), ROLE_RANK: str(rank.rank), ROLE_NAME: ROLE,
+        ROLE_WORLD_SIZE: str(rank.world_size), WORLD_SIZE: str(rank.world_size),
+        LOCAL_WORLD_SIZE: str(rank.local_world_size),
         MASTER_ADDR: endpoint.addr, MASTER_PORT: str(endpoint.port),
         TORCHELASTIC_RESTART_COUNT: str(restart), TORCHELASTIC_MAX_RESTARTS: str(max_restarts),
-        TORCHELASTIC_RUN_ID: run_id, RUN_ID: run_id,
+        TORCHELASTIC_RUN_ID: rdzv_id or run_id, RUN_ID: run_id,
         RESTART_COUNT: str(restart), CHECKPOINT_DIR: str(checkpoint_dir.resolve()),
         KEEP_CHECKPOINTS: str(keep_checkpoints), UNBUFFERED: "1",
     })

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -239,14 +239,18 @@ class Log:
     """The daemon's logger (:attr:`logger`) and the sinks behind it; :meth:`close` once at exit."""
 
     def __init__(self, events: EventsFile | None, stdout: Stdout | None = None,
-                 bus: EventBus | None = None) -> None:
-        """``stdout`` gets every event as a JSON line; None when the console view has it."""
+                 bus: EventBus | None = None, context: Mapping[str, Any] | None = None) -> None:
+        """``stdout`` gets every event as a JSON line; None when the console view has it.
+        ``context``: fields every event gets, as they are when it is logged (a multi-node
+        daemon's node rank and round, which its rendezvous updates)."""
         self._renderer = _Renderer(events, stdout, bus)
+        where = context if context is not None else {}
         self.logger: Any = structlog.wrap_logger(
             structlog.ReturnLogger(),
             processors=[
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+                lambda _logger, _name, ev: {**where, **ev},
                 self._renderer,
             ],
             wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

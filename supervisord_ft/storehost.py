@@ -15,17 +15,13 @@ falls back to rank 0 hosting (:class:`LocalRendezvous`), so a launch never hangs
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import os
-import signal
 import sys
 from typing import Any
 
-from . import orphans
-from .rendezvous import Endpoint, LocalRendezvous, RankInfo
-from .standby import PACKAGE_ROOT
-from .workers import KILL_TIMEOUT, _die_with_parent, signal_group
+from . import helpers
+from .rendezvous import Endpoint, LocalRendezvous, RankInfo, SingleNode
+from .workers import KILL_TIMEOUT
 
 # The first answer comes before the helper imports torch: it only binds a socket.
 REPLY_TIMEOUT = 10.0
@@ -35,7 +31,7 @@ class StoreHostError(Exception):
     """The helper died or did not answer."""
 
 
-class StoreRendezvous:
+class StoreRendezvous(SingleNode):
     """Single node, like :class:`LocalRendezvous`, with each attempt's store hosted by the helper."""
 
     def __init__(self, addr: str, port: int, log: Any, python: str = sys.executable) -> None:
@@ -62,7 +58,7 @@ class StoreRendezvous:
         self.log.warning("store_fallback", attempt=attempt, reason="rank 0 hosts the store this round")
         return endpoint, ranks
 
-    async def close(self) -> None:
+    async def close(self, outcome: str = "", reason: str = "", signal: int | None = None) -> None:
         await self._stop()
 
     async def _ask(self, attempt: int) -> int:
@@ -90,20 +86,12 @@ class StoreRendezvous:
 
     async def _start(self) -> None:
         try:
-            self.helper = await asyncio.create_subprocess_exec(
-                self.python, "-m", "standby.store", self.local.addr, str(self.local.port),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=PACKAGE_ROOT,
-                start_new_session=True, preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+            self.helper = await helpers.start(self.python, "standby.store", self.local.addr,
+                                              str(self.local.port))
         except OSError as exc:
             raise StoreHostError(f"cannot start the store host: {exc}") from None
-        orphans.HELPERS.add(self.helper.pid)
         self.log.info("store_host_started", pid=self.helper.pid)
 
     async def _stop(self) -> None:
         helper, self.helper = self.helper, None
-        if helper is None:
-            return
-        orphans.HELPERS.discard(helper.pid)
-        if helper.returncode is None:
-            signal_group(helper.pid, signal.SIGKILL)
-        await asyncio.wait_for(helper.wait(), KILL_TIMEOUT)
+        await helpers.stop(helper)

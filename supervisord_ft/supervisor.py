@@ -8,6 +8,7 @@ only record the request; output readers only stamp progress clocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -24,7 +25,7 @@ from .config import Config, as_dict
 from .errors import EXIT_DONE, EXIT_FAILED, EXIT_SIGNAL_BASE, CheckpointError
 from .fsm import State, StateMachine
 from .output import OutputRouter, Source
-from .rendezvous import LocalRendezvous, RankInfo, Rendezvous
+from .rendezvous import LocalRendezvous, News, RankInfo, Rendezvous, RendezvousFailed
 from .restarts import Failure, RestartPolicy
 from .standby import StandbyLauncher
 from .watchdog import Watchdog
@@ -62,6 +63,7 @@ class Supervisor:
         self._stop_requested = asyncio.Event()
         self._kill_now = asyncio.Event()
         self._set_aside: SetAside | None = None  # the last checkpoint a fallback moved aside
+        self._end_reason = ""  # the reason of the transition to the final state
 
     @property
     def restarts(self) -> int:
@@ -134,8 +136,8 @@ class Supervisor:
             State.STOPPING: self._shutdown,
         }
         try:
-            try:
-                self.resume_from = self._select_checkpoint()
+            try:  # multi-node: chosen in each round, once no worker of any node is alive
+                self.resume_from = None if self.rendezvous.multi_node else self._select_checkpoint()
             except CheckpointError as exc:
                 self.fsm.transition(State.FAILED, f"checkpoint_dir: {exc}")
             while not self.fsm.state.terminal:
@@ -148,7 +150,7 @@ class Supervisor:
             await orphans.sweep(self.workers, self.log)  # at every end, nothing a worker started lives on
             orphans.forget(self.cfg.run_dir)
             await self.launcher.close()
-            await self.rendezvous.close()
+            await self.rendezvous.close(self.fsm.state.value, self._end_reason, self.stop_signal)
             ticker.cancel()
             emitter.cancel()
             self.router.flush()
@@ -159,6 +161,7 @@ class Supervisor:
         return code
 
     def _log_transition(self, before: State, after: State, reason: str) -> None:
+        self._end_reason = reason
         (self.log.error if after is State.FAILED else self.log.info)("state_changed", **{"from": before.value, "to": after.value},
                       restart=self.restarts, attempt=self.attempt.id if self.attempt else None,
                       reason=reason)
@@ -176,18 +179,56 @@ class Supervisor:
             orphans.reap(self.workers)
 
     # -- LAUNCHING ------------------------------------------------------------------------------
-    async def _next_attempt(self) -> Attempt:
+    async def _next_attempt(self) -> Attempt | None:
+        """The next attempt, or None if a stop request came while the group was meeting."""
         previous = self.attempt
         attempt_id = previous.id + 1 if previous is not None else 0
-        endpoint, ranks = await self.rendezvous.next_round(attempt_id, self.cfg.num_workers)
+        meeting = asyncio.ensure_future(self.rendezvous.next_round(attempt_id, self.cfg.num_workers))
+        stop_wait = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({meeting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+            if not meeting.done():
+                meeting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await meeting
+        if meeting.cancelled():
+            return None
+        endpoint, ranks = meeting.result()
+        if self.rendezvous.multi_node:
+            await self._join_round(ranks[0])
         return Attempt(attempt_id, self.restarts, endpoint, ranks,
                        Watchdog((r.rank for r in ranks), self.cfg.hang_timeout,
                                 self.cfg.startup_timeout, time.monotonic),
                        self.resume_from,
                        recovering_since=previous.failed_at if previous is not None else None)
 
+    async def _join_round(self, rank: RankInfo) -> None:
+        """Multi-node, once a round is complete (no worker of any node is alive): the restart
+        count is the group's, and the checkpoint is the one every node can resume from. One node
+        of the group tidies the shared directory."""
+        while self.policy.total < self.rendezvous.restarts:  # a node that joined late catches up
+            self.policy.spend(time.monotonic())
+        self.resume_from = await self.rendezvous.agree(self._select_checkpoint(tidy=rank.node_rank == 0))
+
     async def _launch(self) -> None:
-        a = self.attempt = await self._next_attempt()
+        try:
+            a = await self._next_attempt()
+        except RendezvousFailed as exc:
+            if exc.stop_signal is not None:
+                self.stop_signal = exc.stop_signal
+                self.fsm.transition(State.STOPPING, str(exc))
+            else:
+                self.fsm.transition(State.FAILED, f"rendezvous: {exc}")
+            return
+        except CheckpointError as exc:
+            self.fsm.transition(State.FAILED, f"checkpoint_dir: {exc}")
+            return
+        if a is None:
+            self._stop(self._stop_reason())
+            return
+        self.attempt = a
         self.log.info("launching", restart=a.restart, attempt=a.id, master_addr=a.endpoint.addr,
                       master_port=a.endpoint.port, agent_store=a.endpoint.agent_store, num_workers=len(a.ranks),
                       resume_from=str(a.resume_from.path) if a.resume_from else None,
@@ -206,15 +247,17 @@ class Supervisor:
             return
         orphans.record(self.cfg.run_dir, a.workers, self.log)
         if self._stop_requested.is_set():
-            self.fsm.transition(State.STOPPING, self._stop_reason())
+            self._stop(self._stop_reason())
         else:
             self.fsm.transition(State.RUNNING, "all workers started")
 
-    def _select_checkpoint(self) -> checkpoints.Checkpoint | None:
-        """Runs only while no worker is alive: stale temporaries cannot be writes in progress."""
+    def _select_checkpoint(self, tidy: bool = True) -> checkpoints.Checkpoint | None:
+        """Runs only while no worker is alive: stale temporaries cannot be writes in progress.
+        ``tidy``: remove them and prune old checkpoints (one node of a group does, in a shared
+        directory)."""
         ckdir = self.cfg.checkpoint_dir
         try:
-            for path in checkpoints.remove_stale_temporaries(ckdir):
+            for path in checkpoints.remove_stale_temporaries(ckdir) if tidy else ():
                 self.log.warning("stale_temporary_removed", path=str(path))
         except OSError as exc:  # harmless: temporaries are never candidates
             self.log.warning("stale_temporary_not_removed", reason=str(exc))
@@ -228,7 +271,8 @@ class Supervisor:
         self.log.info("checkpoint_selected", path=str(found.newest.path), step=found.newest.step,
                       mtime=checkpoints.mtime(found.newest.path))
         try:
-            for path in checkpoints.prune(ckdir, self.cfg.keep_checkpoints, protect=[found.newest.path]):
+            for path in checkpoints.prune(ckdir, self.cfg.keep_checkpoints,
+                                          protect=[found.newest.path]) if tidy else ():
                 self.log.info("checkpoint_pruned", path=str(path))
         except OSError as exc:  # old files stay; nothing is lost
             self.log.warning("checkpoint_prune_failed", reason=str(exc))
@@ -238,7 +282,8 @@ class Supervisor:
         if self.cfg.command:
             return self.cfg.command
         c = self.cfg
-        crash = (c.crash_at_step, c.crash_rank) if c.crash_at_step is not None and a.id == 0 else None
+        first = a.id == 0 and a.restart == 0  # a node that rejoins a running job starts at attempt 0
+        crash = (c.crash_at_step, c.crash_rank) if c.crash_at_step is not None and first else None
         return builtin_job.argv(epochs=c.epochs, steps=c.steps,
                                 checkpoint_interval=c.checkpoint_interval, seed=c.seed,
                                 checkpoint_dir=c.checkpoint_dir,
@@ -252,7 +297,8 @@ class Supervisor:
                                 max_restarts=self.cfg.max_restarts,
                                 checkpoint_dir=self.cfg.checkpoint_dir,
                                 keep_checkpoints=self.cfg.keep_checkpoints,
-                                resume_from=a.resume_from.path if a.resume_from else None)
+                                resume_from=a.resume_from.path if a.resume_from else None,
+                                rdzv_id=self.cfg.rdzv_id if self.rendezvous.multi_node else None)
 
     # -- RUNNING --------------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -261,7 +307,8 @@ class Supervisor:
         pending: set[asyncio.Future[Any]] = {w.exit for w in a.workers}
         stop_wait = asyncio.create_task(self._stop_requested.wait())
         hang_wait = asyncio.create_task(a.watchdog.expired(a.alive))
-        waiters = {stop_wait, hang_wait}
+        news_wait = asyncio.create_task(self.rendezvous.news())
+        waiters = {stop_wait, hang_wait, news_wait}
         by_task = {w.exit: w for w in a.workers}
         try:
             while pending:
@@ -291,12 +338,34 @@ class Supervisor:
                     self.fsm.transition(State.RECOVERING, f"rank {first.rank} hung: {why}")
                     return
                 if stop_wait in done:
-                    self.fsm.transition(State.STOPPING, self._stop_reason())
+                    self._stop(self._stop_reason())
+                    return
+                if news_wait in done:
+                    self._heard(a, news_wait.result())
                     return
         finally:
             for task in waiters:
                 task.cancel()
         self.fsm.transition(State.DONE, "all workers exited 0")
+
+    def _heard(self, a: Attempt, news: News) -> None:
+        """Another node's word ends this attempt: stop as it stops, or recover with it."""
+        why = f"node {news.by_node}: {news.reason}" if news.by_node is not None else news.reason
+        if news.kind == "stop":
+            self.stop_signal = self.stop_signal or news.signal
+            self._stop_requested.set()
+            self.fsm.transition(State.STOPPING, why)
+            return
+        a.news = news
+        if news.kind != "rejoin":
+            a.fail(-1 if news.rank is None else news.rank, news.returncode, news.reason,
+                   self.cfg.startup_window)
+        self.fsm.transition(State.RECOVERING, why)
+
+    def _stop(self, reason: str) -> None:
+        """A stop request of this node's own: every other node of the round stops too."""
+        self.rendezvous.announce("stop", reason, signal=self.stop_signal)
+        self.fsm.transition(State.STOPPING, reason)
 
     def _report_exit(self, a: Attempt, worker: Worker) -> None:
         self.router.flush()  # the worker's last lines come before its exit
@@ -313,7 +382,8 @@ class Supervisor:
     async def _teardown(self, why: str, let_exit: float = 0.0) -> None:
         """Stop the attempt's workers; first give them ``let_exit`` seconds to exit by themselves."""
         a = self.attempt
-        assert a is not None
+        if a is None:  # stopped before the first launch
+            return
         live = [w for w in a.workers if w.alive]
         if let_exit and a.jit_armed & {w.rank for w in live}:
             # Survivors of a dead peer save their last completed step, then exit on their own; a
@@ -335,19 +405,31 @@ class Supervisor:
 
     async def _recover(self) -> None:
         a = self.attempt
-        assert a is not None and a.failure is not None
+        assert a is not None
+        if a.news is not None and a.news.kind == "rejoin":  # a bigger group, not a failure
+            await self._teardown("new round")
+            if self._stop_requested.is_set():
+                self._stop(self._stop_reason())
+            else:
+                self.fsm.transition(State.LAUNCHING, "a new round for a node that joins (no restart spent)")
+            return
+        assert a.failure is not None
+        if a.news is None:  # ours: the other nodes hear of it now, not after the teardown
+            self.rendezvous.announce("restart", a.failure.last_error or f"rank {a.failure.rank} failed",
+                                     rank=a.failure.rank, returncode=a.failure.returncode)
         died = a.failure.returncode is not None  # a rank exited: not a hang, not a failed spawn
         await self._teardown("recovery", self.cfg.jit_checkpoint_timeout if died else 0.0)
         before = a.resume_from
-        try:
-            self.resume_from = self._select_checkpoint()
+        try:  # multi-node: chosen with the other nodes when the next round is complete
+            if not self.rendezvous.multi_node:
+                self.resume_from = self._select_checkpoint()
         except CheckpointError as exc:
             self.fsm.transition(State.FAILED, f"checkpoint_dir: {exc}")
             return
         newer = self.resume_from is not None and (before is None or self.resume_from.step > before.step)
         failure = replace(a.failure, at_startup=a.failure.at_startup and not newer)
         if self._stop_requested.is_set():
-            self.fsm.transition(State.STOPPING, self._stop_reason())
+            self._stop(self._stop_reason())
             return
         if (vindicated := self._judge_fallback(failure)) is not None:
             self.fsm.transition(State.FAILED, vindicated)
@@ -360,7 +442,7 @@ class Supervisor:
         elif not decision.relaunch:
             self.fsm.transition(State.FAILED, decision.reason)
         elif decision.delay > 0 and await self._backoff(decision.delay):
-            self.fsm.transition(State.STOPPING, self._stop_reason())
+            self._stop(self._stop_reason())
         else:
             self.policy.spend(time.monotonic())
             self.fsm.transition(State.LAUNCHING, decision.reason)

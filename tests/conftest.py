@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from harness import Daemon
+from harness import Cluster, Daemon
 
 
 @pytest.fixture
@@ -22,3 +22,21 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Daemon
     yield start
     for d in started:
         await d.kill()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Cluster]]]:
+    """Start multi-node jobs in ``tmp_path`` (see :class:`harness.Cluster`); ``start`` picks the
+    nodes started at once (default: all). Every daemon and its workers are killed afterwards."""
+    made: list[Cluster] = []
+
+    async def make(count: int, *args: str, start: list[int] | None = None, **options: Any) -> Cluster:
+        c = Cluster(tmp_path, count, args, **options)
+        made.append(c)
+        for n in range(count) if start is None else start:
+            await c.start_node(n)
+        return c
+
+    yield make
+    for c in made:
+        await c.kill()

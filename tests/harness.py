@@ -89,9 +89,10 @@ class Daemon:
     @classmethod
     async def start(cls, workdir: Path, *args: str, command: list[str] | None = None,
                     stdout: int = asyncio.subprocess.PIPE, redirect: str = "",
-                    env: dict[str, str] | None = None) -> "Daemon":
+                    env: dict[str, str] | None = None, wrap: list[str] | None = None) -> "Daemon":
         """``stdout``: a descriptor instead of the pipe these methods read; ``redirect``: shell
         redirections applied to the daemon (e.g. ``>&-`` to start it with stdout closed);
+        ``wrap``: a prefix that execs the daemon (``ip netns exec NS``);
         ``env``: variables added to the daemon's environment."""
         argv = [sys.executable, "-m", "supervisord_ft", "run", "--log-format", "json",
                 "--checkpoint-dir", str(workdir / "ckpt"), "--run-dir", str(workdir / "run")]
@@ -102,6 +103,7 @@ class Daemon:
             argv += ["--", *command]
         if redirect:
             argv = ["bash", "-c", f'exec "$@" {redirect}', "bash", *argv]
+        argv = [*(wrap or []), *argv]
         env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         proc = await asyncio.create_subprocess_exec(
             *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -205,3 +207,61 @@ def taken_port() -> Iterator[int]:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         yield taken.getsockname()[1]
+
+
+class Cluster:
+    """The daemons of one multi-node job: a workdir (run dir) per node, one shared checkpoint
+    dir, one worker per node; on loopback, or each node in its own network namespace (``net``,
+    see :mod:`netns`). Node 0 hosts the rendezvous store, so any other node may be killed and
+    restarted."""
+
+    def __init__(self, root: Path, nnodes: int, args: tuple[str, ...], *, nnodes_spec: str | None = None,
+                 per_node: list[list[str]] | None = None, rdzv_conf: str = "",
+                 command: list[str] | None = None, net: Any = None) -> None:
+        self.root = root
+        self.args = args
+        self.spec = nnodes_spec or str(nnodes)
+        self.per_node = per_node or [[] for _ in range(nnodes)]
+        self.rdzv_conf = rdzv_conf
+        self.command = command
+        self.net = net
+        self.addrs = net.addrs if net else ["127.0.0.1"] * nnodes
+        with socket.socket() as s:  # a namespace's ports are all free; loopback's are shared
+            s.bind(("127.0.0.1", 0))
+            self.endpoint = f"{self.addrs[0]}:{s.getsockname()[1]}"
+        self.nodes: list[Daemon] = []
+        self.started: list[Daemon] = []  # every daemon ever started, for the cleanup
+
+    def argv(self, n: int) -> list[str]:
+        # On loopback every node's address is the endpoint's: say which one hosts. In namespaces
+        # the daemons find out themselves (the endpoint's address is node 0's).
+        host = "" if self.net else f"is_host={int(n == 0)}"
+        conf = ",".join(filter(None, [host, self.rdzv_conf]))
+        return ["--nnodes", self.spec, "--nproc-per-node", "1", "--rdzv-endpoint", self.endpoint,
+                "--rdzv-id", "test-job", "--local-addr", self.addrs[n], "--rdzv-conf", conf,
+                "--checkpoint-dir", str(self.root / "ckpt"), *self.args, *self.per_node[n]]
+
+    async def start_node(self, n: int) -> Daemon:
+        """Start node ``n``'s daemon (again, after it died: same run dir)."""
+        workdir = self.root / f"node{n}"
+        workdir.mkdir(exist_ok=True)
+        net = self.net
+        d = await Daemon.start(workdir, *self.argv(n), command=self.command,
+                               wrap=net.wrap(n) if net else None,
+                               env={"GLOO_SOCKET_IFNAME": net.ifname} if net else None)
+        self.started.append(d)
+        while len(self.nodes) <= n:
+            self.nodes.append(d)
+        self.nodes[n] = d
+        return d
+
+    restart = start_node
+
+    async def finish(self, timeout: float = 180, nodes: list[int] | None = None) -> list[int]:
+        """Every (or each given) node's exit code, read to its end."""
+        chosen = [self.nodes[n] for n in (nodes if nodes is not None else range(len(self.nodes)))]
+        return list(await asyncio.gather(*(d.finish(timeout) for d in chosen)))
+
+    async def kill(self) -> None:
+        for d in self.started:
+            await d.kill()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from harness import ROOT
-from supervisord_ft.cli import parser
+from supervisord_ft.cli import load_config, parser
 from supervisord_ft.config import Config
 from supervisord_ft.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, EXIT_USAGE
 from supervisord_ft.supervisor import STOP_SIGNALS
@@ -137,3 +137,25 @@ async def test_the_slurm_script_forwards_usr1_requeues_and_outlives_the_final_si
             os.killpg(shell.pid, signal.SIGKILL)  # the shell, the stub daemon and its sleep
         except ProcessLookupError:
             pass
+
+
+MULTINODE = DEPLOY / "supervisord-ft-multinode.yaml"
+
+
+def test_the_multinode_kubernetes_example_validates_and_points_every_pod_at_pod_0():
+    service, job = yaml.safe_load_all(MULTINODE.read_text())
+    for doc in (service, job):
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    argv = container["command"]
+    assert_daemon_accepts(argv)
+    args = argv[1:]
+    del args[args.index("--config"):args.index("--config") + 2]  # the ConfigMap is not here
+    cfg = load_config(args)
+    name = job["metadata"]["name"]
+    assert cfg.node_range == (job["spec"]["completions"],) * 2 and job["spec"]["completionMode"] == "Indexed"
+    assert pod["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert cfg.rdzv_endpoint == f"{name}-0.{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert {e["name"] for e in container["env"]} >= {"POD_IP", "JOB_COMPLETION_INDEX"}
+    assert pod["terminationGracePeriodSeconds"] > GRACE

@@ -14,7 +14,7 @@ from pathlib import Path
 from supervisord_ft import envvars
 from supervisord_ft.config import Config
 from supervisord_ft.logs import EventBus, Log
-from supervisord_ft.rendezvous import Endpoint, RankInfo
+from supervisord_ft.rendezvous import Endpoint, RankInfo, SingleNode
 from supervisord_ft.supervisor import Supervisor
 from supervisord_ft.workers import Started, WorkerSpec
 
@@ -78,7 +78,7 @@ class FakeLauncher:
             task.cancel()
 
 
-class FakeRendezvous:
+class FakeRendezvous(SingleNode):
     def __init__(self) -> None:
         self.rounds: list[int] = []
         self.closed = False
@@ -91,7 +91,7 @@ class FakeRendezvous:
         ranks = [RankInfo(r, r, local_world_size, local_world_size) for r in range(local_world_size)]
         return Endpoint("fake-host", 40000 + attempt), ranks
 
-    async def close(self) -> None:
+    async def close(self, outcome: str = "", reason: str = "", signal: int | None = None) -> None:
         self.closed = True
 
 

@@ -203,3 +203,14 @@ async def test_sigusr1_is_forwarded_only_to_ranks_that_handle_it_and_training_go
     assert await d.finish() == 143
     assert d.named("worker_exited", returncode=-signal.SIGUSR1) == []
     assert d.named("state_changed", to="RECOVERING") == []
+
+
+async def test_nnodes_1_runs_alone_as_without_it_with_no_rendezvous_helper(daemon):
+    d = await daemon("--nnodes", "1", "--rdzv-endpoint", "192.0.2.1:29400",
+                     command=[*FAKE_WORKER, "--print-env"])
+    assert await d.finish() == 0
+    assert not d.named("rendezvous_helper_started") and not d.named("rendezvous_round")
+    assert all("node_rank" not in e and "round" not in e for e in d.events)
+    env = d.named("worker_output", worker_event="env")[0]["env"]
+    assert env["GROUP_RANK"] == "0" and env["GROUP_WORLD_SIZE"] == "1"
+    assert env["TORCHELASTIC_RUN_ID"] == d.events[0]["run_id"]  # the daemon's own, as before
