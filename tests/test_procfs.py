@@ -53,8 +53,10 @@ def test_a_name_with_parentheses_and_spaces_does_not_shift_the_fields(tmp_path):
 
 
 def test_caught_signals_lists_only_installed_handlers():
-    child = subprocess.Popen([sys.executable, "-c", HANDLER], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE)
+    # SIGINT's default action first: a shell starting this suite in the background ignores it,
+    # and Python installs its own SIGINT handler only where SIGINT is not ignored.
+    child = subprocess.Popen([sys.executable, "-c", HANDLER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert child.stdout is not None and child.stdout.readline() == b"ready\n"
         caught = procfs.caught_signals(child.pid)

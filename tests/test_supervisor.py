@@ -34,7 +34,9 @@ async def test_crash_tears_down_survivors_and_relaunches_the_group(daemon):
                           "restarts": 1, "exit_code": 0}
 
 
-SURVIVORS_SAVE = [*FAKE_WORKER, "--steps", "5", "--fail-rank", "1", "--fail-at-step", "2",
+# Steps of 0.1 s: the survivors' jit_checkpoint_armed lines reach the daemon before rank 1 fails
+# (a real job arms at its first collective, long before any failure).
+SURVIVORS_SAVE = [*FAKE_WORKER, "--steps", "5", "--step-time", "0.1", "--fail-rank", "1", "--fail-at-step", "2",
                   "--survivor-save", "2", "--arm-jit"]
 
 
