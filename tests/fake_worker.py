@@ -175,15 +175,15 @@ def main() -> int:
             if args.hang:
                 time.sleep(3600)
             return args.fail_code
+        if stop:
+            emit("stopped", step=step - 1)
+            return 0
         if fault and args.survivor_save is not None and step - 1 == args.fail_at_step:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a script that does not catch it
             time.sleep(args.survivor_save)  # the write itself
             with open(f"jit-{rank}", "w"):
                 pass
             return 1
-        if stop:
-            emit("stopped", step=step - 1)
-            return 0
         if usr1:
             emit("usr1", count=usr1)
             usr1 = 0
