@@ -85,13 +85,14 @@ class Standby:
         orphans.HELPERS.add(proc.pid)
         self.log = log.bind(standby_pid=proc.pid)
 
-    def transition(self, to: State, reason: str, **fields: Any) -> None:
+    def transition(self, to: State, reason: str, *, planned: bool = False, **fields: Any) -> None:
+        """``planned``: a death the daemon chose (the run ended), logged at info, not warning."""
         if to not in TRANSITIONS[self.state]:
             raise AssertionError(f"standby {self.pid}: illegal transition {self.state.value} -> {to.value}")
         before, self.state = self.state, to
         if to is not State.IDLE:  # handed out: a worker now; dead: reaped by its exit wait
             orphans.HELPERS.discard(self.pid)
-        (self.log.warning if to is State.DEAD else self.log.info)(
+        (self.log.warning if to is State.DEAD and not planned else self.log.info)(
             "standby_state", **{"from": before.value, "to": to.value}, reason=reason, **fields)
         if to is not State.IDLE:
             self.reply_pipe.close()
@@ -151,7 +152,7 @@ class StandbyLauncher:
                 task.cancel()
         live = self._live()
         for s in live:
-            s.transition(State.DEAD, "run ended")
+            s.transition(State.DEAD, "run ended", planned=True)
         if live:
             await asyncio.wait([s.exit for s in live], timeout=KILL_TIMEOUT)
 

@@ -91,6 +91,18 @@ async def test_a_standby_killed_or_hung_while_idle_is_replaced_and_never_handed_
     assert not {e.get("pid") for e in d.events if e["event"].startswith("worker_")} & {killed, stopped}
 
 
+async def test_standbys_ended_with_the_run_are_no_warning_and_those_that_die_are(daemon, tmp_path):
+    d, go = await start_probe(daemon, tmp_path, "exit 0", "script")
+    killed, kept = sorted(await pool_ready(d))
+    os.kill(killed, signal.SIGKILL)
+    await d.wait_for(lambda e: e["event"] == "standby_state" and e["standby_pid"] == killed and e["to"] == "dead")
+    d.signal(signal.SIGTERM)
+    assert await d.finish() == 143
+    levels = {e["standby_pid"]: (e["level"], e["reason"]) for e in d.named("standby_state", to="dead")}
+    assert levels[killed][0] == "warning"
+    assert levels[kept] == ("info", "run ended")  # the daemon's own choice: nothing to alert on
+
+
 async def test_standbys_die_with_the_daemon(daemon, tmp_path):
     d, go = await start_probe(daemon, tmp_path, "exit 0", "script")
     standbys = await pool_ready(d)
