@@ -50,6 +50,9 @@ OUTCOME = "outcome"
 # A connection to the rendezvous store that failed is replaced after this pause, until the join
 # deadline: a store host that is restarting, or a network link that is down for a while.
 RECONNECT_PAUSE = 1.0
+# How long a probe of another node's store waits for its connect (see Member._reachable): a
+# link that is down costs this plus the pause per try, and a dropped first SYN is resent at 1 s.
+PROBE_TIMEOUT = 2.0
 KNOCK_INTERVAL = 1.0  # torch's join looks at the rendezvous state as often
 
 
@@ -138,6 +141,21 @@ class Member:
                                     min_nodes=c["min_nodes"], max_nodes=c["max_nodes"],
                                     local_addr=c["local_addr"], **conf)
 
+    def _reachable(self, deadline: float) -> None:
+        """Raise :class:`OSError` at once if the endpoint of another node does not resolve or
+        refuses a connection. Torch's store client would retry its connect for ``read_timeout``
+        (60 s) whatever the join's deadline, and then say only that it timed out; a mistyped
+        host then failed the run as a helper that did not answer."""
+        if _is_local(self.host):
+            return  # this node hosts the store, or joins the one that another process here hosts
+        wait = min(max(deadline - time.monotonic(), 0.1), PROBE_TIMEOUT)
+        try:
+            socket.create_connection((self.host, self.port), timeout=wait).close()
+        except socket.gaierror as exc:
+            raise OSError(f"cannot resolve {self.host!r}: {exc.strerror}") from None
+        except OSError as exc:
+            raise OSError(f"cannot connect to {self.params.endpoint}: {exc.strerror or exc}") from None
+
     def _connect(self) -> None:
         """Join the rendezvous store; host it if its address is this node's and nobody does yet.
 
@@ -167,9 +185,11 @@ class Member:
         from torch.distributed.elastic.rendezvous import (RendezvousClosedError, RendezvousError,
                                                           RendezvousTimeoutError)
         deadline = time.monotonic() + self.join_timeout
+        said = None  # the last retry's reason: a store that stays down is reported once
         while True:
             try:
                 if self.handler is None:
+                    self._reachable(deadline)
                     self._connect()
                 with self._knocking():
                     info = self.handler.next_rendezvous()
@@ -183,13 +203,16 @@ class Member:
                           f"{self.join_timeout:g} s (nnodes {self.params.min_nodes}:"
                           f"{self.params.max_nodes})")
                 return
-            except (RendezvousError, DistError, TimeoutError) as exc:
+            except (RendezvousError, DistError, OSError) as exc:
                 self.handler = None  # its connection may be out of step: a fresh one
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 if time.monotonic() + RECONNECT_PAUSE > deadline:
                     self.emit(event="timeout", reason=f"rendezvous store {self.params.endpoint} "
-                              f"unreachable for join_timeout {self.join_timeout:g} s: {exc}")
+                              f"unreachable for join_timeout {self.join_timeout:g} s: {reason}")
                     return
-                self.emit(event="retry", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
+                if reason != said:
+                    self.emit(event="retry", reason=reason)
+                    said = reason
                 time.sleep(RECONNECT_PAUSE)
                 continue
             # The handler's round number: the same on every node of the round (torch keeps it in

@@ -144,6 +144,27 @@ async def test_a_node_that_never_comes_fails_the_run_with_a_reason(cluster):
     assert "join_timeout 4 s" in reason and "nnodes 2:2" in reason
 
 
+async def test_an_endpoint_that_does_not_resolve_fails_the_run_within_join_timeout_naming_it(daemon):
+    # .invalid never resolves (RFC 2606). Torch's store client alone retried for read_timeout
+    # (60 s) and the daemon gave up on a mute helper after join_timeout + 30 s.
+    d = await daemon("--nnodes", "2", "--rdzv-endpoint", "nohost.invalid:29400",
+                     "--rdzv-conf", "join_timeout=3", command=["true"])
+    assert await d.finish(timeout=20) == 1
+    reason = d.named("state_changed", to="FAILED")[0]["reason"]
+    assert "unreachable for join_timeout 3 s" in reason and "cannot resolve 'nohost.invalid'" in reason
+    assert len(d.named("rendezvous_retry")) == 1  # said once, however often it is tried
+
+
+async def test_a_store_that_refuses_is_waited_for_until_join_timeout_and_named(cluster):
+    if why := netns.available():
+        pytest.skip(f"network namespaces: {why}")
+    with netns.bridged(2) as net:  # node 0, whose address the endpoint is, never starts
+        c = await cluster(2, *COMMON, net=net, rdzv_conf="join_timeout=4", start=[1])
+        assert await c.finish(timeout=30, nodes=[1]) == [1]
+    reason = c.nodes[1].named("state_changed", to="FAILED")[0]["reason"]
+    assert f"cannot connect to {c.endpoint}" in reason and "refused" in reason, reason
+
+
 async def test_with_min_max_nodes_the_job_goes_on_without_a_lost_node(cluster):
     from harness import FAKE_WORKER
     # Both nodes are in the first round: after MIN nodes, the round waits last_call_timeout for more.
