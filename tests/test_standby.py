@@ -28,18 +28,26 @@ async def pool_ready(d: Daemon, n: int = 2) -> set[int]:
     return idle(d)
 
 
-async def start_probe(daemon, tmp_path: Path, end: str, form: str, *args: str) -> tuple[Daemon, int]:
+async def start_gated(daemon, tmp_path: Path, command: list[str], *args: str, **env: str) -> tuple[Daemon, int]:
+    """Start a daemon whose first attempt waits for one byte on the FIFO ``PROBE_GO`` (the fd
+    returned), so that the pool can fill first; ``env`` is the ranks' too."""
     go = tmp_path / "go"
     os.mkfifo(go)
     fd = os.open(go, os.O_RDWR)  # held: a reader's open never blocks, its read waits for a byte
+    env["PROBE_GO"] = str(go)
+    os.environ.update(env)
+    try:
+        d = await daemon(*FAST, *args, command=command)
+    finally:
+        for name in env:
+            del os.environ[name]
+    return d, fd
+
+
+async def start_probe(daemon, tmp_path: Path, end: str, form: str, *args: str) -> tuple[Daemon, int]:
     shutil.copy(PROBE, tmp_path / "probe.py")
     command = [sys.executable, "-m", "probe"] if form == "module" else [sys.executable, "probe.py"]
-    os.environ.update(PROBE_GO=str(go), PROBE_END=end)
-    try:
-        d = await daemon(*FAST, *args, command=[*command, "x", "--flag"])
-    finally:
-        del os.environ["PROBE_GO"], os.environ["PROBE_END"]
-    return d, fd
+    return await start_gated(daemon, tmp_path, [*command, "x", "--flag"], *args, PROBE_END=end)
 
 
 def lines(d: Daemon, attempt: int, rank: int) -> list[object]:
@@ -69,6 +77,36 @@ async def test_a_script_cannot_tell_a_standby_from_a_cold_start(daemon, tmp_path
     if end == "raise":
         assert lines(d, 1, 1)[-1] == "ValueError: rank 1 fails"
     assert not any(pid_alive(p) for p in standbys | idle(d))  # the refilled pool died with the run
+
+
+SPAWNS = """
+import multiprocessing, os, signal, sys
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":  # a spawned child imports this file again, as __mp_main__
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        print("squares", pool.map(square, [2, 3]), flush=True)
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        if os.environ["RANK"] == "0":
+            signal.pause()  # until the teardown's SIGTERM
+        with open(os.environ["PROBE_GO"], "rb", buffering=0) as go:
+            go.read(1)
+        sys.exit(1)
+"""
+
+
+async def test_a_script_in_a_standby_can_start_spawned_children(daemon, tmp_path):
+    # What a DataLoader or a CUDA job does: the child re-imports the main script by its path.
+    (tmp_path / "spawns.py").write_text(SPAWNS)
+    d, fd = await start_gated(daemon, tmp_path, [sys.executable, "spawns.py"])
+    standbys = await pool_ready(d)
+    os.write(fd, b"g")
+    assert await d.finish() == 0
+    assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys
+    for attempt in (0, 1):
+        assert [e["line"] for e in d.named("worker_output", attempt=attempt, rank=1)] == ["squares [4, 9]"]
 
 
 async def test_a_standby_killed_or_hung_while_idle_is_replaced_and_never_handed_a_rank(daemon, tmp_path):
