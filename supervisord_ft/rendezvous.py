@@ -136,8 +136,10 @@ class LocalRendezvous(SingleNode):
 
 def bind_port(addr: str, port: int) -> int:
     """Bind and release ``addr:port``; with port 0, a port the kernel considers free right now
-    (the usual torchrun approach)."""
+    (the usual torchrun approach). With SO_REUSEADDR, as every TCPStore binds: a port that only
+    the last run's closed connections hold (TIME_WAIT) is free to a store, so it is here too."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((addr, port))
         return s.getsockname()[1]

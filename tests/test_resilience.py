@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 
 from harness import taken_port, FAKE_WORKER, pid_alive
 from supervisord_ft.output import REDRAW_INTERVAL
@@ -132,6 +133,23 @@ async def test_a_port_already_taken_is_a_config_error_before_any_worker(daemon):
         assert await d.finish() == 2
     assert d.events == []
     assert d.stderr.count("\n") == 1 and "master_port" in d.stderr
+
+
+async def test_a_fixed_port_that_the_last_run_left_in_time_wait_is_not_taken(daemon):
+    # The run before, seconds ago: its store closed connections first, so the port holds
+    # TIME_WAIT sockets but nothing listens. A store binds it (SO_REUSEADDR), so the check must.
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store's; Linux
+        listener.bind(("127.0.0.1", 0))  # lets a port be rebound only if its old sockets allowed it
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            server, _ = listener.accept()
+            server.close()  # the side that closes first keeps the port in TIME_WAIT
+            client.recv(1)
+    d = await daemon("--master-port", str(port), command=[*FAKE_WORKER, "--steps", "2"])
+    assert await d.finish() == 0, d.stderr
+    assert [e["master_port"] for e in d.named("launching")] == [port]
 
 
 async def test_flooding_workers_are_never_blocked_and_the_daemon_stays_responsive(daemon, tmp_path):
