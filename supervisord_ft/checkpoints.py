@@ -259,14 +259,20 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def prune(directory: Path | str, keep: int, protect: Iterable[Path] = ()) -> list[Path]:
+def prune(directory: Path | str, keep: int, protect: Iterable[Path] = (),
+          written: Path | None = None) -> list[Path]:
     """Delete all but the ``keep`` newest intact checkpoints; never a file in ``protect``.
 
     Only files older than the ``keep``-th newest intact one are removed, so a checkpoint is
-    deleted only after newer complete ones exist. Returns the removed paths.
+    deleted only after newer complete ones exist. Returns the removed paths. ``written``: the
+    file :func:`atomic_write` has just named for this caller, counted as intact unread: read back
+    at once it comes from the page cache, not the disk, so the read would check nothing that the
+    write did not, and it cost a background save a full CRC pass of CPU that training needs.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
+    if written is not None and (identity := _identity(written)) is not None:
+        _pruned_ok[written] = identity
     found, _ = _candidates(Path(directory))
     protected = {Path(p).resolve() for p in protect}
     intact = 0
@@ -291,12 +297,17 @@ def prune(directory: Path | str, keep: int, protect: Iterable[Path] = ()) -> lis
 _pruned_ok: dict[Path, tuple[int, int, int]] = {}
 
 
-def _verified_before(path: Path) -> bool:
+def _identity(path: Path) -> tuple[int, int, int] | None:
     try:
         st = path.stat()
     except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _verified_before(path: Path) -> bool:
+    if (identity := _identity(path)) is None:
         return False
-    identity = (st.st_ino, st.st_size, st.st_mtime_ns)
     if _pruned_ok.get(path) == identity:
         return True
     try:

@@ -220,6 +220,21 @@ def test_exclusive_writers_of_one_step_cannot_clash_the_first_to_finish_wins(tmp
     assert [p.name for p in tmp_path.iterdir()] == [target.name]  # the loser's temporary is gone
 
 
+def test_prune_does_not_read_back_the_file_just_written_but_reads_it_once_changed(tmp_path, monkeypatch):
+    for step in (10, 20):
+        save(tmp_path, step)
+    reads = []
+    real_verify = ck.verify
+    monkeypatch.setattr(ck, "verify", lambda p: reads.append(p.name) or real_verify(p))
+    written = tmp_path / "checkpoint_step_20.pt"
+    assert ck.prune(tmp_path, keep=1, written=written) == [tmp_path / "checkpoint_step_10.pt"]
+    assert reads == []  # the newest counted as intact unread: no CRC pass beside training
+    corrupt_garbage(written)
+    save(tmp_path, 5)
+    ck.prune(tmp_path, keep=1)
+    assert reads == ["checkpoint_step_20.pt", "checkpoint_step_5.pt"] and written.exists()
+
+
 def test_prune_reads_each_unchanged_kept_file_once(tmp_path, monkeypatch):
     for step in (10, 20, 30):
         save(tmp_path, step)

@@ -62,7 +62,7 @@ def save_checkpoint(
             raise SaveAbandoned(f"checkpoint of step {step} abandoned")
 
     path = atomic_write(checkpoint_path(directory, step), write, exclusive=exclusive)
-    prune(directory, keep, protect)
+    prune(directory, keep, protect, written=path)
     emit("checkpoint_saved", step=step, path=str(path), seconds=round(time.monotonic() - started, 4))
     return path
 
