@@ -7,12 +7,16 @@ import asyncio
 import inspect
 import json
 import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 
 from harness import ROOT, MemoryStdout
 from supervisord_ft.logs import Log
+from supervisord_ft.noderdzv import NOTICES
 from supervisord_ft.output import (LINE_OVERHEAD, MAX_DEPTH, REDRAW_INTERVAL, RESERVED, LineSplitter,
                                    OutputRouter, Source)
 
@@ -76,14 +80,28 @@ async def test_any_key_a_worker_uses_is_logged_and_none_overwrites_or_breaks_the
     assert after["line"] == "after"
 
 
+LOG_METHODS = {"debug", "info", "warning", "error", "critical", "exception", "bind",
+               "_notice"}  # logs.py's own events (log_gap, stdout_dropped, ...)
+
+
+def _modules() -> Iterator[tuple[Path, list[ast.AST]]]:
+    """Each module of the daemon's package and every node of its syntax tree."""
+    for path in (ROOT / "supervisord_ft").glob("*.py"):
+        yield path, list(ast.walk(ast.parse(path.read_text())))
+
+
+def _log_calls(nodes: list[ast.AST]) -> Iterator[ast.Call]:
+    """The calls of a logger method (either branch of ``(a.warning if x else a.info)(...)``)."""
+    for call in (n for n in nodes if isinstance(n, ast.Call)):
+        funcs = [call.func.body, call.func.orelse] if isinstance(call.func, ast.IfExp) else [call.func]
+        if all(isinstance(f, ast.Attribute) and f.attr in LOG_METHODS for f in funcs):
+            yield call
+
+
 def _fields_the_daemon_logs() -> set[str]:
     """Every keyword of every log call and bind in the package, ``**`` dicts and helpers resolved."""
-    methods = {"debug", "info", "warning", "error", "critical", "exception", "bind",
-               "_notice"}  # logs.py's own events (log_gap, stdout_dropped, ...)
     fields: set[str] = set()
-    for path in (ROOT / "supervisord_ft").glob("*.py"):
-        tree = ast.parse(path.read_text())
-        nodes = list(ast.walk(tree))
+    for path, nodes in _modules():
         returns = {n.name: [r.value for r in ast.walk(n) if isinstance(r, ast.Return)]
                    for n in nodes if isinstance(n, ast.FunctionDef)}
 
@@ -109,12 +127,31 @@ def _fields_the_daemon_logs() -> set[str]:
                 return found
             raise AssertionError(f"{path.name}:{expr.lineno}: cannot see the keys of **{ast.unparse(expr)}")
 
-        for call in (n for n in nodes if isinstance(n, ast.Call)):
-            funcs = [call.func.body, call.func.orelse] if isinstance(call.func, ast.IfExp) else [call.func]
-            if all(isinstance(f, ast.Attribute) and f.attr in methods for f in funcs):
-                for kw in call.keywords:
-                    fields |= {kw.arg} if kw.arg else keys(kw.value)
+        for call in _log_calls(nodes):
+            for kw in call.keywords:
+                fields |= {kw.arg} if kw.arg else keys(kw.value)
     return fields
+
+
+def _events_the_daemon_logs() -> set[str]:
+    """Every event name the package logs: a log call's first argument, output.py's ``log`` of a
+    level picked at run time, and the multi-node helper's notices (a table of names)."""
+    names = set(NOTICES.values())
+    for _, nodes in _modules():
+        calls = [*_log_calls(nodes), *(n for n in nodes if isinstance(n, ast.Call)
+                                       and isinstance(n.func, ast.Name) and n.func.id == "log")]
+        names |= {c.args[0].value for c in calls if c.args and isinstance(c.args[0], ast.Constant)}
+    return names
+
+
+def test_the_readme_json_log_table_has_a_row_for_every_event_the_daemon_logs_and_no_other():
+    section = (ROOT / "README.md").read_text().split("\n## The JSON log\n")[1].split("\n## ")[0]
+    documented = {name for row in section.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    logged = _events_the_daemon_logs()
+    assert {"worker_output", "rendezvous_retry", "log_gap", "state_changed"} <= logged
+    assert logged - documented == set(), "events the README's table lacks"
+    assert documented - logged == set(), "README rows of events nobody logs"
 
 
 def test_reserved_covers_every_field_of_the_daemons_events_and_every_logging_parameter():
