@@ -8,9 +8,10 @@ The daemon then writes one order, ``{"argv": [...], "env": {...}, "cwd": "..."}`
 standby makes itself what ``argv`` would have started: the order's environment and working
 directory, ``sys.argv``/``sys.orig_argv``/``sys.path[0]`` as the interpreter sets them, the
 original ``__main__`` module emptied and reused, stdin on /dev/null, no descriptor but 0, 1 and 2
-left open, and then runs the script (``python script.py``) or the module (``python -m mod``,
-through the same ``runpy`` function the interpreter calls). ``SystemExit`` ends the process as it
-would a cold one; an uncaught exception prints through ``sys.excepthook`` with the standby's own
+left open, and then runs the script (``python script.py``), the module (``python -m mod``,
+through the same ``runpy`` function the interpreter calls), or the ``__main__`` module of a
+directory or zip archive (``python app.pyz``: a zipapp or a pex, run as the interpreter does).
+``SystemExit`` ends the process as it would a cold one; an uncaught exception prints through ``sys.excepthook`` with the standby's own
 frames removed and exits 1 (``KeyboardInterrupt``: by SIGINT, after the ``atexit`` handlers).
 
 What a script can still tell: the modules already in ``sys.modules``, ``/proc/self/cmdline``,
@@ -28,6 +29,7 @@ import os
 import signal
 import sys
 import time
+import zipfile
 from importlib.machinery import SourceFileLoader
 from typing import Any
 
@@ -87,6 +89,13 @@ def _run(argv: list[str]) -> None:
     script = argv[1]
     sys.argv = argv[1:]
     path = os.path.abspath(script)
+    if os.path.isdir(path) or zipfile.is_zipfile(path):
+        # The interpreter puts such a path first on sys.path and runs its __main__ module (a
+        # zipapp's bytes read as source are a SyntaxError: the relaunch failed, warm only).
+        sys.path[0] = path
+        import runpy
+        runpy._run_module_as_main("__main__", alter_argv=False)
+        return
     try:
         with io.open_code(path) as fh:
             source = fh.read()

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sys
+import zipapp
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,19 @@ async def start_gated(daemon, tmp_path: Path, command: list[str], *args: str, **
     return d, fd
 
 
+# How each form of a Python command runs the probe: its arguments, and the probe's __file__.
+FORMS = {"script": (["probe.py"], "probe.py"), "module": (["-m", "probe"], "probe.py"),
+         "zipapp": (["probe.pyz"], "probe.pyz/__main__.py"),
+         "directory": (["probe_dir"], "probe_dir/__main__.py")}
+
+
 async def start_probe(daemon, tmp_path: Path, end: str, form: str, *args: str) -> tuple[Daemon, int]:
     shutil.copy(PROBE, tmp_path / "probe.py")
-    command = [sys.executable, "-m", "probe"] if form == "module" else [sys.executable, "probe.py"]
-    return await start_gated(daemon, tmp_path, [*command, "x", "--flag"], *args, PROBE_END=end)
+    (tmp_path / "probe_dir").mkdir()
+    shutil.copy(PROBE, tmp_path / "probe_dir" / "__main__.py")
+    zipapp.create_archive(tmp_path / "probe_dir", tmp_path / "probe.pyz")  # as a pex or shiv app
+    command = [sys.executable, *FORMS[form][0], "x", "--flag"]
+    return await start_gated(daemon, tmp_path, command, *args, PROBE_END=end)
 
 
 def lines(d: Daemon, attempt: int, rank: int) -> list[object]:
@@ -56,7 +66,8 @@ def lines(d: Daemon, attempt: int, rank: int) -> list[object]:
             for e in d.named("worker_output", attempt=attempt, rank=rank)]
 
 
-@pytest.mark.parametrize("form,end,code", [("script", "raise", 1), ("module", "exit 3", 3)])
+@pytest.mark.parametrize("form,end,code", [("script", "raise", 1), ("module", "exit 3", 3),
+                                           ("zipapp", "raise", 1), ("directory", "exit 3", 3)])
 async def test_a_script_cannot_tell_a_standby_from_a_cold_start(daemon, tmp_path, form, end, code):
     d, go = await start_probe(daemon, tmp_path, end, form, "--max-restarts", "1")
     standbys = await pool_ready(d)
@@ -70,7 +81,7 @@ async def test_a_script_cannot_tell_a_standby_from_a_cold_start(daemon, tmp_path
         assert cold == warm  # the report, the traceback or the exit line: equal, line for line
         report = cold[0]
         assert report["argv"][1:] == ["x", "--flag"] and report["name"] == "__main__"
-        assert report["file"] == str(tmp_path / "probe.py") and report["cwd"] == str(tmp_path)
+        assert report["file"] == str(tmp_path / FORMS[form][1]) and report["cwd"] == str(tmp_path)
         assert report["deathsig"] == signal.SIGKILL and report["session_leader"]
     for attempt in (0, 1):
         assert [e["returncode"] for e in d.named("worker_exited", attempt=attempt)] == [code, -signal.SIGTERM]
