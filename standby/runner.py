@@ -8,7 +8,7 @@ The daemon then writes one order, ``{"argv": [...], "env": {...}, "cwd": "..."}`
 standby makes itself what ``argv`` would have started: the order's environment and working
 directory, ``sys.argv``/``sys.orig_argv``/``sys.path[0]`` as the interpreter sets them, the
 original ``__main__`` module emptied and reused, stdin on /dev/null, no descriptor but 0, 1 and 2
-left open, and then runs the script (``python script.py``), the module (``python -m mod``,
+left open, and then runs the script (``python script.py``, or its ``.pyc``), the module (``python -m mod``,
 through the same ``runpy`` function the interpreter calls), or the ``__main__`` module of a
 directory or zip archive (``python app.pyz``: a zipapp or a pex, run as the interpreter does).
 ``SystemExit`` ends the process as it would a cold one; an uncaught exception prints through ``sys.excepthook`` with the standby's own
@@ -25,12 +25,14 @@ import atexit
 import builtins
 import importlib
 import io
+import marshal
 import os
 import signal
 import sys
 import time
 import zipfile
-from importlib.machinery import SourceFileLoader
+from importlib.machinery import SourceFileLoader, SourcelessFileLoader
+from importlib.util import MAGIC_NUMBER
 from typing import Any
 
 from . import lines
@@ -104,8 +106,12 @@ def _run(argv: list[str]) -> None:
               file=sys.stderr)
         raise SystemExit(2) from None
     sys.path[0] = os.path.dirname(os.path.realpath(script))
-    globals_.update(__file__=path, __cached__=None, __loader__=SourceFileLoader("__main__", path))
-    exec(compile(source, path, "exec", dont_inherit=True), globals_)
+    if source[:4] == MAGIC_NUMBER:  # python script.pyc: the compiled code after the 16-byte header
+        code, loader = marshal.loads(source[16:]), SourcelessFileLoader("__main__", path)
+    else:
+        code, loader = compile(source, path, "exec", dont_inherit=True), SourceFileLoader("__main__", path)
+    globals_.update(__file__=path, __cached__=None, __loader__=loader)
+    exec(code, globals_)
 
 
 def _uncaught(exc: BaseException) -> Any:

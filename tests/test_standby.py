@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import py_compile
 import shutil
 import signal
 import sys
@@ -47,7 +48,7 @@ async def start_gated(daemon, tmp_path: Path, command: list[str], *args: str, **
 
 # How each form of a Python command runs the probe: its arguments, and the probe's __file__.
 FORMS = {"script": (["probe.py"], "probe.py"), "module": (["-m", "probe"], "probe.py"),
-         "zipapp": (["probe.pyz"], "probe.pyz/__main__.py"),
+         "compiled": (["probe.pyc"], "probe.pyc"), "zipapp": (["probe.pyz"], "probe.pyz/__main__.py"),
          "directory": (["probe_dir"], "probe_dir/__main__.py")}
 
 
@@ -56,6 +57,7 @@ async def start_probe(daemon, tmp_path: Path, end: str, form: str, *args: str) -
     (tmp_path / "probe_dir").mkdir()
     shutil.copy(PROBE, tmp_path / "probe_dir" / "__main__.py")
     zipapp.create_archive(tmp_path / "probe_dir", tmp_path / "probe.pyz")  # as a pex or shiv app
+    py_compile.compile(str(PROBE), cfile=str(tmp_path / "probe.pyc"), doraise=True)
     command = [sys.executable, *FORMS[form][0], "x", "--flag"]
     return await start_gated(daemon, tmp_path, command, *args, PROBE_END=end)
 
@@ -67,7 +69,8 @@ def lines(d: Daemon, attempt: int, rank: int) -> list[object]:
 
 
 @pytest.mark.parametrize("form,end,code", [("script", "raise", 1), ("module", "exit 3", 3),
-                                           ("zipapp", "raise", 1), ("directory", "exit 3", 3)])
+                                           ("compiled", "raise", 1), ("zipapp", "raise", 1),
+                                           ("directory", "exit 3", 3)])
 async def test_a_script_cannot_tell_a_standby_from_a_cold_start(daemon, tmp_path, form, end, code):
     d, go = await start_probe(daemon, tmp_path, end, form, "--max-restarts", "1")
     standbys = await pool_ready(d)
