@@ -121,7 +121,8 @@ class Member:
         self.round: int | None = None
         self.group_rank = 0
         self.nnodes = 0
-        self.hosted: Hosted | None = None
+        self.hosted: Hosted | None = None  # the round's workers' store, on group rank 0
+        self.rdzv_host: Hosted | None = None  # the rendezvous store, where the endpoint is this node's
         self._lock = threading.Lock()
 
     def emit(self, **fields: Any) -> None:
@@ -164,17 +165,34 @@ class Member:
         and every node would wait for a store that nobody serves. An address is this node's if a
         socket can be bound to it; then hosting is tried first, as torch does, and a store that
         another process here already hosts is joined instead. An explicit ``is_host`` wins.
+
+        The store hosted here listens on the endpoint's address only, on a socket bound here
+        (:class:`~standby.store.Hosted`, as the workers' stores): torch's own listens on every
+        interface, so anyone who reached any address of the node could write the rendezvous.
         """
-        from torch.distributed.elastic.rendezvous import RendezvousConnectionError, registry
+        from torch.distributed.elastic.rendezvous import registry
+        from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+        from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
         guesses = ["1", "0"] if _is_local(self.host) else ["0"]
         for is_host in [self.conf["is_host"]] if "is_host" in self.conf else guesses:
             self.params = self._params({**self.conf, "is_host": is_host})
-            try:
+            if is_host == "0":
                 self.handler = registry.get_rendezvous_handler(self.params)
                 break
-            except RendezvousConnectionError:
-                if is_host == "0" or "is_host" in self.conf:
-                    raise
+            if self.rdzv_host is None:  # after a reconnect: the store this helper hosts goes on
+                try:
+                    # libuv's server: torch's other one never wakes a wait on a key that a
+                    # compare_set wrote (it did so only at the wait's timeout), as our news are
+                    hosted = Hosted(self.host, self.port, timeout=self.read_timeout, libuv=True)
+                except OSError:  # another process here hosts it: join that one (or, told to host, retry)
+                    if "is_host" in self.conf:
+                        raise
+                    continue
+                hosted.serve()
+                self.rdzv_host = hosted  # lives as long as the helper: its store aborts if it is collected
+            store = self.rdzv_host.store
+            self.handler = create_handler(store, C10dRendezvousBackend(store, self.params.run_id), self.params)
+            break
         prefix = f"supervisord_ft/{self.params.run_id}"
         self.job = self._client(prefix)
         Bell(self._client(prefix), self._client(prefix)).hang(self.handler)

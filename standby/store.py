@@ -29,20 +29,21 @@ class Hosted:
     descriptor when it is destroyed, and aborts the process if someone closes it first: so the
     socket object lives as long as the store and is then only detached."""
 
-    def __init__(self, addr: str, port: int) -> None:
+    def __init__(self, addr: str, port: int, timeout: timedelta = STORE_TIMEOUT, libuv: bool = False) -> None:
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((addr, port))
         self.sock.listen(socket.SOMAXCONN)
         self.port = self.sock.getsockname()[1]
+        self.timeout, self.libuv = timeout, libuv
         self.store = None
 
     def serve(self) -> None:
         import torch.distributed as dist
         self.store = dist.TCPStore(self.sock.getsockname()[0], self.port, is_master=True,
-                                   wait_for_workers=False, timeout=STORE_TIMEOUT,
-                                   master_listen_fd=self.sock.fileno(), use_libuv=False)
+                                   wait_for_workers=False, timeout=self.timeout,
+                                   master_listen_fd=self.sock.fileno(), use_libuv=self.libuv)
 
     def close(self) -> None:
         if self.store is None:

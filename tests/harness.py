@@ -200,6 +200,30 @@ class Daemon:
                 os.killpg(pid, signal.SIGKILL)
 
 
+def listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every IPv4/IPv6 TCP socket ``pid`` listens on, from /proc (the tables
+    of ``pid``'s own network namespace)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table, width in ((f"/proc/{pid}/net/tcp", 8), (f"/proc/{pid}/net/tcp6", 32)):
+        with open(table) as fh:
+            for row in list(fh)[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                    addr, port = cols[1].split(":")
+                    raw = bytes.fromhex(addr)
+                    ip = ".".join(str(b) for b in raw[::-1]) if width == 8 else raw.hex()
+                    found.add((ip, int(port, 16)))
+    return found
+
+
 @contextlib.contextmanager
 def taken_port() -> Iterator[int]:
     """A loopback port that a listening socket holds for the duration."""

@@ -16,7 +16,7 @@ from datetime import datetime
 import pytest
 
 import netns
-from harness import Cluster, Daemon, pid_alive
+from harness import Cluster, Daemon, listening, pid_alive
 
 pytestmark = pytest.mark.multinode
 
@@ -70,6 +70,21 @@ async def test_a_job_of_several_nodes_ends_done_with_the_weights_of_one_node(clu
         assert all("node_rank" in e and "round" in e for e in d.events)
         env = d.named("launching")[0]
         assert env["agent_store"] is True
+
+
+async def test_the_rendezvous_and_workers_stores_listen_on_the_nodes_address_only(cluster):
+    from harness import FAKE_WORKER
+    c = await cluster(2, "--grace-period", "2", command=[*FAKE_WORKER, "--steps", "400", "--step-time", "0.02"])
+    for d in c.nodes:
+        await d.wait_for(lambda e: e.get("worker_event") == "step")
+    helpers = [d.named("rendezvous_helper_started")[0]["pid"] for d in c.nodes]
+    rdzv_port = int(c.endpoint.rpartition(":")[2])
+    workers_port = c.nodes[0].named("rendezvous_round")[0]["master_port"]
+    # torch's own rendezvous store would listen on *:PORT. Node 0 hosts it (is_host); the
+    # workers' store is the group-rank-0 node's, which either node may be.
+    assert ("127.0.0.1", rdzv_port) in listening(helpers[0])
+    assert listening(helpers[0]) | listening(helpers[1]) == {("127.0.0.1", rdzv_port), ("127.0.0.1", workers_port)}
+    assert await c.finish(timeout=60) == [0, 0]
 
 
 async def test_a_rank_crash_on_one_node_is_recovered_by_every_node(cluster, tmp_path):

@@ -7,33 +7,10 @@ import signal
 import sys
 from pathlib import Path
 
-from harness import Daemon
+from harness import Daemon, listening
 
 PROBE = str(Path(__file__).with_name("store_probe.py"))
 CRASHES = 5
-
-
-def listening(pid: int) -> set[tuple[str, int]]:
-    """(address, port) of every IPv4/IPv6 TCP socket ``pid`` listens on, from /proc."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    found = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        with open(table) as fh:
-            for row in list(fh)[1:]:
-                cols = row.split()
-                if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
-                    addr, port = cols[1].split(":")
-                    raw = bytes.fromhex(addr)
-                    ip = ".".join(str(b) for b in raw[::-1]) if width == 8 else raw.hex()
-                    found.add((ip, int(port, 16)))
-    return found
 
 
 async def test_every_attempt_meets_a_fresh_store_on_master_addr_and_a_dead_host_is_replaced(daemon, tmp_path):
