@@ -110,7 +110,8 @@ class Member:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.conf: dict[str, str] = config["conf"]
-        self.host, _, port = config["endpoint"].rpartition(":")
+        host, _, port = config["endpoint"].rpartition(":")
+        self.host = host[1:-1] if host[:1] == "[" and host[-1:] == "]" else host  # [::1]:PORT, as torch parses it
         self.port = int(port)
         self.params = self._params(self.conf)
         self.join_timeout = float(self.conf.get("join_timeout", 600))

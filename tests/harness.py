@@ -241,7 +241,7 @@ class Cluster:
 
     def __init__(self, root: Path, nnodes: int, args: tuple[str, ...], *, nnodes_spec: str | None = None,
                  per_node: list[list[str]] | None = None, rdzv_conf: str = "",
-                 command: list[str] | None = None, net: Any = None) -> None:
+                 command: list[str] | None = None, net: Any = None, loopback: str = "127.0.0.1") -> None:
         self.root = root
         self.args = args
         self.spec = nnodes_spec or str(nnodes)
@@ -249,10 +249,12 @@ class Cluster:
         self.rdzv_conf = rdzv_conf
         self.command = command
         self.net = net
-        self.addrs = net.addrs if net else ["127.0.0.1"] * nnodes
-        with socket.socket() as s:  # a namespace's ports are all free; loopback's are shared
-            s.bind(("127.0.0.1", 0))
-            self.endpoint = f"{self.addrs[0]}:{s.getsockname()[1]}"
+        self.addrs = net.addrs if net else [loopback] * nnodes
+        ipv6 = ":" in self.addrs[0]
+        with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET) as s:
+            s.bind((loopback, 0))  # a namespace's ports are all free; loopback's are shared
+            host = f"[{self.addrs[0]}]" if ipv6 else self.addrs[0]
+            self.endpoint = f"{host}:{s.getsockname()[1]}"
         self.nodes: list[Daemon] = []
         self.started: list[Daemon] = []  # every daemon ever started, for the cleanup
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from datetime import datetime
 
 import pytest
@@ -85,6 +86,20 @@ async def test_the_rendezvous_and_workers_stores_listen_on_the_nodes_address_onl
     assert ("127.0.0.1", rdzv_port) in listening(helpers[0])
     assert listening(helpers[0]) | listening(helpers[1]) == {("127.0.0.1", rdzv_port), ("127.0.0.1", workers_port)}
     assert await c.finish(timeout=60) == [0, 0]
+
+
+async def test_an_ipv6_endpoint_in_brackets_joins_the_nodes(cluster):
+    from harness import FAKE_WORKER
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc.strerror}")
+    c = await cluster(2, "--grace-period", "2", loopback="::1",
+                      command=[*FAKE_WORKER, "--steps", "20", "--step-time", "0.02"])
+    assert c.endpoint.startswith("[::1]:")  # torchrun's spelling; the helper once kept the brackets
+    assert await c.finish(timeout=60) == [0, 0]
+    assert {d.named("rendezvous_round")[0]["master_addr"] for d in c.nodes} == {"::1"}
 
 
 async def test_a_rank_crash_on_one_node_is_recovered_by_every_node(cluster, tmp_path):
