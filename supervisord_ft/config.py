@@ -404,7 +404,7 @@ def _check_nodes(cfg: Config) -> Config:
         raise ConfigError(f"rdzv_endpoint: required with nnodes {cfg.nnodes} (HOST:PORT of the "
                           "rendezvous store)")
     host, sep, port = cfg.rdzv_endpoint.rpartition(":")
-    if not sep:
+    if not sep or cfg.rdzv_endpoint.endswith("]"):  # HOST, or an IPv6 [ADDR], with no port
         return replace(cfg, rdzv_endpoint=f"{cfg.rdzv_endpoint}:{DEFAULT_RDZV_PORT}")
     if not (host and port.isdigit() and 0 < int(port) < 65536):
         raise ConfigError(f"rdzv_endpoint: expected HOST:PORT, got {cfg.rdzv_endpoint!r}")

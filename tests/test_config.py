@@ -60,6 +60,13 @@ def test_bad_command_line_values_exit_2_with_one_line_naming_the_key(capsys, tmp
     assert err.count("\n") == 1 and key in err, err
 
 
+@pytest.mark.parametrize("given,endpoint", [("node0", "node0:29400"), ("node0:1234", "node0:1234"),
+                                            ("[fd00::1]", "[fd00::1]:29400"), ("[fd00::1]:1234", "[fd00::1]:1234")])
+def test_an_endpoint_without_a_port_gets_torchruns_default_ipv6_in_brackets_too(tmp_path, given, endpoint):
+    cfg = load_config(["run", "--run-dir", str(tmp_path), "--nnodes", "2", "--rdzv-endpoint", given, "--", "true"])
+    assert cfg.rdzv_endpoint == endpoint
+
+
 @pytest.mark.parametrize("toml, key", [
     ("num_workers = 0", "num_workers"),
     ("num_workers = 1.5", "num_workers"),
