@@ -1,7 +1,7 @@
 """Multi-node on one machine: several daemons, one run dir each, one shared checkpoint dir,
 the real torch worker over gloo (the fake one where the world size changes), joined through
-torch's c10d rendezvous; on loopback, and (as root) in network namespaces joined by a bridge,
-where a node's link can be cut.
+torch's c10d rendezvous; on loopback (IPv4, and IPv6 once), and in network namespaces joined by
+a bridge, where a node's link can be cut (root needed, as CI has: without it those tests fail).
 
 Run by ``make test-multinode`` (marker ``multinode``; CI runs it), not by ``make test``.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 from datetime import datetime
 
 import pytest
@@ -90,11 +89,6 @@ async def test_the_rendezvous_and_workers_stores_listen_on_the_nodes_address_onl
 
 async def test_an_ipv6_endpoint_in_brackets_joins_the_nodes(cluster):
     from harness import FAKE_WORKER
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError as exc:
-        pytest.skip(f"no IPv6 loopback here: {exc.strerror}")
     c = await cluster(2, "--grace-period", "2", loopback="::1",
                       command=[*FAKE_WORKER, "--steps", "20", "--step-time", "0.02"])
     assert c.endpoint.startswith("[::1]:")  # torchrun's spelling; the helper once kept the brackets
@@ -186,8 +180,7 @@ async def test_an_endpoint_that_does_not_resolve_fails_the_run_within_join_timeo
 
 
 async def test_a_store_that_refuses_is_waited_for_until_join_timeout_and_named(cluster):
-    if why := netns.available():
-        pytest.skip(f"network namespaces: {why}")
+    netns.require()
     with netns.bridged(2) as net:  # node 0, whose address the endpoint is, never starts
         c = await cluster(2, *COMMON, net=net, rdzv_conf="join_timeout=4", start=[1])
         assert await c.finish(timeout=30, nodes=[1]) == [1]
@@ -233,8 +226,7 @@ HANG, READ, DOWN = 4, 5, 10
 
 
 async def test_a_partitioned_node_is_detected_and_the_job_resumes_when_the_link_returns(cluster, tmp_path):
-    if why := netns.available():
-        pytest.skip(f"network namespaces: {why}")
+    netns.require()
     sizes = ("--steps", "400")
     with netns.bridged(2) as net:
         c = await cluster(2, *COMMON, *sizes, "--hang-timeout", str(HANG), net=net,
