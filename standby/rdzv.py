@@ -110,9 +110,9 @@ class Member:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.conf: dict[str, str] = config["conf"]
-        host, _, port = config["endpoint"].rpartition(":")
-        self.host = host[1:-1] if host[:1] == "[" and host[-1:] == "]" else host  # [::1]:PORT, as torch parses it
-        self.port = int(port)
+        from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+        # torch's own parser: [::1]:PORT is ::1 (the daemon has already added a missing port)
+        self.host, self.port = parse_rendezvous_endpoint(config["endpoint"], default_port=0)
         self.params = self._params(self.conf)
         self.join_timeout = float(self.conf.get("join_timeout", 600))
         self.close_timeout = float(self.conf.get("close_timeout", 30))

@@ -8,11 +8,12 @@ The daemon then writes one order, ``{"argv": [...], "env": {...}, "cwd": "..."}`
 standby makes itself what ``argv`` would have started: the order's environment and working
 directory, ``sys.argv``/``sys.orig_argv``/``sys.path[0]`` as the interpreter sets them, the
 original ``__main__`` module emptied and reused, stdin on /dev/null, no descriptor but 0, 1 and 2
-left open, and then runs the script (``python script.py``, or its ``.pyc``), the module (``python -m mod``,
-through the same ``runpy`` function the interpreter calls), or the ``__main__`` module of a
-directory or zip archive (``python app.pyz``: a zipapp or a pex, run as the interpreter does).
-``SystemExit`` ends the process as it would a cold one; an uncaught exception prints through ``sys.excepthook`` with the standby's own
-frames removed and exits 1 (``KeyboardInterrupt``: by SIGINT, after the ``atexit`` handlers).
+left open, and then runs the script (``python script.py``, or its ``.pyc``), the module
+(``python -m mod``, through the same ``runpy`` function the interpreter calls), or the
+``__main__`` module of a directory or zip archive (``python app.pyz``: a zipapp or a pex, run as
+the interpreter does). ``SystemExit`` ends the process as it would a cold one; an uncaught
+exception prints through ``sys.excepthook`` with the standby's own frames removed and exits 1
+(``KeyboardInterrupt``: by SIGINT, after the ``atexit`` handlers).
 
 What a script can still tell: the modules already in ``sys.modules``, ``/proc/self/cmdline``,
 the process start time, and any environment variable read at interpreter start or import time
@@ -27,6 +28,7 @@ import importlib
 import io
 import marshal
 import os
+import runpy
 import signal
 import sys
 import time
@@ -85,7 +87,6 @@ def _run(argv: list[str]) -> None:
     if argv[1] == "-m":
         sys.argv = ["-m", *argv[3:]]
         sys.path[0] = os.getcwd()
-        import runpy
         runpy._run_module_as_main(argv[2])  # what `python -m` calls: the same frames, the same errors
         return
     script = argv[1]
@@ -95,7 +96,6 @@ def _run(argv: list[str]) -> None:
         # The interpreter puts such a path first on sys.path and runs its __main__ module (a
         # zipapp's bytes read as source are a SyntaxError: the relaunch failed, warm only).
         sys.path[0] = path
-        import runpy
         runpy._run_module_as_main("__main__", alter_argv=False)
         return
     try:

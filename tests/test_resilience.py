@@ -143,7 +143,7 @@ async def test_a_fixed_port_that_the_last_run_left_in_time_wait_is_not_taken(dae
         listener.bind(("127.0.0.1", 0))  # lets a port be rebound only if its old sockets allowed it
         listener.listen()
         port = listener.getsockname()[1]
-        with socket.create_connection(("127.0.0.1", port)) as client:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
             server, _ = listener.accept()
             server.close()  # the side that closes first keeps the port in TIME_WAIT
             client.recv(1)
