@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from datetime import datetime
 
 import pytest
@@ -89,6 +90,8 @@ async def test_the_rendezvous_and_workers_stores_listen_on_the_nodes_address_onl
 
 async def test_an_ipv6_endpoint_in_brackets_joins_the_nodes(cluster):
     from harness import FAKE_WORKER
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))  # an OSError here: this machine has no IPv6 loopback to test on
     c = await cluster(2, "--grace-period", "2", loopback="::1",
                       command=[*FAKE_WORKER, "--steps", "20", "--step-time", "0.02"])
     assert c.endpoint.startswith("[::1]:")  # torchrun's spelling; the helper once kept the brackets
