@@ -31,6 +31,12 @@ def strict_json(line: str | bytes) -> Any:
     return json.loads(line, parse_constant=refuse)
 
 
+def matching(events: list[Event], name: str, **match: Any) -> list[Event]:
+    """The events called ``name`` whose fields have the values ``match`` gives."""
+    return [e for e in events if e["event"] == name
+            and all(e.get(k) == v for k, v in match.items())]
+
+
 def read_events(path: Path) -> list[Event]:
     """Every complete line of an events file, each parsed as strict JSON."""
     if not path.exists():
@@ -170,8 +176,7 @@ class Daemon:
         self.proc.send_signal(sig)
 
     def named(self, name: str, **match: Any) -> list[Event]:
-        return [e for e in self.events if e["event"] == name
-                and all(e.get(k) == v for k, v in match.items())]
+        return matching(self.events, name, **match)
 
     def states(self) -> list[str]:
         changes = self.named("state_changed")
