@@ -191,6 +191,7 @@ class OutputRouter:
                 self.on_bytes(source)
             lines.feed(chunk)
         lines.close()
+
     def _push(self, source: Source, raw: bytes, truncated: bool) -> None:
         if self.on_line is not None:
             self.on_line(source, raw)
@@ -227,8 +228,6 @@ class OutputRouter:
                 source.log.warning("worker_output_dropped", stream=source.stream, lines=count,
                                    reason="output faster than the daemon can log it")
             self._dropped.clear()
-
-
 
     def _traceback_level(self, source: Source, raw: bytes) -> str:
         """``warning`` for the lines of a Python traceback on stderr, from its header to the
