@@ -1,9 +1,9 @@
 """Worker output → log events, without ever letting a worker block on a full pipe, or letting a
 line it prints break or forge the log.
 
-One reader task per pipe reads chunks as fast as the kernel delivers them, reports each chunk as
-liveness (a progress bar that never ends a line is alive) and splits it into lines (cheap
-C-level work); one emitter task turns lines into ``worker_output`` events. The two are joined by
+Each pipe is read by the loop itself (a :class:`Pipe` protocol), as fast as the kernel delivers:
+each chunk counts as liveness (a progress bar that never ends a line is alive) and is split into
+lines at once (cheap C-level work); one emitter task turns lines into ``worker_output`` events. The two are joined by
 a backlog bounded in bytes: when the emitter falls behind a flood, new lines are dropped and
 counted, and a ``worker_output_dropped`` event reports how many. A line longer than
 ``max_line_bytes`` is cut there and marked ``truncated``; the rest of it is discarded without
@@ -21,16 +21,18 @@ with the logging call. An object nested deeper than ``MAX_DEPTH`` is logged as `
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import json
 import math
+import os
+import termios
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-CHUNK = 1 << 16
 MAX_BACKLOG_BYTES = 16 << 20
 # What a queued line costs beyond its bytes (bytes object, tuple, deque slot): counted against
 # MAX_BACKLOG_BYTES, or a flood of short lines would hold several times the budget.
@@ -160,12 +162,71 @@ class LineSplitter:
         self.emit(raw, truncated)
 
 
+class Pipe(asyncio.Protocol):
+    """One worker pipe, split into lines as the loop reads it.
+
+    No buffer lies between the kernel and the splitter, so once the writer has exited, "all it
+    wrote has been read" is the kernel's count of unread bytes reaching 0: a grandchild that
+    inherited the pipe and holds it open does not delay the worker's exit (EOF would).
+    """
+
+    def __init__(self, router: OutputRouter, source: Source, fd: int) -> None:
+        self._on_bytes = router.on_bytes
+        self._source = source
+        self._fd = fd
+        self._lines = LineSplitter(router.max_line, functools.partial(router._push, source))
+        self._transport: asyncio.BaseTransport | None = None
+        self._writer_gone = False
+        self._closed = False
+        self.read_out = asyncio.Event()  # closed, or nothing unread once the writer is gone
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._on_bytes is not None:
+            self._on_bytes(self._source)
+        self._lines.feed(data)
+        if self._writer_gone and self._unread() == 0:
+            self.read_out.set()
+
+    def eof_received(self) -> bool:
+        return False  # nothing is written back: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def writer_exited(self) -> None:
+        """The worker is gone: what it wrote is in the pipe now, and no more of it comes."""
+        self._writer_gone = True
+        if self._unread() == 0:
+            self.read_out.set()
+
+    def close(self) -> None:
+        """Stop reading; what is left of an unfinished line is a last line."""
+        if self._closed:
+            return
+        self._closed = True
+        self._lines.close()
+        if self._transport is not None:
+            self._transport.close()  # closes the descriptor too
+        self.read_out.set()
+
+    def _unread(self) -> int:
+        if self._closed:
+            return 0
+        try:
+            return int.from_bytes(fcntl.ioctl(self._fd, termios.FIONREAD, bytes(4)), "little")
+        except OSError:
+            return 0
+
+
 class OutputRouter:
     """Owns the backlog and the emitter.
 
-    ``on_bytes(source)`` runs in the reader for every chunk read (liveness); ``on_line(source,
-    raw)`` for every line kept, dropped from the backlog or not; ``on_json(source, fields)`` in
-    the emitter for every line that is a JSON object, with the worker's keys as it wrote them.
+    ``on_bytes(source)`` runs for every chunk read (liveness); ``on_line(source, raw)`` for
+    every line kept, dropped from the backlog or not; ``on_json(source, fields)`` in the emitter
+    for every line that is a JSON object, with the worker's keys as it wrote them.
     """
 
     def __init__(self, max_line_bytes: int, on_line: Callable[[Source, bytes], None] | None = None,
@@ -184,16 +245,16 @@ class OutputRouter:
         self._ready = asyncio.Event()
         self.lines = 0
 
-    def reader(self, source: Source, pipe: asyncio.StreamReader) -> asyncio.Task[None]:
-        return asyncio.create_task(self._read(source, pipe), name=f"read-{source.rank}-{source.stream}")
-
-    async def _read(self, source: Source, pipe: asyncio.StreamReader) -> None:
-        lines = LineSplitter(self.max_line, functools.partial(self._push, source))
-        while chunk := await pipe.read(CHUNK):
-            if self.on_bytes is not None:
-                self.on_bytes(source)
-            lines.feed(chunk)
-        lines.close()
+    async def connect(self, source: Source, fd: int) -> Pipe:
+        """Read the pipe ``fd`` (the receiver owns it from now on) as ``source``."""
+        file = os.fdopen(fd, "rb", 0)
+        try:
+            _, pipe = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: Pipe(self, source, fd), file)
+        except BaseException:
+            file.close()
+            raise
+        return pipe
 
     def _push(self, source: Source, raw: bytes, truncated: bool) -> None:
         if self.on_line is not None:

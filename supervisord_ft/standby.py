@@ -281,15 +281,10 @@ class StandbyLauncher:
             raise StandbyError(f"standby {standby.pid} answered {answer}")
         standby.proc.stdin.close()
         standby.transition(State.HANDED_OUT, "activated", rank=spec.rank.rank)
-        readers, transports = [], []
-        for fd in standby.output:
-            reader, transport = await _stream(fd)
-            readers.append(reader)
-            transports.append(transport)
-        standby.output = ()
+        output, standby.output = standby.output, ()
         pid = standby.pid
         return Started(pid, standby.proc.wait, functools.partial(signal_group, pid),
-                       functools.partial(forward_if_caught, pid), *readers, tuple(transports))
+                       functools.partial(forward_if_caught, pid), output)
 
 
 def _is_python(argv: Sequence[str]) -> bool:

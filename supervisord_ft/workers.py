@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import procfs
-from .output import OutputRouter, Source
+from .output import OutputRouter, Pipe, Source
 from .rendezvous import RankInfo
 
 _PR_SET_PDEATHSIG = 1
 _F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 _libc = ctypes.CDLL(None, use_errno=True)
-# After a worker exits, its pipes normally reach EOF at once; a grandchild that inherited them
-# can hold them open, so the wait for its last lines is bounded.
+# After a worker exits, what it wrote is read at once, whoever else holds its pipes; only a
+# grandchild that inherited them and keeps them full could make that wait, so it is bounded.
 PIPE_DRAIN_TIMEOUT = 1.0
 # After SIGKILL a process dies unless stuck in uninterruptible I/O; past this we report it.
 KILL_TIMEOUT = 5.0
@@ -59,9 +59,7 @@ class Started:
     # Deliver a signal to the rank's own process only if it has a handler for it (the signals
     # forwarded this way terminate by default); False when it has none or is gone.
     forward: Callable[[int], bool]
-    stdout: asyncio.StreamReader
-    stderr: asyncio.StreamReader
-    pipes: tuple[asyncio.BaseTransport, ...] = ()  # closed by the owner once the output is read
+    output: tuple[int, int]  # read ends of its stdout and stderr, the receiver's to close
 
 
 class Launcher(Protocol):
@@ -106,14 +104,10 @@ class SubprocessLauncher:
                 os.close(r)
                 os.close(w)
             raise
-        readers, transports = [], []
-        for r, w in pipes:
-            os.close(w)  # the child holds its copy; EOF comes when it (and its children) close it
-            reader, transport = await _stream(r)
-            readers.append(reader)
-            transports.append(transport)
+        for _, w in pipes:
+            os.close(w)  # the child holds its copy
         return Started(proc.pid, proc.wait, functools.partial(signal_group, proc.pid),
-                       functools.partial(forward_if_caught, proc.pid), *readers, tuple(transports))
+                       functools.partial(forward_if_caught, proc.pid), (pipes[0][0], pipes[1][0]))
 
     async def close(self) -> None:
         """Nothing is held between launches."""
@@ -159,15 +153,13 @@ async def _stream(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]
 class Worker:
     """One running rank. ``exit`` completes with the return code once its output is read."""
 
-    def __init__(self, spec: WorkerSpec, started: Started,
-                 readers: Sequence[asyncio.Task[None]]) -> None:
+    def __init__(self, spec: WorkerSpec, started: Started, pipes: Sequence[Pipe]) -> None:
         self.spec = spec
         self.pid = started.pid
         self.started = time.monotonic()
         self.exited_at: float | None = None  # when its exit was noticed
         self._process = started
-        self._readers = list(readers)
-        self._pipes = started.pipes
+        self._pipes = list(pipes)
         self.exit: asyncio.Task[int] = asyncio.create_task(self._wait(), name=f"exit-{self.rank}")
 
     @property
@@ -181,16 +173,16 @@ class Worker:
     async def _wait(self) -> int:
         rc = await self._process.wait()
         self.exited_at = time.monotonic()
+        for pipe in self._pipes:
+            pipe.writer_exited()
         try:
             async with asyncio.timeout(PIPE_DRAIN_TIMEOUT):
-                await asyncio.gather(*self._readers)
+                for pipe in self._pipes:
+                    await pipe.read_out.wait()
         except TimeoutError:
-            for task in self._readers:
-                task.cancel()
+            pass
         finally:
-            # uvloop keeps a pipe open after EOF (the stream protocol asks for half-close), so
-            # closing is ours to do, or every relaunch would leak two descriptors per rank.
-            for pipe in self._pipes:
+            for pipe in self._pipes:  # a grandchild may hold them open: closing is ours to do
                 pipe.close()
         return rc
 
@@ -206,9 +198,14 @@ class Worker:
 async def spawn(spec: WorkerSpec, attempt: int, launcher: Launcher, router: OutputRouter,
                 log: Any) -> Worker:
     started = await launcher.start(spec)
-    readers = [router.reader(Source(spec.rank.rank, attempt, name, log), pipe)
-               for name, pipe in (("stdout", started.stdout), ("stderr", started.stderr))]
-    return Worker(spec, started, readers)
+    out, err = started.output
+    try:
+        pipes = [await router.connect(Source(spec.rank.rank, attempt, "stdout", log), out)]
+    except BaseException:
+        os.close(err)
+        raise
+    pipes.append(await router.connect(Source(spec.rank.rank, attempt, "stderr", log), err))
+    return Worker(spec, started, pipes)
 
 
 async def wait_exits(workers: Sequence[Worker], timeout: float, cut_short: asyncio.Event) -> None:

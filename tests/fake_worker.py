@@ -147,17 +147,17 @@ def main() -> int:
     elif args.spawn_child == "detached":
         emit("child", pid=spawn_detached())
     out = sys.stdout.buffer
-    if args.flood:
-        out.write(b"".join(b"flood line %d from rank %d\n" % (i, rank) for i in range(args.flood)))
-        out.flush()
-    if args.flood_lines and (args.flood_attempts is None or attempt < args.flood_attempts):
-        flood(args.flood_lines, args.flood_rate, rank)
-    if args.long_line:
+    if args.long_line:  # before any flood, which may fill the daemon's backlog for a while
         out.write(b"x" * args.long_line + b"\nafter long line\n")
         out.flush()
     if args.binary:
         out.write(b"bad \xff\xfe utf8 \x00 nul\n{not json\n")
         out.flush()
+    if args.flood:
+        out.write(b"".join(b"flood line %d from rank %d\n" % (i, rank) for i in range(args.flood)))
+        out.flush()
+    if args.flood_lines and (args.flood_attempts is None or attempt < args.flood_attempts):
+        flood(args.flood_lines, args.flood_rate, rank)
     if args.print_env:
         emit("env", env={k: v for k, v in os.environ.items() if k in envvars.ALL})
     resume = os.environ.get(envvars.RESUME_FROM)

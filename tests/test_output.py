@@ -1,4 +1,4 @@
-"""The line pump, fed through a real asyncio.StreamReader: cutting, decoding, merging, dropping."""
+"""The line pump, fed chunks as the loop reads them from a pipe: cutting, decoding, merging, dropping."""
 
 from __future__ import annotations
 
@@ -7,30 +7,37 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import structlog
 
-from harness import ROOT, MemoryStdout
+from harness import ROOT, MemoryStdout, pid_alive
+from supervisord_ft import workers
 from supervisord_ft.logs import Log
 from supervisord_ft.noderdzv import NOTICES
+from supervisord_ft.rendezvous import RankInfo
 from supervisord_ft.output import (LINE_OVERHEAD, MAX_DEPTH, REDRAW_INTERVAL, RESERVED, LineSplitter,
-                                   OutputRouter, Source)
+                                   OutputRouter, Pipe, Source)
+from supervisord_ft.workers import WorkerSpec
+
+
+def feed(pipe: Pipe, chunks: list[bytes]) -> None:
+    """Hand ``pipe`` each chunk as the loop's reads would, then the end of the pipe."""
+    for chunk in chunks:
+        pipe.data_received(chunk)
+    pipe.connection_lost(None)
 
 
 async def pump(chunks: list[bytes], max_line: int = 16, backlog: int = 1 << 20) -> tuple[list[dict], OutputRouter]:
     sink = MemoryStdout()
     log = Log(None, sink).logger.bind(rank=0)
     router = OutputRouter(max_line, max_backlog_bytes=backlog)
-    reader = asyncio.StreamReader()
-    for c in chunks:
-        reader.feed_data(c)
-    reader.feed_eof()
-    async with asyncio.timeout(5):
-        await router.reader(Source(0, 0, "stdout", log), reader)
+    feed(Pipe(router, Source(0, 0, "stdout", log), -1), chunks)
     router.flush()
     return sink.events(), router
 
@@ -201,30 +208,45 @@ def test_redraws_are_logged_at_most_once_per_interval_per_pipe():
 
 @pytest.mark.parametrize("chunks", [[b"no newline " * 10], [b"\r10%", b"\r20%", b"\r30%"]])
 async def test_every_chunk_counts_as_liveness_line_or_not(chunks):
-    seen: asyncio.Queue[Source] = asyncio.Queue()
-    router = OutputRouter(1 << 16, on_bytes=seen.put_nowait)
-    reader = asyncio.StreamReader()
-    task = router.reader(Source(0, 0, "stderr", None), reader)
-    async with asyncio.timeout(5):
-        for chunk in chunks:
-            reader.feed_data(chunk)
-            assert (await seen.get()).stream == "stderr"
-        reader.feed_eof()
-        await task
+    seen: list[Source] = []
+    router = OutputRouter(1 << 16, on_bytes=seen.append)
+    pipe = Pipe(router, Source(0, 0, "stderr", None), -1)
+    for n, chunk in enumerate(chunks, 1):
+        pipe.data_received(chunk)
+        assert len(seen) == n and seen[-1].stream == "stderr"
 
 
 async def test_a_python_traceback_on_stderr_is_logged_at_warning_and_other_lines_at_info():
     sink = MemoryStdout()
     log = Log(None, sink).logger.bind(rank=0)
     router = OutputRouter(1024)
-    reader = asyncio.StreamReader()
-    reader.feed_data(b"loading data\nTraceback (most recent call last):\n  File \"t.py\", line 1\n"
-                     b"    boom()\nRuntimeError: boom\nafter it\n")
-    reader.feed_eof()
-    async with asyncio.timeout(5):
-        await router.reader(Source(0, 0, "stderr", log), reader)
+    feed(Pipe(router, Source(0, 0, "stderr", log), -1),
+         [b"loading data\nTraceback (most recent call last):\n  File \"t.py\", line 1\n"
+          b"    boom()\nRuntimeError: boom\nafter it\n"])
     router.flush()
     levels = [(e["line"], e["level"]) for e in sink.events()]
     assert levels == [("loading data", "info"), ("Traceback (most recent call last):", "warning"),
                       ('  File "t.py", line 1', "warning"), ("    boom()", "warning"),
                       ("RuntimeError: boom", "warning"), ("after it", "info")]
+
+
+async def test_a_grandchild_holding_the_pipes_delays_neither_the_exit_nor_its_last_lines(monkeypatch):
+    # A DataLoader worker or a compile pool inherits the rank's stdout and outlives it for a while.
+    monkeypatch.setattr(workers, "PIPE_DRAIN_TIMEOUT", 60.0)  # a wait for EOF would be 30 s
+    sink = MemoryStdout()
+    router = OutputRouter(1024)
+    script = "sleep 30 & echo child $!; seq 50000; printf 'no newline'; exit 3"
+    spec = WorkerSpec(RankInfo(0, 0, 1, 1), ("sh", "-c", script), dict(os.environ))
+    worker = await workers.spawn(spec, 0, workers.SubprocessLauncher(), router,
+                                 Log(None, sink).logger.bind(rank=0))
+    try:
+        async with asyncio.timeout(10):
+            assert await worker.exit == 3
+        router.flush()
+        lines = [e["line"] for e in sink.events() if e["event"] == "worker_output"]
+        child = int(lines[0].split()[1])
+        assert pid_alive(child)  # it still holds the pipes: no EOF came
+        # what the rank wrote, most of it still in the pipe when it exited, is all logged
+        assert lines[1:] == [str(i) for i in range(1, 50001)] + ["no newline"]
+    finally:
+        worker.signal_group(signal.SIGKILL)

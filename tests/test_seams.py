@@ -7,6 +7,7 @@ the test's own event loop, so the loop's decisions are checked without a process
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,19 +28,25 @@ class FakeRank:
     def __init__(self, spec: WorkerSpec, pid: int) -> None:
         self.spec = spec
         self.pid = pid
-        self.stdout, self.stderr = asyncio.StreamReader(), asyncio.StreamReader()
+        (self.stdout, self._out), (self.stderr, self._err) = os.pipe(), os.pipe()
         self.status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.signals: list[int] = []
 
     def step(self, n: int) -> None:
-        self.stdout.feed_data(b'{"event": "step", "step": %d}\n' % n)
+        os.write(self._out, b'{"event": "step", "step": %d}\n' % n)
 
     def exit(self, code: int, last_error: bytes = b"") -> None:
         if last_error:
-            self.stderr.feed_data(last_error + b"\n")
-        for pipe in (self.stdout, self.stderr):
-            pipe.feed_eof()
+            os.write(self._err, last_error + b"\n")
+        self.close()
         self.status.set_result(code)
+
+    def close(self) -> None:
+        """The write ends, as a process's exit closes them."""
+        for fd in (self._out, self._err):
+            if fd >= 0:
+                os.close(fd)
+        self._out = self._err = -1
 
     def forward(self, sig: int) -> bool:
         self.signals.append(sig)
@@ -67,7 +74,7 @@ class FakeLauncher:
         attempt = int(spec.env[envvars.RESTART_COUNT])
         self._tasks.append(asyncio.create_task(self.script(rank, attempt)))
         return Started(rank.pid, lambda: rank.status, rank.signal_group, rank.forward,
-                       rank.stdout, rank.stderr)
+                       (rank.stdout, rank.stderr))
 
     def settled(self) -> None:
         self.settled_after.append(len(self.ranks))
@@ -76,6 +83,8 @@ class FakeLauncher:
         self.closed = True
         for task in self._tasks:
             task.cancel()
+        for rank in self.ranks:
+            rank.close()
 
 
 class FakeRendezvous(SingleNode):
