@@ -37,9 +37,8 @@ MAX_BACKLOG_BYTES = 16 << 20
 # What a queued line costs beyond its bytes (bytes object, tuple, deque slot): counted against
 # MAX_BACKLOG_BYTES, or a flood of short lines would hold several times the budget.
 LINE_OVERHEAD = 160
-# Lines emitted before yielding to the readers. Small, because a reader's turn is cheap and keeps
-# the workers' pipes drained: with 256, a flood on a CPU-starved daemon left workers blocked for
-# up to 88% of the time; with 64, never (BENCHMARKS.md §6), at no measurable cost per line.
+# Lines emitted before yielding to the pipes' reads. Small, because a read is cheap and keeps the
+# workers' pipes drained while the daemon is short of CPU (BENCHMARKS.md §6).
 EMIT_BATCH = 64
 REDRAW_INTERVAL = 1.0  # seconds between two logged redraws of one pipe
 # Far deeper than any log record, far shallower than the encoder's recursion limit (~1000).
