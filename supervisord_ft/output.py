@@ -3,11 +3,11 @@ line it prints break or forge the log.
 
 Each pipe is read by the loop itself (a :class:`Pipe` protocol), as fast as the kernel delivers:
 each chunk counts as liveness (a progress bar that never ends a line is alive) and is split into
-lines at once (cheap C-level work); one emitter task turns lines into ``worker_output`` events. The two are joined by
-a backlog bounded in bytes: when the emitter falls behind a flood, new lines are dropped and
-counted, and a ``worker_output_dropped`` event reports how many. A line longer than
-``max_line_bytes`` is cut there and marked ``truncated``; the rest of it is discarded without
-being buffered. Bytes that are not UTF-8 are replaced, never fatal.
+lines at once (cheap C-level work); one emitter task turns lines into ``worker_output`` events.
+The pipes and the emitter are joined by a backlog bounded in bytes: when the emitter falls
+behind a flood, new lines are dropped and counted, and a ``worker_output_dropped`` event reports
+how many. A line longer than ``max_line_bytes`` is cut there and marked ``truncated``; the rest
+of it is discarded without being buffered. Bytes that are not UTF-8 are replaced, never fatal.
 
 A line ends at ``\\n``, ``\\r\\n`` or a lone ``\\r``. A line ended by a lone ``\\r`` is a redraw
 (tqdm and the like): the first one is logged, then at most one each ``REDRAW_INTERVAL`` per pipe,
@@ -190,7 +190,8 @@ class Pipe(asyncio.Protocol):
             self.read_out.set()
 
     def eof_received(self) -> bool:
-        return False  # nothing is written back: close
+        self.close()  # before the transport closes the descriptor that _unread asks about
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()

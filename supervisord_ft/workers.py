@@ -198,13 +198,14 @@ class Worker:
 async def spawn(spec: WorkerSpec, attempt: int, launcher: Launcher, router: OutputRouter,
                 log: Any) -> Worker:
     started = await launcher.start(spec)
-    out, err = started.output
+    pipes: list[Pipe] = []
     try:
-        pipes = [await router.connect(Source(spec.rank.rank, attempt, "stdout", log), out)]
+        for stream, fd in zip(("stdout", "stderr"), started.output):
+            pipes.append(await router.connect(Source(spec.rank.rank, attempt, stream, log), fd))
     except BaseException:
-        os.close(err)
+        for fd in started.output[len(pipes) + 1:]:  # connect closed the one it failed on
+            os.close(fd)
         raise
-    pipes.append(await router.connect(Source(spec.rank.rank, attempt, "stderr", log), err))
     return Worker(spec, started, pipes)
 
 
