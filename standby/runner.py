@@ -37,7 +37,7 @@ from importlib.machinery import SourceFileLoader, SourcelessFileLoader
 from importlib.util import MAGIC_NUMBER
 from typing import Any
 
-from . import lines
+from . import channel, lines
 
 _OWN_FRAMES = {__file__}
 # When this standby was handed its rank (wall clock): a start-up report's zero (worker/startup.py).
@@ -63,6 +63,8 @@ def main() -> None:
         os._exit(0)
     os.environ.clear()
     os.environ.update(order["env"])
+    if path := os.environ.get(channel.CHANNEL):
+        channel.install(path)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

@@ -34,12 +34,13 @@ class Attempt:
     recovering_since: float | None = None
     launched_at: float = field(default_factory=time.monotonic)
     workers: list[Worker] = field(default_factory=list)
-    stepped: bool = False  # some rank reported a step
+    stepped: bool = False  # some rank reported a step or its collectives moved
     jit_armed: set[int] = field(default_factory=set)  # ranks that will save if a peer dies
     failure: Failure | None = None
     news: News | None = None  # another node's word that ended this attempt (multi-node)
     failed_at: float | None = None
     last_stderr: dict[int, bytes] = field(default_factory=dict)
+    hung: list[int] = field(default_factory=list)  # the ranks declared hung, if that ended it
 
     def alive(self) -> list[int]:
         return [w.rank for w in self.workers if w.alive]

@@ -109,10 +109,20 @@ OPTIONS: tuple[Option, ...] = (
            "if they armed such a save (`jit_checkpoint_armed`, printed by "
            "`worker.contract.SaveOnFailure`); 0 disables (the built-in job then saves nothing on a "
            "peer's death)", minimum=0),
-    Option("hang_timeout", float, "seconds without any output after which a rank is "
-           "declared hung and the group recovered (0 disables)", minimum=0),
-    Option("startup_timeout", float, "seconds a rank may take from launch to its first step "
-           "report (imports, rendezvous, checkpoint load)", minimum=0),
+    Option("hang_timeout", float, "the most seconds a rank may go without any sign of progress "
+           "(output, a step, a collective entered or retired, steady I/O) before it is declared "
+           "hung, diagnosed and the group recovered; once the job's cadence is learnt the limit "
+           "is 40x its longest step or collective interval, at least `hang_floor`, at most this "
+           "(0 disables)", minimum=0),
+    Option("hang_floor", float, "the least seconds a learnt hang limit may be: a slow phase "
+           "(an evaluation, a save) longer than this and 40x the longest interval seen before "
+           "it would be declared a hang unless it prints, steps, enters a collective or does I/O",
+           minimum=0),
+    Option("startup_timeout", float, "seconds a rank may take from launch to its first sign of "
+           "progress (imports, rendezvous, checkpoint load)", minimum=0),
+    Option("channel", bool, "open torch's worker server on a Unix socket in every Python rank "
+           "(a private directory under `$TMPDIR`), to read its collectives (flight recorder) "
+           "as progress and its stacks when it hangs or a peer fails"),
     Option("startup_window", float, "seconds after a launch within which a failure before any "
            "progress is a start-up failure; the same start-up failure twice in a row is a crash "
            "loop and fails the run (supervisord's `startsecs`)", minimum=0),
@@ -182,6 +192,7 @@ class Config:
     master_port: int = 0
     jit_checkpoint_timeout: float = 1.0
     hang_timeout: float = 600.0
+    hang_floor: float = 90.0
     startup_timeout: float = 1200.0
     startup_window: float = 30.0
     restart_window: float = 3600.0
@@ -193,6 +204,7 @@ class Config:
     metrics_addr: str = "127.0.0.1"
     store_host: bool = True
     standby: bool = True
+    channel: bool = True
     nnodes: str | None = None
     rdzv_endpoint: str | None = None
     rdzv_id: str = "none"

@@ -2,7 +2,8 @@
 
 A view: it subscribes to the event bus and sees exactly the events ``events.jsonl`` gets. It
 prints only what a person should read (state changes, failures with the rank's last stderr
-lines, recoveries with their duration and the steps redone, checkpoint decisions, warnings);
+lines, hangs with where the laggards are, recoveries with their duration and the steps redone,
+checkpoint decisions, warnings);
 per-step lines stay in ``events.jsonl`` unless ``show_steps``. Below them, on a terminal, a
 status area redrawn in place a few times a second: state, attempt, step / total with a bar,
 steps per second, loss, ETA, restarts used / budget, time since the newest checkpoint.
@@ -22,13 +23,16 @@ from typing import Any, Protocol
 from .output import worker_field
 
 STDERR_CONTEXT = 5  # a failed rank's last stderr lines shown with its failure
+FRAMES_SHOWN = 5  # a laggard's innermost frames shown with a hang's diagnosis
+RANKS_SHOWN = 3  # ranks whose frames or missing answers are shown; the stack files hold all
 RATE_WINDOW = 20  # steps/s is measured over this many recent step reports
 STATE_STYLE = {"RUNNING": "green", "DONE": "bold green", "RECOVERING": "yellow",
                "LAUNCHING": "cyan", "STOPPING": "yellow", "STOPPED": "bold yellow",
                "FAILED": "bold red"}
 QUIET = frozenset({"status", "worker_started", "launching", "supervisor_start", "teardown",
                    "checkpoint_selected", "state_changed", "recovered", "worker_exited",
-                   "supervisor_exit", "hang_detected", "worker_output"})
+                   "supervisor_exit", "hang_detected", "worker_output", "hang_diagnosed",
+                   "failure_diagnosed", "channel_unavailable", "hang_timeout_learnt"})
 
 
 class Sink(Protocol):
@@ -74,6 +78,7 @@ class RunState:
     attempt_max_step: int = 0  # the highest step reported by the current attempt
     steps_before_failure: int = 0  # that, when a rank of it failed
     resume_step: int = 0  # the step the current attempt resumed from
+    hang_said: int | None = None  # the attempt whose hang was printed (each rank's is logged)
     stderr: dict[int, deque[str]] = field(default_factory=dict)
 
     @property
@@ -140,9 +145,20 @@ class ConsoleView:
         if name == "worker_exited":
             return self._exited(e)
         if name == "hang_detected":
-            run.steps_before_failure = run.attempt_max_step
-            return [f"[bold red]rank {e['rank']} hung[/]: no output for {e['silent_for']:.1f} s"
-                    + (" before its first step" if e.get("before_first_step") else "")]
+            return self._hung(e)
+        if name == "hang_diagnosed":
+            return _diagnosis(e)
+        if name == "failure_diagnosed":
+            return [f"[yellow]survivors of rank {e.get('rank')}[/]: "
+                    f"{_esc(str(e.get('summary') or 'no summary'))}"
+                    + _stacks(e, "  [dim]stacks: {}[/]")]
+        if name == "channel_unavailable":
+            return [f"[dim]rank {e.get('rank')} has no channel: {_esc(str(e.get('reason')))}; "
+                    f"judged by {_esc(str(e.get('judged_by')))}[/]"]
+        if name == "hang_timeout_learnt":
+            return [f"[dim]hang limit now {_seconds(e.get('timeout'))} (longest interval "
+                    f"{_seconds(e.get('longest_interval'))} in {e.get('samples')} samples, "
+                    f"at most {_seconds(e.get('cap'))})[/]"]
         if name == "recovered":
             redone = max(0, run.steps_before_failure - run.resume_step)
             return [f"[green]recovered[/] in {e['seconds']:.2f} s: resumed from step "
@@ -195,6 +211,18 @@ class ConsoleView:
         lines += [f"  [dim]| {_esc(line)}[/]" for line in self.run.stderr.get(e["rank"], ())]
         return lines
 
+    def _hung(self, e: dict[str, Any]) -> list[str]:
+        """One line per hang: every live rank is declared hung at once, the longest silent first."""
+        run = self.run
+        if run.hang_said == e.get("attempt"):
+            return []
+        run.hang_said = e.get("attempt")
+        run.steps_before_failure = run.attempt_max_step
+        limit = _seconds(e["timeout"]) if _is_number(e.get("timeout")) else "the hang limit"
+        return [f"[bold red]group hung[/]: no rank showed progress within {limit}; "
+                f"rank {e.get('rank')} silent longest ({_seconds(e.get('silent_for'))}"
+                + (", none since its launch)" if e.get("before_first_step") else ")")]
+
     # -- the status area ---------------------------------------------------------------------
     def _status(self) -> Any:
         from rich.progress_bar import ProgressBar
@@ -232,6 +260,70 @@ def _duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _diagnosis(e: dict[str, Any]) -> list[str]:
+    """The summary, the laggards' innermost frames (every rank's when none lags), the ranks that
+    gave no stack and why, and where the stack files are."""
+    summary = str(e.get("summary") or "no summary")
+    lines = [f"[bold red]hang diagnosed[/]: {_esc(summary)}"]
+    frames = _by_rank(e.get("frames"))
+    for rank, stack in frames[:RANKS_SHOWN]:
+        lines += [f"  [dim]rank {rank} | {_esc(str(f))}[/]"
+                  for f in (stack if isinstance(stack, list) else [])[:FRAMES_SHOWN]]
+    if len(frames) > RANKS_SHOWN:
+        lines.append(f"  [dim]... {len(frames) - RANKS_SHOWN} more ranks in the stack files[/]")
+    why: dict[str, list[str]] = {}  # the ranks that gave no stack for the same reasons, together
+    for rank, problems in _by_rank(e.get("unanswered")):
+        problems = problems if isinstance(problems, list) else [problems]
+        text = "; ".join(dict.fromkeys(map(str, problems)))
+        if text not in summary:  # the summary says why of a rank it could not place
+            why.setdefault(text, []).append(rank)
+    lines += [f"  [yellow]no stack from {_ranks(ranks)}[/]: {_esc(text)}"
+              for text, ranks in list(why.items())[:RANKS_SHOWN]]
+    return lines + ([where] if (where := _stacks(e, "  stacks: {}")) else [])
+
+
+def _stacks(e: dict[str, Any], form: str) -> str:
+    """Where a diagnosis's stack files are, or why not (the daemon's words); "" if unsaid."""
+    if isinstance(e.get("stacks"), str):
+        return form.format(_esc(e["stacks"]))
+    if e.get("stacks_error"):
+        return form.format(_esc(str(e["stacks_error"])))
+    return ""
+
+
+def _by_rank(by_rank: Any) -> list[tuple[str, Any]]:
+    """A per-rank object's items in rank order (keys are ints on the bus, strings in JSON)."""
+    if not isinstance(by_rank, dict):
+        return []
+    items = [(str(rank), value) for rank, value in by_rank.items()]
+    return sorted(items, key=lambda kv: (0, int(kv[0]), "") if kv[0].isdigit() else (1, 0, kv[0]))
+
+
+def _ranks(ranks: list[str]) -> str:
+    """``rank 3`` or ``ranks 0-5, 7``: runs of consecutive ranks written as a range."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    runs: list[list[int]] = []
+    for r in sorted(int(r) for r in ranks if r.isdigit()):
+        if runs and r == runs[-1][-1] + 1:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    parts = [f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs]
+    return "ranks " + ", ".join(parts + [r for r in ranks if not r.isdigit()])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _seconds(value: Any) -> str:
+    """93.1 s, 600.0 s, 0.0512 s: intervals under a second keep their digits."""
+    if not _is_number(value):
+        return "? s"
+    return f"{value:.1f} s" if abs(value) >= 1 else f"{value:.3g} s"
 
 
 def _fields(e: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ RESTART_COUNT = "SUPERVISORD_FT_RESTART_COUNT"
 CHECKPOINT_DIR = "SUPERVISORD_FT_CHECKPOINT_DIR"
 RESUME_FROM = "SUPERVISORD_FT_RESUME_FROM"  # unset on a fresh start
 KEEP_CHECKPOINTS = "SUPERVISORD_FT_KEEP_CHECKPOINTS"
+CHANNEL = "SUPERVISORD_FT_CHANNEL"  # the rank's channel socket (supervisord_ft.channel); unset: none
 UNBUFFERED = "PYTHONUNBUFFERED"  # a Python worker's lines reach the daemon as they are printed
 # torch's: the ranks are clients of a store the launcher hosts (set to exactly "True"), as
 # torchrun's agent does; unset when rank 0 hosts it.
@@ -44,7 +45,7 @@ ROLE = "default"  # torchrun's role name when none is given
 ALL = (RANK, LOCAL_RANK, GROUP_RANK, GROUP_WORLD_SIZE, ROLE_RANK, ROLE_NAME, ROLE_WORLD_SIZE,
        WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
        TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, TORCHELASTIC_RUN_ID, RUN_ID,
-       RESTART_COUNT, CHECKPOINT_DIR, RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED, USE_AGENT_STORE)
+       RESTART_COUNT, CHECKPOINT_DIR, RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED, USE_AGENT_STORE, CHANNEL)
 # The ones that differ between ranks or attempts (or runs). Everything else, PYTHONUNBUFFERED
 # included (it is read at interpreter start), is the same for every rank of every attempt.
 PER_RANK = tuple(v for v in ALL if v != UNBUFFERED)
@@ -52,7 +53,8 @@ PER_RANK = tuple(v for v in ALL if v != UNBUFFERED)
 
 def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run_id: str,
              restart: int, max_restarts: int, checkpoint_dir: Path, keep_checkpoints: int,
-             resume_from: Path | None, rdzv_id: str | None = None) -> dict[str, str]:
+             resume_from: Path | None, rdzv_id: str | None = None,
+             channel: str | None = None) -> dict[str, str]:
     """``base`` with every variable above set for ``rank`` (and a stale RESUME_FROM removed)."""
     env = dict(base)
     env.update({
@@ -72,4 +74,7 @@ def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run
     env.pop(USE_AGENT_STORE, None)
     if endpoint.agent_store:
         env[USE_AGENT_STORE] = "True"
+    env.pop(CHANNEL, None)
+    if channel is not None:
+        env[CHANNEL] = channel
     return env

@@ -10,7 +10,9 @@ collector, which reads ``/proc/self`` at scrape time.
 Crash detection latency is not exported: the moment a process dies is known only to the
 kernel and the worker, and the daemon's first sign of it is the ``worker_exited`` event
 itself. A hang's detection latency is exactly the silence before it was declared
-(``hang_detected.silent_for``), so that is exported as a histogram.
+(``hang_detected.silent_for``), so that is exported as a histogram, one sample per rank declared
+hung; the hangs themselves are counted once per attempt they ended (every live rank is declared
+hung at once, so each hang logs one ``hang_detected`` per rank).
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class Metrics:
         self.hang_detection = Histogram(PREFIX + "hang_detection_seconds", "silence of a rank "
                                         "before it was declared hung", buckets=HANG_BUCKETS,
                                         registry=r)
+        self.hangs = Counter(PREFIX + "hangs", "attempts ended by a hang", registry=r)
+        self.hang_timeout = Gauge(PREFIX + "hang_timeout_seconds", "the hang limit in force: "
+                                  "hang_timeout until the job's cadence is learnt (0: off)",
+                                  registry=r)
         self.dropped_lines = Counter(PREFIX + "output_lines_dropped", "worker output lines "
                                      "dropped because the log fell behind", registry=r)
         ProcessCollector(namespace="", registry=r)  # process_resident_memory_bytes, _open_fds, ...
@@ -89,6 +95,7 @@ class Metrics:
         self._body_at = -MIN_SCRAPE_INTERVAL
         self._steps: deque[tuple[float, int]] = deque()  # (time, new highest step) this attempt
         self._checkpoint: tuple[int, float] | None = None  # (step, written at on our clock)
+        self._hung_attempt: int | None = None  # the attempt whose hang was counted
         self._set_state(State.LAUNCHING)
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "supervisor_start": self._on_start,
@@ -99,7 +106,8 @@ class Metrics:
             "worker_output": self._on_output,
             "worker_output_dropped": self._on_dropped,
             "recovered": lambda e: self.recovery.observe(e["seconds"]),
-            "hang_detected": lambda e: self.hang_detection.observe(e["silent_for"]),
+            "hang_detected": self._on_hang_detected,
+            "hang_timeout_learnt": lambda e: self._set_hang_timeout(e.get("timeout")),
             "checkpoint_selected": self._on_checkpoint_selected,
         }
 
@@ -132,6 +140,7 @@ class Metrics:
 
     def _on_start(self, e: dict[str, Any]) -> None:
         self.restart_window = float(e["config"].get("restart_window", 0.0))
+        self._set_hang_timeout(e["config"].get("hang_timeout"))
 
     def _on_state_changed(self, e: dict[str, Any]) -> None:
         self._set_state(State(e["to"]))
@@ -176,6 +185,17 @@ class Metrics:
                 self._forget_old_steps(now)
         elif kind == CHECKPOINT_SAVED_EVENT:
             self._note_checkpoint(step, now)
+
+    def _on_hang_detected(self, e: dict[str, Any]) -> None:
+        self.hang_detection.observe(e["silent_for"])
+        self._set_hang_timeout(e.get("timeout"))
+        if e.get("attempt") != self._hung_attempt:  # the first of the hang's per-rank events
+            self._hung_attempt = e.get("attempt")
+            self.hangs.inc()
+
+    def _set_hang_timeout(self, seconds: Any) -> None:
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            self.hang_timeout.set(seconds)
 
     def _on_dropped(self, e: dict[str, Any]) -> None:
         self.dropped_lines.inc(e["lines"])

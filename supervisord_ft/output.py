@@ -57,6 +57,9 @@ RESERVED = frozenset({
     "ranks", "attempts", "groups", "moved_to", "pids", "skipped", "host", "first_lost",
     "last_lost", "agent_store", "standby_pid", "preload", "modules", "addr", "port", "host_pid",
     "mtime", "timeout", "exited_on_their_own", "still_alive",
+    # hangs: the learnt limit, the channel, the diagnosis
+    "cap", "longest_interval", "samples", "judged_by", "laggards", "summary", "stacks", "frames",
+    "unanswered", "stacks_error",
     # multi-node: the context every event gets, and the rendezvous' own events
     "node_rank", "round", "endpoint", "rdzv_id", "local_addr", "nnodes", "local_world_size",
     "world_size", "rank_offset", "votes",

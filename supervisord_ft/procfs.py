@@ -86,3 +86,14 @@ def caught_signals(pid: int | str) -> set[int] | None:
         return None
     bits = int(mask, 16)
     return {n for n in range(1, bits.bit_length() + 1) if bits >> (n - 1) & 1}
+
+
+def io_chars(pid: int | str) -> int | None:
+    """Bytes the process has read and written through any descriptor (``rchar`` + ``wchar`` of
+    ``/proc/<pid>/io``: files, pipes and sockets alike); None when gone or not readable."""
+    try:
+        with open(f"/proc/{pid}/io") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        return int(fields["rchar"]) + int(fields["wchar"])
+    except (OSError, KeyError, ValueError):
+        return None

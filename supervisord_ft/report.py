@@ -2,9 +2,10 @@
 
 A timeline (loss and step over wall time per rank, a band for each phase of each failure,
 checkpoint markers) drawn with matplotlib's Agg backend, written as a PNG and embedded in the
-HTML as a data URI; below it the attempts and the goodput. Everything comes from
-:mod:`runlog`. matplotlib is the optional ``report`` extra, imported only here and only when
-a report is drawn, so the daemon's install stays small.
+HTML as a data URI; below it the attempts, the goodput, and the diagnoses (what the ranks were
+doing when a hang was declared or a rank failed). Everything comes from :mod:`runlog`.
+matplotlib is the optional ``report`` extra, imported only here and only when a report is
+drawn, so the daemon's install stays small.
 """
 
 from __future__ import annotations
@@ -132,6 +133,28 @@ def _attempt_rows(run: runlog.Run) -> list[list[str]]:
     return rows
 
 
+def _diagnoses(run: runlog.Run) -> str:
+    """A section per diagnosed attempt: the summary, the laggards, each shown rank's innermost
+    frames, the ranks that gave no stack, and where the stack files are."""
+    parts = []
+    for a in run.attempts:
+        if (d := a.diagnosis) is None:
+            continue
+        what = "hang" if d.kind == "hang" else f"survivors of rank {a.failed_rank}'s failure"
+        facts = [("summary", d.summary or ""), ("laggards", runlog.laggards_text(d)),
+                 ("stacks", runlog.stacks_text(d))]
+        facts += [(f"rank {r} gave no stack", "; ".join(problems))
+                  for r, problems in d.unanswered.items()]
+        dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in facts)
+        frames = "".join(f"<dt>rank {html.escape(r)}, innermost first</dt><dd><pre>"
+                         + html.escape("\n".join(f)) + "</pre></dd>" for r, f in d.frames.items())
+        parts.append(f'<section class="diagnosis" id="diagnosis-{a.id}"><h3>attempt {a.id}: '
+                     f"{html.escape(what)}</h3><dl>{dl}{frames}</dl></section>")
+    note = ('<p class="note">Asked of every live rank before any signal. The stack files hold '
+            "every thread of every rank and its last collectives.</p>")
+    return "<h2>Diagnoses</h2>" + note + "".join(parts) if parts else ""
+
+
 ATTEMPT_COLUMNS = ("attempt", "launched (s)", "resumed from step", "last step", "ended by",
                    "detection (s)", "teardown (s)", "relaunched (s)", "downtime (s)",
                    "steps redone")
@@ -165,7 +188,8 @@ def page(run: runlog.Run, png: bytes) -> str:
     dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in facts)
     uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     return TEMPLATE.format(title=html.escape(f"supervisord-ft run {run.run_id}"), facts=dl,
-                           img=uri, head=head, body=body, source=html.escape(run.path),
+                           img=uri, head=head, body=body, diagnoses=_diagnoses(run),
+                           source=html.escape(run.path),
                            generated=f"{datetime.now():%Y-%m-%d %H:%M}")
 
 
@@ -187,6 +211,7 @@ table {{ border-collapse: collapse; margin: 12px 0; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:nth-child(3), td:nth-child(5) {{ text-align: left; }}
 p.note {{ color: #555; max-width: 900px; }}
+section.diagnosis pre {{ margin: 0; font-size: 13px; white-space: pre-wrap; }}
 </style></head><body>
 <h1>{title}</h1>
 <dl>{facts}</dl>
@@ -200,6 +225,7 @@ the step the next attempt resumed from. Goodput: useful steps (final step minus 
 started from) per second of wall time (first launch to last event), against the fault-free rate,
 the median over every rank's attempts of the steps per second between their first and last step
 report; the ratio counts start-up, downtime and redone steps as lost.</p>
+{diagnoses}
 <p class="note">From {source}, written {generated} by supervisord-ft report.</p>
 </body></html>
 """

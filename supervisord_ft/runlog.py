@@ -119,6 +119,20 @@ class Point:
 
 
 @dataclass
+class Diagnosis:
+    """What the live ranks were doing when a hang was declared or a rank failed, as the
+    ``hang_diagnosed`` or ``failure_diagnosed`` event says; fields it lacks or garbles are empty."""
+
+    kind: str  # "hang" or "failure"
+    summary: str | None  # one line: where the laggards are, where the others wait
+    laggards: list[int]  # may be empty: none named
+    stacks: str | None  # the directory of rank-<R>.txt files; None if they were not written
+    stacks_error: str | None  # why they were not
+    frames: dict[str, list[str]]  # rank -> its main thread's innermost frames, innermost first
+    unanswered: dict[str, list[str]]  # rank -> what could not be got from it
+
+
+@dataclass
 class Attempt:
     """One launch of the group and, if it failed, how the run got past the failure."""
 
@@ -136,6 +150,9 @@ class Attempt:
     detected_at: float | None = None  # the loop's transition to RECOVERING or FAILED
     teardown_done_at: float | None = None
     teardown_seconds: float | None = None
+    hung: bool = False  # ended by a hang: every live rank was declared hung
+    hang_timeout: float | None = None  # the hang limit in force then (s)
+    diagnosis: Diagnosis | None = None
     # Filled from the next attempt once there is one:
     relaunched_at: float | None = None
     downtime: float | None = None  # failure -> the next attempt's first step
@@ -206,6 +223,17 @@ def failure_text(f: dict[str, Any]) -> str:
     return text
 
 
+def laggards_text(d: Diagnosis) -> str:
+    if not d.laggards:
+        return "none named"
+    return f"rank{'s' if len(d.laggards) > 1 else ''} " + ", ".join(map(str, d.laggards))
+
+
+def stacks_text(d: Diagnosis) -> str:
+    """The stack files' directory, or why they were not written (the daemon's words)."""
+    return d.stacks or d.stacks_error or "not written"
+
+
 def _rounded(obj: Any) -> Any:
     if isinstance(obj, float):
         return round(obj, 3)
@@ -230,6 +258,7 @@ class _Summary:
         self.saved: list[Checkpoint] = []
         self.series: dict[int, list[Point]] = {}
         self.stderr: dict[tuple[Any, Any], str] = {}
+        self.silent: dict[tuple[Any, Any], float] = {}  # (attempt, rank) -> when it went silent
         self.failure: dict[str, Any] | None = None
         self.t = self.last_t = 0.0
         for ev in events:
@@ -299,8 +328,31 @@ class _Summary:
             self._failed(ev, self.t)
 
     def on_hang_detected(self, ev: Event) -> None:
+        """One per live rank, the longest silent first; the diagnosis may blame another."""
         silent = ev.get("silent_for")
-        self._failed(ev, self.t - silent if isinstance(silent, (int, float)) else self.t)
+        at = self.t - silent if _number(silent) else self.t
+        self.silent[(ev.get("attempt"), ev.get("rank"))] = at
+        self._failed(ev, at)
+        if (a := self._attempt(ev)) is not None:
+            a.hung = True
+            if _number(timeout := ev.get("timeout")):
+                a.hang_timeout = timeout
+
+    def on_hang_diagnosed(self, ev: Event) -> None:
+        a = self._attempt(ev)
+        if a is None:
+            return
+        a.diagnosis = _diagnosis("hang", ev)
+        # As the loop does: the rank to blame is the first laggard, if it was declared hung.
+        blamed = a.diagnosis.laggards[:1]
+        at = self.silent.get((a.id, blamed[0])) if blamed else None
+        if at is not None and a.detected_at is None:
+            a.failed_at, a.failed_rank = at, blamed[0]
+            a.last_stderr = self.stderr.get((a.id, a.failed_rank))
+
+    def on_failure_diagnosed(self, ev: Event) -> None:
+        if (a := self._attempt(ev)) is not None:
+            a.diagnosis = _diagnosis("failure", ev)
 
     def on_teardown(self, ev: Event) -> None:
         if (a := self._attempt(ev)) is not None and ev.get("why") == "recovery":
@@ -344,6 +396,29 @@ class _Summary:
                        start.first_step_at - start.launched_at if start.first_step_at else None,
                        sum((a.downtime or 0.0 for a in failed), 0.0),
                        sum(a.steps_redone or 0 for a in self.attempts.values()))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _diagnosis(kind: str, ev: Event) -> Diagnosis:
+    """A diagnosis event's fields, each checked: a newer or older daemon's may differ."""
+    def text(value: Any) -> str | None:
+        return value if isinstance(value, str) else None
+
+    def by_rank(value: Any) -> dict[str, list[str]]:
+        if not isinstance(value, dict):
+            return {}
+        return {str(r): [str(x) for x in v] if isinstance(v, list) else [str(v)]
+                for r, v in value.items()}
+
+    laggards = ev.get("laggards")
+    return Diagnosis(kind, text(ev.get("summary")),
+                     [r for r in laggards if isinstance(r, int) and not isinstance(r, bool)]
+                     if isinstance(laggards, list) else [],
+                     text(ev.get("stacks")), text(ev.get("stacks_error")),
+                     by_rank(ev.get("frames")), by_rank(ev.get("unanswered")))
 
 
 def stretches(points: list[Point]) -> Iterator[list[Point]]:

@@ -7,10 +7,13 @@ Reads the run dir through :mod:`runlog`, so it works while the daemon runs and a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from . import runlog
+
+HANGS_SHOWN = 3  # the latest hung attempts shown; --json has them all
 
 
 def lines(run: runlog.Run) -> list[str]:
@@ -29,12 +32,31 @@ def lines(run: runlog.Run) -> list[str]:
     out.append(("restarts", f"{run.restarts} ({len(run.attempts)} attempts)"))
     if (f := run.last_failure) is not None:
         out.append(("last failure", f"{at(f['at'])} {runlog.failure_text(f)}"))
+    out += _hangs(run, at)
     if (ck := run.checkpoint) is not None:
         out.append(("checkpoint", f"{at(ck.t)} step {ck.step}: {ck.path}"))
     if run.skipped_lines:
         out.append(("unreadable", f"{run.skipped_lines} lines of {run.path} skipped"))
     width = max(len(label) for label, _ in out)
     return [f"{label:<{width}}  {value}" for label, value in out]
+
+
+def _hangs(run: runlog.Run, at: Callable[[float], str]) -> list[tuple[str, str]]:
+    """Each hung attempt: where the ranks were (the diagnosis's summary, else the loop's
+    reason), the laggards, and the directory of the ranks' stack files."""
+    hung = [a for a in run.attempts if a.hung]
+    out: list[tuple[str, str]] = []
+    if len(hung) > HANGS_SHOWN:
+        out.append(("hangs", f"{len(hung)}; the last {HANGS_SHOWN} below, all in --json"))
+    for a in hung[-HANGS_SHOWN:]:
+        d = a.diagnosis
+        when = f" at {at(a.detected_at)}" if a.detected_at is not None else ""
+        what = (d.summary if d is not None else None) or a.cause or f"rank {a.failed_rank} hung"
+        out.append(("hang", f"attempt {a.id}{when}: {what}"))
+        if d is None:
+            continue
+        out += [("  laggards", runlog.laggards_text(d)), ("  stacks", runlog.stacks_text(d))]
+    return out
 
 
 def _state(run: runlog.Run) -> str:

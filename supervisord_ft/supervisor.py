@@ -19,22 +19,25 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import builtin_job, checkpoints, envvars, orphans, runlog
+from . import builtin_job, checkpoints, diagnosis, envvars, orphans, runlog
 from .attempt import Attempt, first_to_fail
+from .channel import FR_BUFFER, FR_ENTRIES, Sockets
 from .config import Config, as_dict
 from .errors import EXIT_DONE, EXIT_FAILED, EXIT_SIGNAL_BASE, CheckpointError
 from .fsm import State, StateMachine
 from .output import OutputRouter, Source
+from .progress import Looker
 from .rendezvous import LocalRendezvous, News, RankInfo, Rendezvous, RendezvousFailed
 from .restarts import Failure, RestartPolicy
 from .standby import StandbyLauncher
-from .watchdog import Watchdog
+from .watchdog import Cadence, Watchdog
 from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, stop, wait_exits
 
 EXIT_CODES = {State.DONE: EXIT_DONE, State.FAILED: EXIT_FAILED}
 STEP_EVENT = "step"
 # Printed by worker.contract.SaveOnFailure: this rank saves its last completed step if a peer dies.
 JIT_ARMED_EVENT = "jit_checkpoint_armed"
+CADENCE_FILE = "cadence.json"  # the job's learnt rhythm, for the hang limit of the next run
 # A terminal or ssh session closing (HUP), Ctrl+\ (QUIT), Ctrl+C (INT), systemd/SLURM/Kubernetes
 # (TERM): each is a graceful stop, exit 128 + n.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -64,6 +67,11 @@ class Supervisor:
         self._kill_now = asyncio.Event()
         self._set_aside: SetAside | None = None  # the last checkpoint a fallback moved aside
         self._end_reason = ""  # the reason of the transition to the final state
+        # Opened before anything starts: a TMPDIR too deep for a socket path is a usage error.
+        self.sockets = Sockets() if cfg.channel else None
+        self.cadence = Cadence.load(cfg.run_dir / CADENCE_FILE)
+        self._timeout_said = self.cadence.timeout(cfg.hang_timeout, cfg.hang_floor)
+        self._no_channel_said: set[int] = set()
 
     @property
     def restarts(self) -> int:
@@ -110,12 +118,24 @@ class Supervisor:
         if fields.get("event") != STEP_EVENT:
             return
         a.watchdog.step(source.rank)
+        self._training(a, fields.get("step"), source.log)
+
+    def _training(self, a: Attempt, step: Any, log: Any) -> None:
+        """A rank of ``a`` reported a step or its collectives moved: the group trains."""
         if not a.stepped:
             a.stepped = True
             self.launcher.settled()
             if a.recovering_since is not None:
-                source.log.info("recovered", step=fields.get("step"),
-                                seconds=round(time.monotonic() - a.recovering_since, 3))
+                log.info("recovered", step=step, seconds=round(time.monotonic() - a.recovering_since, 3))
+
+    def _cadence_changed(self) -> None:
+        """Say the hang limit the job's cadence now gives, when it changes; keep it for the next run."""
+        if (timeout := self.cadence.timeout(self.cfg.hang_timeout, self.cfg.hang_floor)) != self._timeout_said:
+            self._timeout_said = timeout
+            self.log.info("hang_timeout_learnt", timeout=round(timeout, 3),
+                          longest_interval=round(self.cadence.longest, 3),
+                          samples=self.cadence.samples, cap=self.cfg.hang_timeout)
+            self.cadence.save(self.cfg.run_dir / CADENCE_FILE)
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -151,6 +171,8 @@ class Supervisor:
             orphans.forget(self.cfg.run_dir)
             await self.launcher.close()
             await self.rendezvous.close(self.fsm.state.value, self._end_reason, self.stop_signal)
+            if self.sockets is not None:
+                self.sockets.close()
             ticker.cancel()
             emitter.cancel()
             self.router.flush()
@@ -200,7 +222,8 @@ class Supervisor:
             await self._join_round(ranks[0])
         return Attempt(attempt_id, self.restarts, endpoint, ranks,
                        Watchdog((r.rank for r in ranks), self.cfg.hang_timeout,
-                                self.cfg.startup_timeout, time.monotonic),
+                                self.cfg.startup_timeout, time.monotonic, self.cadence,
+                                self.cfg.hang_floor),
                        self.resume_from,
                        recovering_since=previous.failed_at if previous is not None else None)
 
@@ -241,6 +264,7 @@ class Supervisor:
                 worker = await spawn(spec, a.id, self.launcher, self.router, log)
                 a.workers.append(worker)
                 log.info("worker_started", pid=worker.pid)
+            self._watch_progress(a)
         except OSError as exc:
             a.fail(rank.rank, None, f"spawn failed: {exc}", self.cfg.startup_window)
             self.fsm.transition(State.RECOVERING, f"rank {rank.rank}: spawn failed: {exc}")
@@ -250,6 +274,24 @@ class Supervisor:
             self._stop(self._stop_reason())
         else:
             self.fsm.transition(State.RUNNING, "all workers started")
+
+    def _watch_progress(self, a: Attempt) -> None:
+        """Let the watchdog look at the ranks' collectives and I/O, now that they have pids."""
+        pids = {w.rank: w.pid for w in a.workers}
+        sockets = {r: self.sockets.path(a.id, r) for r in pids} if self.sockets else {}
+        a.watchdog.look = Looker(sockets, pids).look
+        a.watchdog.on_training = lambda rank, how: self._training(
+            a, None, self.log.bind(rank=rank, restart=a.restart, attempt=a.id))
+        a.watchdog.on_no_channel = lambda rank, why: self._no_channel(a, rank, why)
+        a.watchdog.on_cadence = self._cadence_changed
+
+    def _no_channel(self, a: Attempt, rank: int, why: str) -> None:
+        """Said once per rank and run: such a rank is judged by its output and steps alone."""
+        if rank not in self._no_channel_said:
+            self._no_channel_said.add(rank)
+            self.log.bind(rank=rank, restart=a.restart, attempt=a.id).info(
+                "channel_unavailable", reason=why,
+                judged_by="output, steps and I/O" if self.sockets else "output, steps and I/O (channel off)")
 
     def _select_checkpoint(self, tidy: bool = True) -> checkpoints.Checkpoint | None:
         """Runs only while no worker is alive: stale temporaries cannot be writes in progress.
@@ -292,13 +334,17 @@ class Supervisor:
                                 crash=crash, jit_checkpoint=c.jit_checkpoint_timeout > 0)
 
     def _env(self, a: Attempt, rank: RankInfo) -> dict[str, str]:
-        return envvars.for_rank({**os.environ, **self.cfg.env}, rank, a.endpoint,
+        base = {**os.environ, **self.cfg.env}
+        if self.sockets is not None:  # the job's own size wins
+            base.setdefault(FR_BUFFER, FR_ENTRIES)
+        return envvars.for_rank(base, rank, a.endpoint,
                                 run_id=self.run_id, restart=a.restart,
                                 max_restarts=self.cfg.max_restarts,
                                 checkpoint_dir=self.cfg.checkpoint_dir,
                                 keep_checkpoints=self.cfg.keep_checkpoints,
                                 resume_from=a.resume_from.path if a.resume_from else None,
-                                rdzv_id=self.cfg.rdzv_id if self.rendezvous.multi_node else None)
+                                rdzv_id=self.cfg.rdzv_id if self.rendezvous.multi_node else None,
+                                channel=self.sockets.path(a.id, rank.rank) if self.sockets else None)
 
     # -- RUNNING --------------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -328,9 +374,13 @@ class Supervisor:
                     for h in hung:
                         self.log.bind(rank=h.rank, restart=a.restart, attempt=a.id).error(
                             "hang_detected", silent_for=round(h.silent_for, 3),
-                            before_first_step=h.before_first_step)
-                    first = hung[0]
-                    why = f"no output for {first.silent_for:.1f} s"
+                            before_first_step=h.before_first_step,
+                            timeout=round(a.watchdog.timeout, 3))
+                    a.hung = [h.rank for h in hung]
+                    laggards = await self._diagnose(a, "hung")
+                    # The rank to blame: the diagnosis's first laggard, else the longest silent.
+                    first = next((h for h in hung if h.rank in laggards[:1]), hung[0])
+                    why = f"no sign of progress for {first.silent_for:.1f} s"
                     # No seconds in the signature: two identical hangs must compare equal.
                     a.fail(first.rank, None, "hang before the first step"
                            if first.before_first_step else "hang", self.cfg.startup_window,
@@ -402,6 +452,8 @@ class Supervisor:
             self.log.error("workers_stuck", attempt=a.id, ranks=report.stuck,
                            reason="still alive after SIGKILL (uninterruptible sleep?)")
         await orphans.sweep(a.workers, self.log)
+        if self.sockets is not None:
+            self.sockets.forget(a.id)
 
     async def _recover(self) -> None:
         a = self.attempt
@@ -418,6 +470,8 @@ class Supervisor:
             self.rendezvous.announce("restart", a.failure.last_error or f"rank {a.failure.rank} failed",
                                      rank=a.failure.rank, returncode=a.failure.returncode)
         died = a.failure.returncode is not None  # a rank exited: not a hang, not a failed spawn
+        if a.news is None and died:
+            await self._diagnose(a, f"rank {a.failure.rank} failed")
         await self._teardown("recovery", self.cfg.jit_checkpoint_timeout if died else 0.0)
         before = a.resume_from
         try:  # multi-node: chosen with the other nodes when the next round is complete
@@ -446,6 +500,29 @@ class Supervisor:
         else:
             self.policy.spend(time.monotonic())
             self.fsm.transition(State.LAUNCHING, decision.reason)
+
+    async def _diagnose(self, a: Attempt, why: str) -> list[int]:
+        """Before any signal: every live rank's stacks and collectives; the laggards, named."""
+        live = {w.rank: w.pid for w in a.workers if w.alive}
+        if not live:
+            return []
+        sockets = {r: self.sockets.path(a.id, r) for r in live} if self.sockets else {}
+        t0 = time.monotonic()
+        d = diagnosis.diagnose(await diagnosis.collect(sockets, live, outside=bool(a.hung)))
+        directory = self.cfg.run_dir / "diagnoses" / self.run_id / f"attempt-{a.id}"
+        unwritten = await diagnosis.write(directory, d, a.id, why)
+        fields: dict[str, Any] = dict(
+            attempt=a.id, laggards=d.laggards, summary=d.summary,
+            stacks=None if unwritten else os.path.abspath(directory), frames=d.frames(),
+            unanswered={r: rep.problems for r, rep in d.reports.items() if rep.stacks is None},
+            seconds=round(time.monotonic() - t0, 3))
+        if unwritten:
+            fields["stacks_error"] = unwritten
+        if a.hung:
+            self.log.error("hang_diagnosed", **fields)
+        elif a.failure is not None and any(rep.stacks is not None for rep in d.reports.values()):
+            self.log.warning("failure_diagnosed", rank=a.failure.rank, **fields)  # else: nothing to say
+        return d.laggards
 
     def _fall_back(self, bad: checkpoints.Checkpoint, failure: Failure) -> bool:
         """The group failed the same way at start-up twice after resuming from ``bad``: set it

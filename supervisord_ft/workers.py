@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import procfs
+from . import channel, procfs
 from .output import OutputRouter, Pipe, Source
 from .rendezvous import RankInfo
 
@@ -95,7 +95,7 @@ class SubprocessLauncher:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=pipes[0][1],
                 stderr=pipes[1][1],
-                env=dict(spec.env),
+                env=channel.cold_env(spec.env),
                 start_new_session=True,
                 preexec_fn=functools.partial(_die_with_parent, os.getpid()),
             )

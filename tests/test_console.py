@@ -103,3 +103,113 @@ def test_console_format_on_a_pipe_writes_plain_lines(tmp_path):
     assert b"\x1b" not in raw and b"\r" not in raw
     text = raw.decode()
     assert "rank 1 failed" in text and "recovered in" in text and "DONE" in text
+
+
+def test_a_hang_shows_its_diagnosis_and_where_the_stack_files_are(tmp_path):
+    rc, raw = run_on_terminal(tmp_path, "--log-format", "console", "--hang-timeout", "0.5",
+                              "--grace-period", "0.3", "--", *FAKE_WORKER, "--steps", "30",
+                              "--step-time", "0.02", "--fail-rank", "1", "--fail-at-step", "5",
+                              "--hang", "--ignore-sigterm", terminal=False)
+    assert rc == 0
+    lines = raw.decode().splitlines()
+    hung = next(i for i, line in enumerate(lines) if line.startswith("group hung: "))
+    assert re.fullmatch(r"group hung: no rank showed progress within 0\.5 s; rank 1 silent longest "
+                        r"\([\d.]+ s\)", lines[hung]), lines[hung]
+    # The fake worker is not a torch job: no stack, and the summary says why; not said twice.
+    assert lines[hung + 1].startswith("hang diagnosed: rank 1 gave no stack (channel: ")
+    stacks = Path(lines[hung + 2].removeprefix("  stacks: "))
+    assert lines[hung + 2].startswith("  stacks: ") and stacks.parts[-1] == "attempt-0"
+    assert (tmp_path / stacks / "rank-1.txt").is_file()
+    assert lines[hung + 3].startswith("RECOVERING  rank 1 hung: ")
+
+
+# -- the view, fed by hand --------------------------------------------------------------------
+class Sink:
+    """A pipe's face: plain lines, no terminal."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, line: str) -> bool:
+        self.text += line
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+
+def printed(*events: dict) -> list[str]:
+    """The lines the console prints for ``events`` (the final status line left out)."""
+    from supervisord_ft.console import ConsoleView
+
+    sink = Sink()
+    view = ConsoleView(sink)
+    for e in ({"event": "launching", "level": "info", "attempt": 0, "restart": 0}, *events):
+        view(e)
+    return sink.text.splitlines()
+
+
+def hang(rank: int, silent_for: float, **fields) -> dict:
+    return {"event": "hang_detected", "level": "error", "rank": rank, "restart": 0, "attempt": 0,
+            "silent_for": silent_for, "before_first_step": False, "timeout": 90.0, **fields}
+
+
+SUMMARY = "rank 1 at job.py:7 in spin_forever, outside any collective; ranks 0, 2 wait in all_reduce #101"
+STACKS = "/srv/run/diagnoses/20261203T092853Z-85ce13/attempt-0"
+
+
+def diagnosed(**fields) -> dict:
+    # As the bus has it: rank keys are ints (events.jsonl has them as strings).
+    return {"event": "hang_diagnosed", "level": "error", "attempt": 0, "laggards": [1],
+            "summary": SUMMARY, "stacks": STACKS, "unanswered": {}, "seconds": 0.013,
+            "frames": {1: ["job.py:7 in spin_forever", "job.py:13 in <module>"]}, **fields}
+
+
+def test_a_hang_is_one_line_then_the_diagnosis_with_the_laggards_frames_and_the_stack_files():
+    lines = printed(hang(0, 95.5), hang(1, 94.5), hang(2, 94.0), diagnosed())
+    assert lines == [
+        "group hung: no rank showed progress within 90.0 s; rank 0 silent longest (95.5 s)",
+        f"hang diagnosed: {SUMMARY}",
+        "  rank 1 | job.py:7 in spin_forever",
+        "  rank 1 | job.py:13 in <module>",
+        f"  stacks: {STACKS}"]
+
+
+def test_a_diagnosis_names_ranks_that_gave_no_stack_and_shows_a_few_ranks_frames_only():
+    frames = {str(r): [f"job.py:{n} in f{n}" for n in range(8)] for r in range(6)}  # JSON's keys
+    unanswered = {r: ["channel: no answer within 0.5 s", "py-spy: not installed"] for r in (3, 4, 5, 7)}
+    lines = printed(hang(0, 3.0, before_first_step=True, timeout=None),
+                    diagnosed(laggards=[], frames=frames, unanswered={**unanswered, 9: ["no channel"]},
+                              stacks=None, stacks_error="not written within 2 s"))
+    assert lines[0] == "group hung: no rank showed progress within the hang limit; rank 0 silent " \
+                       "longest (3.0 s, none since its launch)"
+    shown = [line for line in lines if " | " in line]
+    assert len(shown) == 3 * 5 and shown[0] == "  rank 0 | job.py:0 in f0" and shown[-1].startswith("  rank 2 |")
+    assert "  ... 3 more ranks in the stack files" in lines
+    assert "  no stack from ranks 3-5, 7: channel: no answer within 0.5 s; py-spy: not installed" in lines
+    assert "  no stack from rank 9: no channel" in lines
+    assert lines[-1] == "  stacks: not written within 2 s"
+
+
+def test_a_failure_diagnosis_a_rank_without_channel_and_a_learnt_limit_are_a_line_each():
+    lines = printed(
+        {"event": "channel_unavailable", "level": "info", "rank": 2, "restart": 0, "attempt": 0,
+         "reason": "never imported torch.distributed", "judged_by": "output, steps and I/O"},
+        {"event": "hang_timeout_learnt", "level": "info", "timeout": 90.0, "longest_interval": 0.0512,
+         "samples": 10, "cap": 600.0},
+        {"event": "failure_diagnosed", "level": "warning", "rank": 1, "attempt": 0, "laggards": [],
+         "summary": "ranks 0, 2 wait in all_reduce #412", "stacks": STACKS, "seconds": 0.01,
+         "frames": {0: ["job.py:9 in step"], 2: ["job.py:9 in step"]}, "unanswered": {}})
+    assert lines == [
+        "rank 2 has no channel: never imported torch.distributed; judged by output, steps and I/O",
+        "hang limit now 90.0 s (longest interval 0.0512 s in 10 samples, at most 600.0 s)",
+        f"survivors of rank 1: ranks 0, 2 wait in all_reduce #412  stacks: {STACKS}"]
+
+
+def test_events_with_fields_missing_still_print_and_the_next_attempts_hang_is_said_again():
+    lines = printed(hang(1, 94.5), {"event": "hang_diagnosed", "level": "error", "attempt": 0},
+                    {"event": "launching", "level": "info", "attempt": 1, "restart": 1},
+                    hang(0, 91.0, attempt=1))
+    assert lines == ["group hung: no rank showed progress within 90.0 s; rank 1 silent longest (94.5 s)",
+                     "hang diagnosed: no summary",
+                     "group hung: no rank showed progress within 90.0 s; rank 0 silent longest (91.0 s)"]

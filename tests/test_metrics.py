@@ -261,6 +261,31 @@ def test_hangs_and_dropped_lines_are_counted():
     assert sample(m, "supervisord_ft_output_lines_dropped_total") == 1234
 
 
+def hang(rank: int, attempt: int, silent_for: float, timeout: float = 90.0) -> dict:
+    return {"event": "hang_detected", "rank": rank, "attempt": attempt, "silent_for": silent_for,
+            "before_first_step": False, "timeout": timeout}
+
+
+def test_a_hang_is_counted_once_for_all_its_ranks_and_the_limit_in_force_is_a_gauge():
+    m, _ = fed({"event": "supervisor_start", "config": {"restart_window": 60.0, "hang_timeout": 600.0}},
+               launching(0))
+    assert sample(m, "supervisord_ft_hangs_total") == 0
+    assert sample(m, "supervisord_ft_hang_timeout_seconds") == 600  # until the cadence is learnt
+    m.observe({"event": "hang_timeout_learnt", "timeout": 90.0, "longest_interval": 0.05,
+               "samples": 10, "cap": 600.0})
+    assert sample(m, "supervisord_ft_hang_timeout_seconds") == 90
+    for rank, silent in ((1, 95.5), (0, 94.0), (2, 93.0)):  # every live rank is declared hung
+        m.observe(hang(rank, 0, silent))
+    assert sample(m, "supervisord_ft_hangs_total") == 1
+    assert sample(m, "supervisord_ft_hang_detection_seconds_count") == 3  # a sample per rank
+    for e in (launching(1), hang(0, 1, 130.0, timeout=120.0), hang(1, 1, 125.0, timeout=120.0)):
+        m.observe(e)
+    assert sample(m, "supervisord_ft_hangs_total") == 2
+    assert sample(m, "supervisord_ft_hang_timeout_seconds") == 120  # as the hang says it was
+    m.observe({"event": "hang_timeout_learnt", "timeout": "garbled"})  # ignored, not fatal
+    assert sample(m, "supervisord_ft_hang_timeout_seconds") == 120
+
+
 def test_without_a_metrics_port_prometheus_client_is_not_even_imported():
     code = ("import sys, asyncio; from supervisord_ft.config import Config; "
             "from supervisord_ft.logs import EventBus; from supervisord_ft.service import Service; "

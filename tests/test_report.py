@@ -13,6 +13,7 @@ import pytest
 
 from harness import FAKE_WORKER, cli
 from test_e2e import COMMON, SIZES
+from test_runlog import STACKS, SUMMARY, hang_run
 
 
 class Tables(HTMLParser):
@@ -73,6 +74,52 @@ async def test_the_report_of_a_crash_has_one_row_per_attempt_with_its_cause(daem
     assert attempts[0]["resumed from step"] == attempts[1]["resumed from step"] == "fresh start"
     assert float(attempts[0]["detection (s)"]) < 0.5 and float(attempts[0]["downtime (s)"]) > 0
     assert attempts[1]["ended by"] == "DONE" and attempts[1]["last step"] == "40"
+
+
+class Diagnoses(HTMLParser):
+    """Each diagnosis section's heading and its facts, ``dt`` -> ``dd`` text."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.sections: dict[str, dict[str, str]] = {}
+        self._heading: str | None = None
+        self._tag = self._dt = ""
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "section" and dict(attrs).get("class") == "diagnosis":
+            self._heading = ""
+        self._tag = tag
+
+    def handle_endtag(self, tag):
+        self._tag = ""
+        if tag == "section":
+            self._heading = None
+
+    def handle_data(self, data):
+        if self._heading is None:
+            return
+        if self._tag == "h3":
+            self._heading += data
+            self.sections[self._heading] = {}
+        elif self._tag == "dt":
+            self._dt = data
+        elif self._tag in ("dd", "pre"):
+            facts = self.sections[self._heading]
+            facts[self._dt] = facts.get(self._dt, "") + data
+
+
+async def test_the_report_of_a_hang_shows_its_diagnosis(tmp_path):
+    (tmp_path / "events.jsonl").write_text("\n".join(hang_run(
+        unanswered={"2": ["channel: no answer within 0.5 s", "py-spy: not installed"]})) + "\n")
+    attempts, _ = await report(tmp_path)
+    assert attempts[0]["ended by"] == "rank 1 hung: no sign of progress for 94.5 s"
+    sections = Diagnoses((tmp_path / "report.html").read_text()).sections
+    assert list(sections) == ["attempt 0: hang"]
+    assert sections["attempt 0: hang"] == {
+        "summary": SUMMARY, "laggards": "rank 1", "stacks": STACKS,
+        "rank 2 gave no stack": "channel: no answer within 0.5 s; py-spy: not installed",
+        "rank 1, innermost first": "job.py:7 in spin_forever\njob.py:13 in <module>"}
 
 
 async def test_without_matplotlib_report_exits_2_with_one_line(tmp_path):

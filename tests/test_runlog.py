@@ -48,6 +48,36 @@ def crash_run(run_id: str = "r1") -> list[str]:
                        exit_code=0)]
 
 
+STACKS = "/srv/run/diagnoses/r1/attempt-0"
+SUMMARY = "rank 1 at job.py:7 in spin_forever, outside any collective; ranks 0, 2 wait in all_reduce #101"
+
+
+def hang_run(run_id: str = "r1", **diagnosed) -> list[str]:
+    """Three ranks; attempt 0 hangs at 100 s: rank 0 silent longest, but the diagnosis blames
+    rank 1 (the laggard, outside the collective the others wait in); attempt 1 runs to the end.
+    ``diagnosed`` replaces fields of the ``hang_diagnosed`` event (None removes one)."""
+    lines = [ev(0, "supervisor_start", run_id, pid=1, host="elsewhere.example",
+                config={"command": ["python", "job.py"], "hang_timeout": 600.0}),
+             ev(0.1, "launching", run_id, restart=0, attempt=0, resume_from=None)]
+    lines += [step(1 + n, r, n, 0, run_id) for n in range(1, 5) for r in (0, 1, 2)]
+    lines += [ev(4.5, "worker_output", run_id, rank=0, attempt=0, stream="stderr", line="rank 0 waits"),
+              ev(5.5, "worker_output", run_id, rank=1, attempt=0, stream="stderr", line="rank 1 spins")]
+    lines += [ev(100, "hang_detected", run_id, rank=r, restart=0, attempt=0, silent_for=silent,
+                 before_first_step=False, timeout=90.0)
+              for r, silent in ((0, 95.5), (1, 94.5), (2, 94.0))]
+    fields = {"attempt": 0, "laggards": [1], "summary": SUMMARY, "stacks": STACKS,
+              "frames": {"1": ["job.py:7 in spin_forever", "job.py:13 in <module>"]},
+              "unanswered": {}, "seconds": 0.013, **diagnosed}
+    lines += [ev(100.02, "hang_diagnosed", run_id, **{k: v for k, v in fields.items() if v is not None}),
+              ev(100.03, "state_changed", run_id, **{"from": "RUNNING", "to": "RECOVERING"},
+                 restart=0, attempt=0, reason="rank 1 hung: no sign of progress for 94.5 s"),
+              ev(102, "teardown", run_id, why="recovery", attempt=0, seconds=1.97),
+              ev(102.1, "launching", run_id, restart=1, attempt=1, resume_from=None)]
+    lines += [step(103 + n, r, n, 1, run_id) for n in range(1, 9) for r in (0, 1, 2)]
+    return lines + [ev(120, "supervisor_exit", run_id, state="DONE", restarts=1, attempts=2,
+                       exit_code=0)]
+
+
 def write(tmp_path, lines: list[str], tail: str = "") -> None:
     (tmp_path / runlog.EVENTS_FILE).write_text("\n".join(lines) + "\n" + tail)
 
@@ -70,6 +100,57 @@ def test_a_crash_and_its_recovery_are_summarised(tmp_path):
     assert g.useful_steps == 20 and g.wall_seconds == pytest.approx(4.9)
     assert g.fault_free_steps_per_second == pytest.approx(10.0)  # one step per 0.1 s when healthy
     assert g.steps_redone == 2 and g.startup_seconds == pytest.approx(1.0)
+
+
+def test_a_hang_is_blamed_on_the_diagnosed_laggard_and_its_diagnosis_kept(tmp_path):
+    write(tmp_path, hang_run())
+    run = runlog.summarise(runlog.read(tmp_path))
+    hung, after = run.attempts
+    assert (hung.hung, hung.hang_timeout, after.hung, after.diagnosis) == (True, 90.0, False, None)
+    # Rank 0 was silent longest, but the loop blames the laggard: so does the summary.
+    assert (hung.failed_rank, hung.last_stderr) == (1, "rank 1 spins")
+    assert hung.failed_at == pytest.approx(100 - 94.5) and hung.detected_at == pytest.approx(100.03)
+    assert run.last_failure["rank"] == 1 and runlog.failure_text(run.last_failure) == \
+        "rank 1 hung: no sign of progress for 94.5 s: rank 1 spins"
+    d = hung.diagnosis
+    assert (d.kind, d.summary, d.laggards, d.stacks, d.stacks_error) == ("hang", SUMMARY, [1], STACKS, None)
+    assert d.frames == {"1": ["job.py:7 in spin_forever", "job.py:13 in <module>"]} and d.unanswered == {}
+    attempt = run.to_dict()["attempts"][0]
+    assert attempt["hung"] is True and attempt["diagnosis"]["laggards"] == [1]
+    assert attempt["diagnosis"]["stacks"] == STACKS and attempt["diagnosis"]["summary"] == SUMMARY
+
+
+def test_a_diagnosis_with_missing_or_odd_fields_is_kept_as_far_as_it_goes(tmp_path):
+    write(tmp_path, hang_run(laggards=["1", True, 2], summary=None, stacks=None, stacks_error="not written: disk full",
+                             frames=["not", "an", "object"], unanswered={"0": "no answer", "2": [1, "x"]},
+                             shiny_new_field={"a": 1}))
+    hung = runlog.summarise(runlog.read(tmp_path)).attempts[0]
+    d = hung.diagnosis
+    assert (d.summary, d.laggards, d.stacks, d.stacks_error, d.frames) == (None, [2], None, "not written: disk full", {})
+    assert d.unanswered == {"0": ["no answer"], "2": ["1", "x"]}
+    assert runlog.laggards_text(d) == "rank 2" and runlog.stacks_text(d) == "not written: disk full"
+    # Laggard 2 was declared hung too: blamed, silent since 100 - 94.0.
+    assert hung.failed_rank == 2 and hung.failed_at == pytest.approx(6.0)
+
+
+def test_an_older_hang_without_diagnosis_and_a_failure_diagnosis_are_read(tmp_path):
+    old = [line for line in hang_run() if '"hang_diagnosed"' not in line]
+    old = [line.replace(', "timeout": 90.0', "") for line in old]
+    write(tmp_path, old)
+    hung = runlog.summarise(runlog.read(tmp_path)).attempts[0]
+    assert (hung.hung, hung.hang_timeout, hung.diagnosis) == (True, None, None)
+    assert hung.failed_rank == 0  # without a diagnosis: the longest silent, the first logged
+
+    lines = crash_run()
+    at = next(i for i, line in enumerate(lines) if '"to": "RECOVERING"' in line)
+    lines.insert(at + 1, ev(2.01, "failure_diagnosed", rank=1, attempt=0, laggards=[],
+                            summary="rank 0 waits in all_reduce #8", stacks=STACKS,
+                            frames={"0": ["job.py:9 in all_reduce"]}, unanswered={}, seconds=0.01))
+    write(tmp_path, lines)
+    first, second = runlog.summarise(runlog.read(tmp_path)).attempts
+    assert (first.hung, first.diagnosis.kind, first.diagnosis.laggards) == (False, "failure", [])
+    assert first.diagnosis.summary == "rank 0 waits in all_reduce #8" and second.diagnosis is None
+    assert runlog.laggards_text(first.diagnosis) == "none named"
 
 
 def test_partial_garbage_and_unknown_lines_are_skipped_and_counted(tmp_path):

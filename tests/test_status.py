@@ -9,6 +9,8 @@ import signal
 import sys
 
 from harness import FAKE_WORKER, cli
+from supervisord_ft import runlog, status
+from test_runlog import STACKS, SUMMARY, ev, hang_run
 
 LONG = ["--steps", "2000", "--step-time", "0.01"]  # runs ~20 s unless stopped
 
@@ -80,3 +82,57 @@ async def test_status_of_a_dir_without_a_run_exits_2_with_one_line(tmp_path):
     assert (rc, out) == (2, "")
     assert err == f"supervisord-ft: error: {tmp_path}: no events.jsonl (not a run dir, or no run " \
                   "started there)\n"
+
+
+async def test_status_shows_each_hang_with_its_laggards_summary_and_stack_files(tmp_path):
+    (tmp_path / "events.jsonl").write_text("\n".join(hang_run()) + "\n")
+    rc, text, _ = await cli("status", str(tmp_path))
+    assert rc == 0
+    lines = text.splitlines()
+    hang = next(i for i, line in enumerate(lines) if line.startswith("hang "))
+    assert lines[hang].split(None, 1)[1] == f"attempt 0 at 03:05:45: {SUMMARY}"
+    assert lines[hang + 1].split() == ["laggards", "rank", "1"]
+    assert lines[hang + 2].split() == ["stacks", STACKS]
+    assert "last failure  03:05:45 rank 1 hung: no sign of progress for 94.5 s: rank 1 spins" in lines
+
+    rc, out, _ = await cli("status", str(tmp_path), "--json")
+    hung, after = json.loads(out)["attempts"]
+    assert (hung["hung"], hung["hang_timeout"], hung["failed_rank"]) == (True, 90.0, 1)
+    assert hung["diagnosis"] == {"kind": "hang", "summary": SUMMARY, "laggards": [1], "stacks": STACKS,
+                                 "stacks_error": None, "unanswered": {},
+                                 "frames": {"1": ["job.py:7 in spin_forever", "job.py:13 in <module>"]}}
+    assert (after["hung"], after["diagnosis"]) == (False, None)
+
+
+async def test_status_of_a_hang_whose_files_were_not_written_or_that_was_not_diagnosed(tmp_path):
+    (tmp_path / "events.jsonl").write_text("\n".join(
+        hang_run(laggards=[], stacks=None, stacks_error="not written within 2 s")) + "\n")
+    rc, text, _ = await cli("status", str(tmp_path))
+    facts = [line.split(None, 1) for line in text.splitlines()]
+    assert rc == 0
+    assert ["laggards", "none named"] in facts
+    assert ["stacks", "not written within 2 s"] in facts
+
+    old = [line for line in hang_run() if '"hang_diagnosed"' not in line]  # an older daemon's log
+    (tmp_path / "events.jsonl").write_text("\n".join(old) + "\n")
+    rc, text, _ = await cli("status", str(tmp_path))
+    facts = [line.split(None, 1) for line in text.splitlines()]
+    assert ["hang", "attempt 0 at 03:05:45: rank 1 hung: no sign of progress for 94.5 s"] in facts
+    assert not any(label in ("laggards", "stacks") for label, _ in facts)
+
+
+def test_status_shows_the_last_three_hangs_of_a_run_that_hung_more_often(tmp_path):
+    lines = [ev(0, "supervisor_start", pid=1, host="elsewhere.example", config={})]
+    for n in range(5):
+        lines += [ev(10 * n, "launching", restart=n, attempt=n, resume_from=None),
+                  ev(10 * n + 9, "hang_detected", rank=0, restart=n, attempt=n, silent_for=8.0),
+                  ev(10 * n + 9, "hang_diagnosed", attempt=n, laggards=[0], summary=f"hang {n}",
+                     stacks=f"/d/attempt-{n}", frames={}, unanswered={}),
+                  ev(10 * n + 9, "state_changed", **{"from": "RUNNING", "to": "RECOVERING"},
+                     restart=n, attempt=n, reason="rank 0 hung")]
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
+    facts = [line.split(None, 1) for line in status.lines(runlog.summarise(runlog.read(tmp_path)))]
+    assert ["hangs", "5; the last 3 below, all in --json"] in facts
+    assert [value for label, value in facts if label == "hang"] == \
+        ["attempt 2 at 03:04:34: hang 2", "attempt 3 at 03:04:44: hang 3", "attempt 4 at 03:04:54: hang 4"]
+    assert [value for label, value in facts if label == "stacks"] == [f"/d/attempt-{n}" for n in (2, 3, 4)]
