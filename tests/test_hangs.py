@@ -109,3 +109,13 @@ async def test_a_checkpoint_load_at_start_is_not_a_hang(daemon):
                      command=[*DDP, "--steps", "50", "--print", "none", "--load-seconds", "12"])
     assert await d.finish(timeout=120) == 0
     no_hang(d)
+
+
+async def test_a_lightning_ddp_job_runs_at_scaled_down_limits_and_ends_done(daemon):
+    pytest.importorskip("lightning")  # the test extra installs it
+    job = str(Path(__file__).with_name("jobs") / "lightning_ddp.py")
+    d = await daemon(*SCALED, "--num-workers", "2",
+                     command=[sys.executable, job, "--steps", "300", "--step-time", "0.05", "--devices", "2"])
+    assert await d.finish(timeout=180) == 0
+    no_hang(d)
+    assert min(e["runtime"] for e in d.named("worker_exited")) > 15  # silent for longer than 6 s
