@@ -72,6 +72,7 @@ class Supervisor:
         self.cadence = Cadence.load(cfg.run_dir / CADENCE_FILE)
         self._timeout_said = self.cadence.timeout(cfg.hang_timeout, cfg.hang_floor)
         self._no_channel_said: set[int] = set()
+        self._reports_steps = False  # some rank of this run printed a step line
 
     @property
     def restarts(self) -> int:
@@ -118,15 +119,23 @@ class Supervisor:
         if fields.get("event") != STEP_EVENT:
             return
         a.watchdog.step(source.rank)
+        self._reports_steps = True
         self._training(a, fields.get("step"), source.log)
 
-    def _training(self, a: Attempt, step: Any, log: Any) -> None:
+    def _training(self, a: Attempt, step: Any, log: Any, by_step: bool = True) -> None:
         """A rank of ``a`` reported a step or its collectives moved: the group trains."""
+        if not by_step and self._reports_steps:
+            return  # a job that reports steps has recovered at its first step, not its first collective
         if not a.stepped:
             a.stepped = True
             self.launcher.settled()
             if a.recovering_since is not None:
                 log.info("recovered", step=step, seconds=round(time.monotonic() - a.recovering_since, 3))
+
+    def _collectives_moved(self, a: Attempt, rank: int, how: str) -> None:
+        if how != "step":  # a step is taken by _on_json, with its number
+            self._training(a, None, self.log.bind(rank=rank, restart=a.restart, attempt=a.id),
+                           by_step=False)
 
     def _cadence_changed(self) -> None:
         """Say the hang limit the job's cadence now gives, when it changes; keep it for the next run."""
@@ -280,8 +289,7 @@ class Supervisor:
         pids = {w.rank: w.pid for w in a.workers}
         sockets = {r: self.sockets.path(a.id, r) for r in pids} if self.sockets else {}
         a.watchdog.look = Looker(sockets, pids).look
-        a.watchdog.on_training = lambda rank, how: self._training(
-            a, None, self.log.bind(rank=rank, restart=a.restart, attempt=a.id))
+        a.watchdog.on_training = lambda rank, how: self._collectives_moved(a, rank, how)
         a.watchdog.on_no_channel = lambda rank, why: self._no_channel(a, rank, why)
         a.watchdog.on_cadence = self._cadence_changed
 
