@@ -132,10 +132,9 @@ class Supervisor:
             if a.recovering_since is not None:
                 log.info("recovered", step=step, seconds=round(time.monotonic() - a.recovering_since, 3))
 
-    def _collectives_moved(self, a: Attempt, rank: int, how: str) -> None:
-        if how != "step":  # a step is taken by _on_json, with its number
-            self._training(a, None, self.log.bind(rank=rank, restart=a.restart, attempt=a.id),
-                           by_step=False)
+    def _collectives_moved(self, a: Attempt, rank: int) -> None:
+        self._training(a, None, self.log.bind(rank=rank, restart=a.restart, attempt=a.id),
+                       by_step=False)
 
     def _cadence_changed(self) -> None:
         """Say the hang limit the job's cadence now gives, when it changes; keep it for the next run."""
@@ -289,7 +288,7 @@ class Supervisor:
         pids = {w.rank: w.pid for w in a.workers}
         sockets = {r: self.sockets.path(a.id, r) for r in pids} if self.sockets else {}
         a.watchdog.look = Looker(sockets, pids).look
-        a.watchdog.on_training = lambda rank, how: self._collectives_moved(a, rank, how)
+        a.watchdog.on_collectives = lambda rank: self._collectives_moved(a, rank)
         a.watchdog.on_no_channel = lambda rank, why: self._no_channel(a, rank, why)
         a.watchdog.on_cadence = self._cadence_changed
 

@@ -107,10 +107,11 @@ class Watchdog:
         self.looked = dict(self.last)
         self.started: set[int] = set()  # ranks that showed any sign of progress
         self.stepped: dict[int, tuple[int, float]] = {}  # rank: (steps seen, when the last was)
-        self.trained: set[int] = set()  # ranks that reported a step or whose collectives moved
+        self.moved: set[int] = set()  # ranks whose collectives were seen to move
         self._woken = asyncio.Event()
-        # Called once per rank, at its first step or collective: the attempt has started training.
-        self.on_training: Callable[[int, str], None] = lambda rank, how: None
+        # Called once per rank, when its collectives are first seen to move (a step is the
+        # caller's own news: it parsed the line).
+        self.on_collectives: Callable[[int], None] = lambda rank: None
         # Called after new intervals were learnt (the limit in force may have changed).
         self.on_cadence: Callable[[], None] = lambda: None
         # Called when a look got nothing from a rank's channel, with why.
@@ -121,8 +122,10 @@ class Watchdog:
         return self.cadence.timeout(self.hang_timeout, self.hang_floor)
 
     def output(self, rank: int) -> None:
+        """On the output pump's path: a clock read, and a set lookup."""
         self.last[rank] = self.clock()
-        self._started(rank, "output")
+        if rank not in self.started:
+            self._started(rank)
 
     def step(self, rank: int) -> None:
         now = self.clock()
@@ -132,15 +135,12 @@ class Watchdog:
             self.on_cadence()
         self.stepped[rank] = (count + 1, now)
         self.last[rank] = now
-        self._started(rank, "step")
+        self._started(rank)
 
-    def _started(self, rank: int, how: str) -> None:
+    def _started(self, rank: int) -> None:
         if rank not in self.started:
             self.started.add(rank)
             self._woken.set()
-        if how in ("step", "collectives") and rank not in self.trained:
-            self.trained.add(rank)
-            self.on_training(rank, how)
 
     def _seen(self, rank: int, seen: Seen) -> None:
         self.looked[rank] = self.clock()
@@ -152,8 +152,11 @@ class Watchdog:
             self.on_no_channel(rank, seen.channel)  # not while it may still be importing torch
         if seen.at is not None and seen.how is not None:
             self.last[rank] = max(self.last[rank], seen.at)
-            if seen.how != "io":  # an interpreter reads megabytes of modules as it starts
-                self._started(rank, seen.how)
+            if seen.how == "collectives":  # not I/O: an interpreter reads megabytes of modules as it starts
+                if rank not in self.moved:
+                    self.moved.add(rank)
+                    self.on_collectives(rank)
+                self._started(rank)
 
     def _deadline(self, rank: int) -> float:
         deadline = self.last[rank] + self.timeout
