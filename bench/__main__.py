@@ -17,13 +17,13 @@ from types import ModuleType
 
 from supervisord_ft.orphans import become_subreaper
 
-from . import (channel, checkpoint_stall, detection, goodput, multinode, overhead, recovery, scale, slow_consumer,
-               standby_cost, steps_lost, teardown)
+from . import (channel, checkpoint_stall, detection, failures, goodput, multinode, overhead, recovery, scale,
+               slow_consumer, standby_cost, steps_lost, teardown)
 from .report import machine, save
 
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (
     detection, recovery, steps_lost, goodput, teardown, overhead, scale, checkpoint_stall, slow_consumer,
-    standby_cost, multinode, channel)}
+    standby_cost, multinode, channel, failures)}
 
 
 async def main(names: list[str], quick: bool) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -30,7 +29,7 @@ from pathlib import Path
 from supervisord_ft import diagnosis
 from supervisord_ft.progress import Looker
 
-from .launch import ROOT, descendants, iso_time, job_env
+from .launch import ROOT, descendants, iso_time, job_env, kill_group, run_daemon
 from .report import Result, Summary, Table, ratios
 
 NAME = "channel"
@@ -57,11 +56,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def look_cost(procs: int, rounds: int) -> dict[str, object]:
@@ -108,31 +102,9 @@ async def look_cost(procs: int, rounds: int) -> dict[str, object]:
         return out
     finally:
         for proc in started:
-            _kill_group(proc)
+            kill_group(proc)
             await proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def events(path: Path) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.startswith("{")]
-
-
-async def ours(args: list[str], job: list[str], timeout: float) -> list[dict]:
-    d = Path(tempfile.mkdtemp(prefix="sftb-run-"))
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            PY, "-m", "supervisord_ft", "run", "--log-format", "json", "--checkpoint-dir", str(d / "ck"),
-            "--run-dir", str(d / "run"), *args, "--", PY, JOB, *job, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, env=job_env({}), cwd=ROOT, start_new_session=True)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout)
-        finally:
-            _kill_group(proc)
-            await proc.wait()
-        return events(d / "run" / "events.jsonl")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 async def training_cost(pairs: int, steps: int) -> dict[str, object]:
@@ -142,7 +114,7 @@ async def training_cost(pairs: int, steps: int) -> dict[str, object]:
     for i in range(pairs):
         order = ("channel", "no-channel") if i % 2 == 0 else ("no-channel", "channel")
         for mode in order:
-            evs = await ours([*base, f"--{mode}"], job, 300)
+            evs = await run_daemon([*base, f"--{mode}"], job, 300)
             exits = [e for e in evs if e["event"] == "worker_exited"]
             if len(exits) != 2 or any(e["returncode"] != 0 for e in exits):
                 raise RuntimeError(f"{mode}: ranks did not both finish: {exits}")
@@ -162,7 +134,7 @@ HANG_JOB = ["--steps", "300", "--step-time", "0.02", "--print", "rank0", "--hang
 
 
 async def hang_ours() -> dict[str, object]:
-    evs = await ours(["--num-workers", "2", "--hang-timeout", "10"], HANG_JOB, 240)
+    evs = await run_daemon(["--num-workers", "2", "--hang-timeout", "10"], HANG_JOB, 240)
     first = lambda name: next((e for e in evs if e["event"] == name), None)  # noqa: E731
     det, diag, td = first("hang_detected"), first("hang_diagnosed"), first("teardown")
     if det is None:
@@ -207,7 +179,7 @@ async def hang_torchrun(wait_s: float) -> dict[str, object]:
         # torchrun starts its ranks in sessions of their own: they would outlive its group and
         # hold its stdout open (asyncio's wait() waits for the pipe too).
         ranks = descendants(proc.pid)
-        _kill_group(proc)
+        kill_group(proc)
         for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -167,6 +167,36 @@ TORCHRUN_DEFAULT = Torchrun(0.1, label="torchrun default")
 TORCHRUN_TUNED = Torchrun(0.001, share_store=False, label="torchrun tuned")
 
 
+def kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.startswith("{")]
+
+
+async def run_daemon(args: list[str], job: list[str], timeout: float,
+                     script: Path = ROOT / "tests" / "jobs" / "ddp_plain.py") -> list[dict[str, Any]]:
+    """Run the daemon on ``script job`` in a fresh run dir, to its end (or ``timeout``); its events."""
+    d = Path(tempfile.mkdtemp(prefix="sftb-run-"))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            PYTHON, "-m", "supervisord_ft", "run", "--log-format", "json", "--checkpoint-dir", str(d / "ck"),
+            "--run-dir", str(d / "run"), *args, "--", PYTHON, str(script), *job,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=job_env({}), cwd=ROOT,
+            start_new_session=True)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        finally:
+            kill_group(proc)
+            await proc.wait()
+        return read_events(d / "run" / "events.jsonl")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def watch_exit(pid: int) -> asyncio.Future[float]:
     """A future set to the wall-clock time ``pid`` exits; any process, not only a child."""
     loop = asyncio.get_running_loop()

@@ -33,6 +33,11 @@ TEMP_MARKER = ".tmp-"
 BAD_SUFFIX = ".bad"
 _NAME = re.compile(rf"^{PREFIX}(\d+){re.escape(SUFFIX)}$")
 _MAX_STEP_DIGITS = 18  # fits an int64; anything longer is not a step count we wrote
+# A look for what an attempt wrote (a job's own checkpoints in subfolders, as Lightning's
+# ``version_0/checkpoints``) stops at this many entries and this depth: beyond them it cannot
+# tell, and the attempt is taken to have progressed.
+MAX_LISTED = 10_000
+MAX_DEPTH = 3
 
 
 @dataclass(frozen=True, order=True)
@@ -195,6 +200,64 @@ def discover(directory: Path | str) -> Discovery:
             continue
         return Discovery(cp, rejected)
     return Discovery(None, rejected)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a checkpoint directory holds, to tell whether an attempt wrote a checkpoint: the
+    newest step of our own names, and every other file (a job's own naming: Lightning's
+    ``epoch=0-step=40.ckpt``) with its mtime. ``complete`` is False when it could not all be seen."""
+
+    newest_step: int | None
+    others: dict[str, int]
+    complete: bool = True
+
+    @property
+    def empty(self) -> bool:
+        return self.newest_step is None and not self.others
+
+    def wrote_since(self, before: Listing) -> bool | None:
+        """True for a newer checkpoint of ours or a file new or rewritten since ``before``; None
+        when that cannot be told (a listing was cut short)."""
+        if self.newest_step is not None and (before.newest_step is None or self.newest_step > before.newest_step):
+            return True
+        if any(before.others.get(name) != mtime for name, mtime in self.others.items()):
+            return True
+        return None if not (self.complete and before.complete) else False
+
+
+def listing(directory: Path | str, most: int = MAX_LISTED) -> Listing:
+    """The directory as :class:`Listing` sees it, walked to depth ``MAX_DEPTH`` and at most
+    ``most`` entries; temporaries and files set aside are not checkpoints. Never raises."""
+    newest: int | None = None
+    others: dict[str, int] = {}
+    seen = 0
+    stack = [(Path(directory), 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # missing or unreadable: what is there cannot be progress we saw
+        for entry in entries:
+            seen += 1
+            if seen > most:
+                return Listing(newest, others, complete=False)
+            name = entry.name
+            if TEMP_MARKER in name or name.endswith(BAD_SUFFIX) or name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if depth < MAX_DEPTH:
+                        stack.append((Path(entry.path), depth + 1))
+                    continue
+                if depth == 0 and (step := parse_step(name)) is not None:
+                    newest = step if newest is None else max(newest, step)
+                else:
+                    others[os.path.relpath(entry.path, directory)] = entry.stat(follow_symlinks=False).st_mtime_ns
+            except OSError:
+                continue  # vanished between the listing and the look
+    return Listing(newest, others)
 
 
 def set_aside(checkpoint: Checkpoint) -> Path:

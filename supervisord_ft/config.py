@@ -131,8 +131,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("restart_backoff", float, "delay before the second relaunch within the window; "
            "doubles with each further one (the first relaunch is immediate)", minimum=0),
     Option("restart_backoff_max", float, "cap on the relaunch delay", minimum=0),
-    Option("no_retry_exit_codes", ExitCodes, "worker exit codes that fail the run at once (a TOML "
-           "list, or `2,3` on the command line)"),
+    Option("no_retry_exit_codes", ExitCodes, "worker exit codes that fail the run at once, with "
+           "the do-not-requeue exit code (a TOML list, or `2,3` on the command line)"),
+    Option("max_stalled_attempts", int, "attempts in a row that fail of the job's own cause and "
+           "get no further than where they resumed (no higher step, no checkpoint written) before "
+           "the run ends with the do-not-requeue exit code, whatever `restart_window` gives back; "
+           "an attempt whose progress cannot be seen counts as progress; the same failure twice "
+           "in a row without progress ends it at once (0 turns both rules off)", minimum=0),
+    Option("root_cause_wait", float, "seconds the other ranks get to fail on their own when the "
+           "first rank to fail died of a lost peer (a knock-on), so that the root's own error is "
+           "read before the teardown's signal hides it (0 disables; a multi-node job does not "
+           "wait: its root is as likely on another node)", minimum=0),
     Option("max_line_bytes", int,
            "longest worker output line kept; longer lines are cut and marked `truncated`; each "
            "pipe may hold one unfinished line, so this bounds the daemon's memory",
@@ -199,6 +208,8 @@ class Config:
     restart_backoff: float = 1.0
     restart_backoff_max: float = 30.0
     no_retry_exit_codes: tuple[int, ...] = ()
+    max_stalled_attempts: int = 3
+    root_cause_wait: float = 5.0
     max_line_bytes: int = 65536
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"

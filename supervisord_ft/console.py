@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import runlog
 from .output import worker_field
 
 STDERR_CONTEXT = 5  # a failed rank's last stderr lines shown with its failure
@@ -32,7 +33,8 @@ STATE_STYLE = {"RUNNING": "green", "DONE": "bold green", "RECOVERING": "yellow",
 QUIET = frozenset({"status", "worker_started", "launching", "supervisor_start", "teardown",
                    "checkpoint_selected", "state_changed", "recovered", "worker_exited",
                    "supervisor_exit", "hang_detected", "worker_output", "hang_diagnosed",
-                   "failure_diagnosed", "channel_unavailable", "hang_timeout_learnt"})
+                   "failure_diagnosed", "channel_unavailable", "hang_timeout_learnt",
+                   "failure_explained"})
 
 
 class Sink(Protocol):
@@ -159,10 +161,14 @@ class ConsoleView:
             return [f"[dim]hang limit now {_seconds(e.get('timeout'))} (longest interval "
                     f"{_seconds(e.get('longest_interval'))} in {e.get('samples')} samples, "
                     f"at most {_seconds(e.get('cap'))})[/]"]
+        if name == "failure_explained":
+            return [f"[bold red]cause[/]: {_esc(runlog.Explained.of(e).text())}"]
         if name == "recovered":
             redone = max(0, run.steps_before_failure - run.resume_step)
+            phases = e.get("phases")
             return [f"[green]recovered[/] in {e['seconds']:.2f} s: resumed from step "
-                    f"{run.resume_step}, {redone} steps redone"]
+                    f"{run.resume_step}, {redone} steps redone"
+                    + (f"  [dim]({_esc(runlog.phases_text(phases))})[/]" if isinstance(phases, dict) else "")]
         if name == "teardown" and e.get("killed"):
             return [f"[yellow]teardown[/]: ranks {e['killed']} needed SIGKILL "
                     f"({e['seconds']:.2f} s)"]

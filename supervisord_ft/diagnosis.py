@@ -11,16 +11,14 @@ not be got) goes under the run dir, written off the loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import flight
+from . import blocking, flight
 from .channel import ChannelError, ask
 
 ASK_TIMEOUT = 0.5  # a rank's C++ server answers in milliseconds, even while Python spins
@@ -194,33 +192,9 @@ async def write(directory: Path, diagnosis: Diagnosis, attempt: int, why: str) -
             (directory / f"rank-{rep.rank}.txt").write_text(rank_file(rep, attempt, why))
     try:
         async with asyncio.timeout(WRITE_TIMEOUT):
-            await _in_daemon_thread(_write)
+            await blocking.in_thread(_write, "diagnosis-writer")
     except TimeoutError:
         return f"not written within {WRITE_TIMEOUT:g} s"
     except OSError as exc:
         return f"not written: {exc}"
     return None
-
-
-
-async def _in_daemon_thread(fn: Callable[[], None]) -> None:
-    """Run ``fn`` off the loop in a thread that never holds up the daemon's exit (a write to a
-    stalled filesystem may never return; asyncio's default executor would wait for it)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def settle(error: BaseException | None) -> None:
-        if not done.done():
-            done.set_result(None) if error is None else done.set_exception(error)
-
-    def run() -> None:
-        error = None
-        try:
-            fn()
-        except BaseException as exc:  # handed to the awaiting coroutine
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-            loop.call_soon_threadsafe(settle, error)
-
-    threading.Thread(target=run, name="diagnosis-writer", daemon=True).start()
-    await done

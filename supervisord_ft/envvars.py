@@ -28,6 +28,9 @@ TORCHELASTIC_MAX_RESTARTS = "TORCHELASTIC_MAX_RESTARTS"
 # Multi-node: the job's rdzv_id, as torchrun. One node: the daemon's run_id, as `torchrun
 # --standalone` gives each invocation a fresh rdzv id.
 TORCHELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"
+# Where ``torch.distributed.elastic.multiprocessing.errors.record`` writes the rank's exception
+# (JSON: type, message, traceback, timestamp), one file per rank and attempt, as torchrun's agent.
+TORCHELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"
 # ours
 RUN_ID = "SUPERVISORD_FT_RUN_ID"  # the daemon invocation's run_id, as on every event it logs
 RESTART_COUNT = "SUPERVISORD_FT_RESTART_COUNT"
@@ -44,7 +47,8 @@ ROLE = "default"  # torchrun's role name when none is given
 
 ALL = (RANK, LOCAL_RANK, GROUP_RANK, GROUP_WORLD_SIZE, ROLE_RANK, ROLE_NAME, ROLE_WORLD_SIZE,
        WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
-       TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, TORCHELASTIC_RUN_ID, RUN_ID,
+       TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, TORCHELASTIC_RUN_ID,
+       TORCHELASTIC_ERROR_FILE, RUN_ID,
        RESTART_COUNT, CHECKPOINT_DIR, RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED, USE_AGENT_STORE, CHANNEL)
 # The ones that differ between ranks or attempts (or runs). Everything else, PYTHONUNBUFFERED
 # included (it is read at interpreter start), is the same for every rank of every attempt.
@@ -54,7 +58,7 @@ PER_RANK = tuple(v for v in ALL if v != UNBUFFERED)
 def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run_id: str,
              restart: int, max_restarts: int, checkpoint_dir: Path, keep_checkpoints: int,
              resume_from: Path | None, rdzv_id: str | None = None,
-             channel: str | None = None) -> dict[str, str]:
+             channel: str | None = None, error_file: Path | None = None) -> dict[str, str]:
     """``base`` with every variable above set for ``rank`` (and a stale RESUME_FROM removed)."""
     env = dict(base)
     env.update({
@@ -74,7 +78,8 @@ def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run
     env.pop(USE_AGENT_STORE, None)
     if endpoint.agent_store:
         env[USE_AGENT_STORE] = "True"
-    env.pop(CHANNEL, None)
-    if channel is not None:
-        env[CHANNEL] = channel
+    for name, value in ((CHANNEL, channel), (TORCHELASTIC_ERROR_FILE, error_file)):
+        env.pop(name, None)
+        if value is not None:
+            env[name] = str(value)
     return env

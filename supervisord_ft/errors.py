@@ -7,14 +7,20 @@ Errors are mapped to exit codes at the edge (``cli``); :data:`EXIT_CODES` is the
 EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# FAILED, and a rerun would fail the same way: a requeue policy (SLURM, a Kubernetes Job's
+# podFailurePolicy) should key on it and not requeue.
+EXIT_NO_REQUEUE = 3
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the user's input
 EXIT_SIGNAL_BASE = 128  # a graceful stop on signal n exits 128 + n, as a shell reports it
 
 EXIT_CODES: tuple[tuple[str, str], ...] = (
     (str(EXIT_DONE), "DONE: every worker exited 0"),
     (str(EXIT_FAILED), "FAILED: a worker failed and no relaunch may follow (`max_restarts` spent, "
-                       "a crash loop, a `no_retry_exit_codes` code, an unlistable "
-                       "`checkpoint_dir`)"),
+                       "an unlistable `checkpoint_dir`); a requeue may succeed"),
+    (str(EXIT_NO_REQUEUE), "FAILED, do not requeue: a rerun would fail the same way (a "
+                           "deterministic failure, `max_stalled_attempts` without progress, a "
+                           "crash loop, a `no_retry_exit_codes` code); the reason names the "
+                           "cause, exception and place"),
     (str(EXIT_USAGE), "usage or configuration error (one line on stderr naming the key), or "
                       "`checkpoint_dir` already in use by another daemon (the line names the "
                       "directory and its pid); nothing was started"),

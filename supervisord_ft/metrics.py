@@ -73,6 +73,10 @@ class Metrics:
                                         "before it was declared hung", buckets=HANG_BUCKETS,
                                         registry=r)
         self.hangs = Counter(PREFIX + "hangs", "attempts ended by a hang", registry=r)
+        self.failures = Counter(PREFIX + "failures", "failed attempts by their explained root "
+                                "cause (failure_explained.cause)", ["cause"], registry=r)
+        self.phases = Counter(PREFIX + "recovery_phase_seconds", "seconds recoveries spent in "
+                              "each phase (recovered.phases)", ["phase"], registry=r)
         self.hang_timeout = Gauge(PREFIX + "hang_timeout_seconds", "the hang limit in force: "
                                   "hang_timeout until the job's cadence is learnt (0: off)",
                                   registry=r)
@@ -105,7 +109,8 @@ class Metrics:
             "worker_exited": self._on_worker_exited,
             "worker_output": self._on_output,
             "worker_output_dropped": self._on_dropped,
-            "recovered": lambda e: self.recovery.observe(e["seconds"]),
+            "recovered": self._on_recovered,
+            "failure_explained": lambda e: self.failures.labels(str(e.get("cause"))).inc(),
             "hang_detected": self._on_hang_detected,
             "hang_timeout_learnt": lambda e: self._set_hang_timeout(e.get("timeout")),
             "checkpoint_selected": self._on_checkpoint_selected,
@@ -185,6 +190,13 @@ class Metrics:
                 self._forget_old_steps(now)
         elif kind == CHECKPOINT_SAVED_EVENT:
             self._note_checkpoint(step, now)
+
+    def _on_recovered(self, e: dict[str, Any]) -> None:
+        self.recovery.observe(e["seconds"])
+        phases = e.get("phases")
+        for phase, seconds in (phases.items() if isinstance(phases, dict) else ()):
+            if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0:
+                self.phases.labels(str(phase)).inc(seconds)
 
     def _on_hang_detected(self, e: dict[str, Any]) -> None:
         self.hang_detection.observe(e["silent_for"])

@@ -60,6 +60,9 @@ RESERVED = frozenset({
     # hangs: the learnt limit, the channel, the diagnosis
     "cap", "longest_interval", "samples", "judged_by", "laggards", "summary", "stacks", "frames",
     "unanswered", "stacks_error",
+    # a failure explained, and where its recovery's time went
+    "cause", "exception", "where", "message", "source", "knock_on", "also_failed", "notes",
+    "exited", "phases",
     # multi-node: the context every event gets, and the rendezvous' own events
     "node_rank", "round", "endpoint", "rdzv_id", "local_addr", "nnodes", "local_world_size",
     "world_size", "rank_offset", "votes",

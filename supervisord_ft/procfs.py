@@ -7,6 +7,7 @@ for a process that is gone instead of raising.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -97,3 +98,66 @@ def io_chars(pid: int | str) -> int | None:
         return int(fields["rchar"]) + int(fields["wchar"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+def memory_cgroup(pid: int | str) -> str | None:
+    """The directory of the memory cgroup ``pid`` is in (cgroup v1's memory hierarchy, or v2's
+    unified one), where its OOM kills are counted; None when gone or not found."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    v1 = v2 = None
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            v1 = path
+        elif hierarchy == "0":
+            v2 = path
+    mounts = _cgroup_mounts()
+    for kind, path in (("memory", v1), ("", v2)):
+        if path is not None and kind in mounts:
+            mountpoint, root = mounts[kind]
+            relative = path[len(root):] if root != "/" and path.startswith(root) else path
+            folder = os.path.join(mountpoint, relative.lstrip("/"))
+            if os.path.isdir(folder):
+                return folder
+    return None
+
+
+def oom_kills(cgroup: str) -> int | None:
+    """How many of the cgroup's processes the kernel's OOM killer has killed (v2
+    ``memory.events``, v1 ``memory.oom_control``); None where it does not say."""
+    for name in ("memory.events", "memory.oom_control"):
+        try:
+            with open(os.path.join(cgroup, name)) as fh:
+                for line in fh:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@functools.cache
+def _cgroup_mounts() -> dict[str, tuple[str, str]]:
+    """Where the cgroup hierarchies are mounted: ``memory`` (v1) and ``""`` (v2), each as
+    (mount point, the cgroup path it shows as its root)."""
+    mounts: dict[str, tuple[str, str]] = {}
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return mounts
+    for line in lines:
+        before, _, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        if tail[0] == "cgroup2":
+            mounts.setdefault("", (fields[4], fields[3]))
+        elif tail[0] == "cgroup" and "memory" in tail[2].split(","):
+            mounts.setdefault("memory", (fields[4], fields[3]))
+    return mounts

@@ -128,8 +128,10 @@ def _attempt_rows(run: runlog.Run) -> list[list[str]]:
             else a.detected_at - a.failed_at
         rows.append([str(a.id), _s(a.launched_at), resumed,
                      "" if a.last_step is None else str(a.last_step), str(ended),
+                     a.explained.text() if a.explained else "",
                      _s(detection), _s(a.teardown_seconds), _s(a.relaunched_at), _s(a.downtime),
-                     "" if a.steps_redone is None else str(a.steps_redone)])
+                     "" if a.steps_redone is None else str(a.steps_redone),
+                     runlog.phases_text(a.phases) if a.phases else ""])
     return rows
 
 
@@ -156,8 +158,8 @@ def _diagnoses(run: runlog.Run) -> str:
 
 
 ATTEMPT_COLUMNS = ("attempt", "launched (s)", "resumed from step", "last step", "ended by",
-                   "detection (s)", "teardown (s)", "relaunched (s)", "downtime (s)",
-                   "steps redone")
+                   "cause", "detection (s)", "teardown (s)", "relaunched (s)", "downtime (s)",
+                   "steps redone", "recovery phases")
 
 
 def page(run: runlog.Run, png: bytes) -> str:
@@ -221,7 +223,9 @@ section.diagnosis pre {{ margin: 0; font-size: 13px; white-space: pre-wrap; }}
 <p class="note">Times are seconds since the run's first event. Detection: from the failure (the
 failing exit, or a hung rank's last output) to the loop's transition to RECOVERING. Downtime: from
 the failure to the next attempt's first step. Steps redone: the failed attempt's highest step minus
-the step the next attempt resumed from. Goodput: useful steps (final step minus the step the run
+the step the next attempt resumed from. Cause: the failure's explained root cause (README, "Why an
+attempt failed"). Recovery phases: where the time from the failure to the next attempt's first
+progress went, as the daemon measured it. Goodput: useful steps (final step minus the step the run
 started from) per second of wall time (first launch to last event), against the fault-free rate,
 the median over every rank's attempts of the steps per second between their first and last step
 report; the ratio counts start-up, downtime and redone steps as lost.</p>

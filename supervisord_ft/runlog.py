@@ -133,6 +133,41 @@ class Diagnosis:
 
 
 @dataclass
+class Explained:
+    """An attempt's root cause, as its ``failure_explained`` event says; fields it lacks or
+    garbles are empty."""
+
+    cause: str | None  # one of causes.CAUSES
+    rank: int | None  # the root's; None when no root was in sight (peer_lost)
+    exception: str | None
+    where: str | None  # file:line in function
+    message: str | None
+    knock_on: list[int]  # ranks that died of it
+
+    @classmethod
+    def of(cls, ev: Event) -> Explained:
+        def text(value: Any) -> str | None:
+            return value if isinstance(value, str) else None
+
+        rank, knock_on = ev.get("rank"), ev.get("knock_on")
+        return cls(text(ev.get("cause")), rank if isinstance(rank, int) else None,
+                   text(ev.get("exception")), text(ev.get("where")), text(ev.get("message")),
+                   [r for r in knock_on if isinstance(r, int)] if isinstance(knock_on, list) else [])
+
+    def text(self) -> str:
+        """``rank 1: exception ValueError at job.py:88 in load_batch: no batch (ranks 0 died of it)``"""
+        who = f"rank {self.rank}" if self.rank is not None else "no rank in sight"
+        what = " ".join(x for x in (self.cause, self.exception, f"at {self.where}" if self.where else None) if x)
+        out = f"{who}: {what or 'unexplained'}"
+        if self.message and self.message != self.exception:
+            out += f": {self.message}"
+        if self.knock_on:
+            out += f" ({'ranks' if len(self.knock_on) > 1 else 'rank'} " \
+                   f"{', '.join(map(str, self.knock_on))} died of it)"
+        return out
+
+
+@dataclass
 class Attempt:
     """One launch of the group and, if it failed, how the run got past the failure."""
 
@@ -153,7 +188,9 @@ class Attempt:
     hung: bool = False  # ended by a hang: every live rank was declared hung
     hang_timeout: float | None = None  # the hang limit in force then (s)
     diagnosis: Diagnosis | None = None
+    explained: Explained | None = None
     # Filled from the next attempt once there is one:
+    phases: dict[str, float] | None = None  # where the recovery's time went (recovered.phases)
     relaunched_at: float | None = None
     downtime: float | None = None  # failure -> the next attempt's first step
     steps_redone: int | None = None  # this attempt's highest step - the next one's resumed step
@@ -214,13 +251,23 @@ class Run:
 
 
 def failure_text(f: dict[str, Any]) -> str:
-    """A failure in one line: the loop's reason, the rank's last stderr line, how it ended."""
-    text = str(f["reason"])
-    if f.get("last_stderr"):
-        text += f": {f['last_stderr']}"
+    """A failure in one line: its explained cause (else the loop's reason and the rank's last
+    stderr line), how it ended, and where the recovery's time went."""
+    if f.get("explained"):
+        text = f["explained"]
+    else:
+        text = str(f["reason"])
+        if f.get("last_stderr"):
+            text += f": {f['last_stderr']}"
     if f.get("outcome"):
         text += f"; {f['outcome']}"
+    if f.get("phases"):
+        text += "; recovery " + phases_text(f["phases"])
     return text
+
+
+def phases_text(phases: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items() if _number(seconds))
 
 
 def laggards_text(d: Diagnosis) -> str:
@@ -310,7 +357,8 @@ class _Summary:
             return
         a = self._attempt(ev)
         self.failure = {"reason": ev.get("reason"), "at": self.t, "attempt": ev.get("attempt"),
-                        "rank": None, "last_stderr": None, "outcome": None}
+                        "rank": None, "last_stderr": None, "outcome": None, "explained": None,
+                        "phases": None}
         if a is not None:
             a.cause, a.detected_at = ev.get("reason"), self.t
             if a.failed_at is None:  # a spawn failure: no exit to date it by
@@ -349,6 +397,22 @@ class _Summary:
         if at is not None and a.detected_at is None:
             a.failed_at, a.failed_rank = at, blamed[0]
             a.last_stderr = self.stderr.get((a.id, a.failed_rank))
+
+    def on_failure_explained(self, ev: Event) -> None:
+        if (a := self._attempt(ev)) is None:
+            return
+        a.explained = Explained.of(ev)
+        if self.failure is not None and self.failure.get("attempt") == a.id:
+            self.failure["explained"] = a.explained.text()
+
+    def on_recovered(self, ev: Event) -> None:
+        phases = ev.get("phases")
+        if (a := self._attempt(ev)) is None or not isinstance(phases, dict):
+            return
+        if (before := self.attempts.get(a.id - 1)) is not None:
+            before.phases = {str(k): v for k, v in phases.items() if _number(v)}
+            if self.failure is not None and self.failure.get("attempt") == before.id:
+                self.failure["phases"] = before.phases
 
     def on_failure_diagnosed(self, ev: Event) -> None:
         if (a := self._attempt(ev)) is not None:

@@ -17,13 +17,15 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any
 
-from . import builtin_job, checkpoints, diagnosis, envvars, orphans, runlog
-from .attempt import Attempt, first_to_fail
+from . import blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, runlog
+from .attempt import Attempt, Recovery, first_to_fail
+from .causes import Cause, Explanation
 from .channel import FR_BUFFER, FR_ENTRIES, Sockets
 from .config import Config, as_dict
-from .errors import EXIT_DONE, EXIT_FAILED, EXIT_SIGNAL_BASE, CheckpointError
+from .errors import EXIT_DONE, EXIT_FAILED, EXIT_NO_REQUEUE, EXIT_SIGNAL_BASE, CheckpointError
 from .fsm import State, StateMachine
 from .output import OutputRouter, Source
 from .progress import Looker
@@ -37,6 +39,9 @@ EXIT_CODES = {State.DONE: EXIT_DONE, State.FAILED: EXIT_FAILED}
 STEP_EVENT = "step"
 # Printed by worker.contract.SaveOnFailure: this rank saves its last completed step if a peer dies.
 JIT_ARMED_EVENT = "jit_checkpoint_armed"
+# A checkpoint directory on storage that hangs must not hold a recovery: past this, an
+# attempt's progress is taken as unknown (so as progress).
+LISTING_TIMEOUT = 5.0
 CADENCE_FILE = "cadence.json"  # the job's learnt rhythm, for the hang limit of the next run
 # A terminal or ssh session closing (HUP), Ctrl+\ (QUIT), Ctrl+C (INT), systemd/SLURM/Kubernetes
 # (TERM): each is a graceful stop, exit 128 + n.
@@ -57,7 +62,8 @@ class Supervisor:
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
         self.fsm = StateMachine(on_change=self._log_transition)
         self.policy = RestartPolicy(cfg.max_restarts, cfg.restart_window, cfg.restart_backoff,
-                                    cfg.restart_backoff_max, cfg.no_retry_exit_codes)
+                                    cfg.restart_backoff_max, cfg.no_retry_exit_codes,
+                                    cfg.max_stalled_attempts)
         self.router = OutputRouter(cfg.max_line_bytes, on_line=self._on_line, on_json=self._on_json,
                                    on_bytes=self._on_bytes)
         self.attempt: Attempt | None = None  # the current (or last) launch attempt
@@ -73,6 +79,8 @@ class Supervisor:
         self._timeout_said = self.cadence.timeout(cfg.hang_timeout, cfg.hang_floor)
         self._no_channel_said: set[int] = set()
         self._reports_steps = False  # some rank of this run printed a step line
+        self._high_step: int | None = None  # the highest step any earlier attempt reported
+        self._requeue = True  # False once the run failed of a cause a rerun would repeat
 
     @property
     def restarts(self) -> int:
@@ -108,8 +116,8 @@ class Supervisor:
             a.watchdog.output(source.rank)
 
     def _on_line(self, source: Source, raw: bytes) -> None:
-        if (a := self._current(source)) is not None and source.stream == "stderr" and raw.strip():
-            a.last_stderr[source.rank] = raw
+        if (a := self._current(source)) is not None and source.stream == "stderr":
+            a.line(source.rank, raw)
 
     def _on_json(self, source: Source, fields: dict[str, Any]) -> None:
         if (a := self._current(source)) is None:
@@ -120,7 +128,9 @@ class Supervisor:
             return
         a.watchdog.step(source.rank)
         self._reports_steps = True
-        self._training(a, fields.get("step"), source.log)
+        if isinstance(step := fields.get("step"), int) and (a.high_step is None or step > a.high_step):
+            a.high_step = step
+        self._training(a, step, source.log)
 
     def _training(self, a: Attempt, step: Any, log: Any, by_step: bool = True) -> None:
         """A rank of ``a`` reported a step or its collectives moved: the group trains."""
@@ -129,8 +139,10 @@ class Supervisor:
         if not a.stepped:
             a.stepped = True
             self.launcher.settled()
-            if a.recovering_since is not None:
-                log.info("recovered", step=step, seconds=round(time.monotonic() - a.recovering_since, 3))
+            if a.recovery is not None:
+                now = time.monotonic()
+                log.info("recovered", step=step, seconds=round(now - a.recovery.since, 3),
+                         phases=a.recovery.phases(a.started_at, now))
 
     def _collectives_moved(self, a: Attempt, rank: int) -> None:
         self._training(a, None, self.log.bind(rank=rank, restart=a.restart, attempt=a.id),
@@ -185,6 +197,8 @@ class Supervisor:
             emitter.cancel()
             self.router.flush()
         code = EXIT_CODES.get(self.fsm.state, EXIT_SIGNAL_BASE + (self.stop_signal or 0))
+        if self.fsm.state is State.FAILED and not self._requeue:
+            code = EXIT_NO_REQUEUE
         (self.log.error if self.fsm.state is State.FAILED else self.log.info)(
             "supervisor_exit", state=self.fsm.state.value, restarts=self.restarts,
             attempts=self.attempt.id + 1 if self.attempt else 0, exit_code=code)
@@ -233,7 +247,8 @@ class Supervisor:
                                 self.cfg.startup_timeout, time.monotonic, self.cadence,
                                 self.cfg.hang_floor),
                        self.resume_from,
-                       recovering_since=previous.failed_at if previous is not None else None)
+                       recovery=Recovery(previous.failed_at, previous.detection, previous.marks)
+                       if previous is not None and previous.failed_at is not None else None)
 
     async def _join_round(self, rank: RankInfo) -> None:
         """Multi-node, once a round is complete (no worker of any node is alive): the restart
@@ -260,6 +275,9 @@ class Supervisor:
             self._stop(self._stop_reason())
             return
         self.attempt = a
+        # Off the loop and off the relaunch's path: read when the attempt fails (_progressed).
+        a.listing = asyncio.ensure_future(self._list_checkpoints())
+        a.errors = self._error_dir(a)
         self.log.info("launching", restart=a.restart, attempt=a.id, master_addr=a.endpoint.addr,
                       master_port=a.endpoint.port, agent_store=a.endpoint.agent_store, num_workers=len(a.ranks),
                       resume_from=str(a.resume_from.path) if a.resume_from else None,
@@ -274,9 +292,10 @@ class Supervisor:
                 log.info("worker_started", pid=worker.pid)
             self._watch_progress(a)
         except OSError as exc:
-            a.fail(rank.rank, None, f"spawn failed: {exc}", self.cfg.startup_window)
+            a.fail(Cause(rank.rank, "startup", f"spawn failed: {exc}", "spawn"), self.cfg.startup_window)
             self.fsm.transition(State.RECOVERING, f"rank {rank.rank}: spawn failed: {exc}")
             return
+        a.started_at = time.monotonic()
         orphans.record(self.cfg.run_dir, a.workers, self.log)
         if self._stop_requested.is_set():
             self._stop(self._stop_reason())
@@ -291,6 +310,29 @@ class Supervisor:
         a.watchdog.on_collectives = lambda rank: self._collectives_moved(a, rank)
         a.watchdog.on_no_channel = lambda rank, why: self._no_channel(a, rank, why)
         a.watchdog.on_cadence = self._cadence_changed
+        for rank, pid in pids.items():  # the kernel's OOM kills are counted per memory cgroup
+            if (cgroup := procfs.memory_cgroup(pid)) is not None and (kills := procfs.oom_kills(cgroup)) is not None:
+                a.oom_kills[rank] = (cgroup, kills)
+
+    @staticmethod
+    def _error_file(a: Attempt, rank: int) -> Path | None:
+        return a.errors / f"rank-{rank}.error.json" if a.errors is not None else None
+
+    def _attempt_dir(self, a: Attempt) -> Path:
+        """Where what the attempt's failure left is kept: stacks, error files."""
+        return self.cfg.run_dir / "diagnoses" / self.run_id / f"attempt-{a.id}"
+
+    def _error_dir(self, a: Attempt) -> Path | None:
+        """The attempt's folder for torchrun's error files (beside its diagnosis); None when it
+        cannot be made: the ranks then get no error file, as under a torchrun without a log dir."""
+        folder = self._attempt_dir(a)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.log.warning("error_files_unavailable", attempt=a.id, path=str(folder),
+                             reason=exc.strerror or str(exc))
+            return None
+        return folder.resolve()
 
     def _no_channel(self, a: Attempt, rank: int, why: str) -> None:
         """Said once per rank and run: such a rank is judged by its output and steps alone."""
@@ -351,7 +393,8 @@ class Supervisor:
                                 keep_checkpoints=self.cfg.keep_checkpoints,
                                 resume_from=a.resume_from.path if a.resume_from else None,
                                 rdzv_id=self.cfg.rdzv_id if self.rendezvous.multi_node else None,
-                                channel=self.sockets.path(a.id, rank.rank) if self.sockets else None)
+                                channel=self.sockets.path(a.id, rank.rank) if self.sockets else None,
+                                error_file=self._error_file(a, rank.rank))
 
     # -- RUNNING --------------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -371,10 +414,17 @@ class Supervisor:
                 exited = sorted((by_task[t] for t in done - waiters), key=lambda w: w.exited_at or 0)
                 for worker in exited:
                     self._report_exit(a, worker)
+                    if worker.exit.result() == 0:
+                        a.watchdog.peer_exited()
                 if (failed := first_to_fail(exited)) is not None:
-                    rc = failed.exit.result()
-                    a.fail(failed.rank, rc, a.last_error(failed.rank), self.cfg.startup_window)
-                    self.fsm.transition(State.RECOVERING, f"rank {failed.rank} exited with {rc}")
+                    cause, _ = self._rank_cause(a, failed)
+                    assert cause is not None  # nothing is torn down yet
+                    a.fail(cause, self.cfg.startup_window,
+                           detection=time.monotonic() - (failed.exited_at or time.monotonic()))
+                    why = f"exited with {failed.exit.result()}"
+                    said = cause.summary()
+                    self.fsm.transition(State.RECOVERING, f"rank {failed.rank} {why}"
+                                                          + (f": {said}" if said != why else ""))
                     return
                 if hang_wait in done:
                     hung = hang_wait.result()
@@ -384,14 +434,16 @@ class Supervisor:
                             before_first_step=h.before_first_step,
                             timeout=round(a.watchdog.timeout, 3))
                     a.hung = [h.rank for h in hung]
-                    laggards = await self._diagnose(a, "hung")
+                    d = await self._diagnose(a, "hung")
                     # The rank to blame: the diagnosis's first laggard, else the longest silent.
-                    first = next((h for h in hung if h.rank in laggards[:1]), hung[0])
+                    first = next((h for h in hung if d is not None and h.rank in d.laggards[:1]), hung[0])
                     why = f"no sign of progress for {first.silent_for:.1f} s"
-                    # No seconds in the signature: two identical hangs must compare equal.
-                    a.fail(first.rank, None, "hang before the first step"
-                           if first.before_first_step else "hang", self.cfg.startup_window,
-                           hung_before_first_step=first.before_first_step)
+                    a.fail(Cause(first.rank, "startup" if first.before_first_step else "hang",
+                                 why, "diagnosis" if d is not None else "watchdog",
+                                 where=self._stalled_at(d, first.rank)),
+                           self.cfg.startup_window, hung_before_first_step=first.before_first_step,
+                           detection=first.silent_for)
+                    a.marks["diagnosis"] = time.monotonic()
                     self.fsm.transition(State.RECOVERING, f"rank {first.rank} hung: {why}")
                     return
                 if stop_wait in done:
@@ -415,8 +467,8 @@ class Supervisor:
             return
         a.news = news
         if news.kind != "rejoin":
-            a.fail(-1 if news.rank is None else news.rank, news.returncode, news.reason,
-                   self.cfg.startup_window)
+            a.fail(Cause(-1 if news.rank is None else news.rank, "peer_lost", why, "news",
+                         returncode=news.returncode), self.cfg.startup_window)
         self.fsm.transition(State.RECOVERING, why)
 
     def _stop(self, reason: str) -> None:
@@ -425,6 +477,9 @@ class Supervisor:
         self.fsm.transition(State.STOPPING, reason)
 
     def _report_exit(self, a: Attempt, worker: Worker) -> None:
+        if worker.rank in a.reported:
+            return
+        a.reported.add(worker.rank)
         self.router.flush()  # the worker's last lines come before its exit
         rc = worker.exit.result()
         log = self.log.bind(rank=worker.rank, restart=a.restart, attempt=a.id)
@@ -450,9 +505,12 @@ class Supervisor:
             self.log.info("jit_checkpoint_wait", attempt=a.id, timeout=let_exit,
                           exited_on_their_own=[w.rank for w in live if not w.alive],
                           still_alive=a.alive())
+        a.marks["jit_wait"] = time.monotonic()
+        a.torn_down = {r: a.stderr_text(r) for r in a.alive()}
         report = await stop(a.workers, self.cfg.grace_period, self._kill_now)
-        for w in sorted((w for w in live if not w.alive), key=lambda w: w.exited_at or 0):
-            self._report_exit(a, w)
+        a.marks["teardown"] = time.monotonic()
+        for w in sorted((w for w in a.workers if not w.alive), key=lambda w: w.exited_at or 0):
+            self._report_exit(a, w)  # those that exited since the failure, and those signalled
         self.log.info("teardown", why=why, attempt=a.id, seconds=round(report.seconds, 3),
                       terminated=report.terminated, killed=report.killed)
         if report.stuck:
@@ -474,11 +532,14 @@ class Supervisor:
             return
         assert a.failure is not None
         if a.news is None:  # ours: the other nodes hear of it now, not after the teardown
-            self.rendezvous.announce("restart", a.failure.last_error or f"rank {a.failure.rank} failed",
-                                     rank=a.failure.rank, returncode=a.failure.returncode)
+            self.rendezvous.announce("restart", a.failure.cause.summary(), rank=a.failure.rank,
+                                     returncode=a.failure.returncode)
         died = a.failure.returncode is not None  # a rank exited: not a hang, not a failed spawn
+        d = None
         if a.news is None and died:
-            await self._diagnose(a, f"rank {a.failure.rank} failed")
+            d = await self._diagnose(a, f"rank {a.failure.rank} failed")
+            await self._await_root(a)
+            a.marks["diagnosis"] = time.monotonic()
         await self._teardown("recovery", self.cfg.jit_checkpoint_timeout if died else 0.0)
         before = a.resume_from
         try:  # multi-node: chosen with the other nodes when the next round is complete
@@ -488,11 +549,15 @@ class Supervisor:
             self.fsm.transition(State.FAILED, f"checkpoint_dir: {exc}")
             return
         newer = self.resume_from is not None and (before is None or self.resume_from.step > before.step)
-        failure = replace(a.failure, at_startup=a.failure.at_startup and not newer)
+        explained = self._explain(a, d)
+        progressed = await self._progressed(a)
+        failure = replace(a.failure, cause=explained.root, progressed=progressed,
+                          at_startup=a.failure.at_startup and not newer and progressed is not True)
         if self._stop_requested.is_set():
             self._stop(self._stop_reason())
             return
         if (vindicated := self._judge_fallback(failure)) is not None:
+            self._requeue = False
             self.fsm.transition(State.FAILED, vindicated)
             return
         decision = self.policy.decide(failure, time.monotonic())
@@ -501,6 +566,7 @@ class Supervisor:
                                                  f"resuming from step {self.resume_from.step} "
                                                  "(no restart spent)")
         elif not decision.relaunch:
+            self._requeue = decision.requeue
             self.fsm.transition(State.FAILED, decision.reason)
         elif decision.delay > 0 and await self._backoff(decision.delay):
             self._stop(self._stop_reason())
@@ -508,15 +574,106 @@ class Supervisor:
             self.policy.spend(time.monotonic())
             self.fsm.transition(State.LAUNCHING, decision.reason)
 
-    async def _diagnose(self, a: Attempt, why: str) -> list[int]:
+    async def _await_root(self, a: Attempt) -> None:
+        """The first rank to fail died of a lost peer: the root is likely alive and about to fail
+        on its own. It gets ``root_cause_wait`` seconds before the teardown's signal hides its error."""
+        assert a.failure is not None
+        live = [w for w in a.workers if w.alive]
+        # Multi-node: the root is as likely on another node, whose daemon explains it; a partition
+        # leaves ranks waiting here, not failing, and the wait would delay every node's recovery.
+        if not (a.failure.cause.knock_on and live and self.cfg.root_cause_wait > 0) or self.rendezvous.multi_node:
+            return
+        t0 = time.monotonic()
+        await wait_exits(live, self.cfg.root_cause_wait, self._kill_now,
+                         until=lambda w: w.exit.result() != 0 and not self._rank_cause(a, w)[0].knock_on)  # type: ignore[union-attr]
+        self.log.info("root_cause_wait", attempt=a.id, timeout=self.cfg.root_cause_wait,
+                      seconds=round(time.monotonic() - t0, 3),
+                      exited=[w.rank for w in live if not w.alive], still_alive=a.alive())
+
+    def _rank_cause(self, a: Attempt, w: Worker) -> tuple[Cause | None, str | None]:
+        """The cause of ``w``'s failure, from what it left (None: a rank the teardown stopped
+        that had not failed), and why its error file could not be used (None when it could, or
+        was not written)."""
+        path = self._error_file(a, w.rank)
+        error_file = causes.read_error_file(path, a.launched_wall) if path else causes.ErrorFile(None, None)
+        if w.rank in a.torn_down:  # what it said before the signal: an exception it had raised
+            return causes.raised(w.rank, a.torn_down[w.rank], error_file, w.exit.result(),
+                                 w.exited_at or 0.0), error_file.note
+        oom = (cg := a.oom_kills.get(w.rank)) is not None and (procfs.oom_kills(cg[0]) or 0) > cg[1]
+        return causes.of_rank(w.rank, w.exit.result(), a.stderr_text(w.rank), error_file, oom,
+                              w.exited_at or 0.0), error_file.note
+
+    def _explain(self, a: Attempt, d: diagnosis.Diagnosis | None) -> Explanation:
+        """The attempt's root cause and its knock-ons, said once (``failure_explained``)."""
+        assert a.failure is not None
+        failed, notes = [], []
+        for w in a.workers:
+            if w.alive or w.exit.result() == 0:
+                continue
+            cause, note = self._rank_cause(a, w)
+            if cause is not None:
+                failed.append(cause)
+            if note:
+                notes.append(f"rank {w.rank}: {note}")
+        if a.failure.returncode is None or a.news is not None or not failed:
+            # a hang, a failed spawn, another node's failure (or, had every rank that exited been
+            # torn down without a word of its own, the first failure as it was seen)
+            failed.append(replace(a.failure.cause, at=a.failed_at or 0.0))
+        # Live ranks the failure's diagnosis found outside the collective their peers died in:
+        # the laggards, then any that gave its stacks or collectives and was in none.
+        suspects = [] if d is None else d.laggards + sorted(
+            r for r, rep in d.reports.items() if r not in d.laggards
+            and (rep.stacks is not None or rep.trace is not None) and not rep.in_collective())
+        stalled = [Cause(r, "hang", "alive outside the collective its failed peers were in",
+                         "diagnosis", where=self._stalled_at(d, r)) for r in suspects if r in a.torn_down]
+        e = causes.explain(failed, stalled, notes)
+        self.log.bind(attempt=a.id, restart=a.restart).error(
+            "failure_explained", rank=e.rank, cause=e.root.cause, exception=e.root.exception,
+            where=e.root.where, message=e.root.message, source=e.root.source,
+            returncode=e.root.returncode, knock_on=list(e.knock_on), also_failed=list(e.also_failed),
+            notes=list(e.notes))
+        return e
+
+    @staticmethod
+    def _stalled_at(d: diagnosis.Diagnosis | None, rank: int) -> str | None:
+        if d is None or rank not in d.reports:
+            return None
+        frame = flight.innermost_own(d.reports[rank].frames)
+        return str(frame) if frame is not None else None
+
+    async def _progressed(self, a: Attempt) -> bool | None:
+        """Did ``a`` get further than every attempt before it: a higher step, or a checkpoint
+        written? None when the job shows the daemon neither steps nor checkpoints, or its
+        checkpoint directory cannot be listed within LISTING_TIMEOUT."""
+        before, self._high_step = self._high_step, max(
+            (s for s in (self._high_step, a.high_step) if s is not None), default=None)
+        if a.high_step is not None and (before is None or a.high_step > before):
+            return True
+        try:
+            async with asyncio.timeout(LISTING_TIMEOUT):
+                then = await a.listing if a.listing is not None else None
+                now = await self._list_checkpoints()
+        except TimeoutError:
+            return None
+        wrote = now.wrote_since(then) if then is not None else None
+        if wrote is not False:
+            return wrote
+        if self._reports_steps or not (now.empty and then.empty):
+            return False
+        return None
+
+    def _list_checkpoints(self) -> Awaitable[checkpoints.Listing]:
+        return blocking.in_thread(lambda: checkpoints.listing(self.cfg.checkpoint_dir), "checkpoint-lister")
+
+    async def _diagnose(self, a: Attempt, why: str) -> diagnosis.Diagnosis | None:
         """Before any signal: every live rank's stacks and collectives; the laggards, named."""
         live = {w.rank: w.pid for w in a.workers if w.alive}
         if not live:
-            return []
+            return None
         sockets = {r: self.sockets.path(a.id, r) for r in live} if self.sockets else {}
         t0 = time.monotonic()
         d = diagnosis.diagnose(await diagnosis.collect(sockets, live, outside=bool(a.hung)))
-        directory = self.cfg.run_dir / "diagnoses" / self.run_id / f"attempt-{a.id}"
+        directory = self._attempt_dir(a)
         unwritten = await diagnosis.write(directory, d, a.id, why)
         fields: dict[str, Any] = dict(
             attempt=a.id, laggards=d.laggards, summary=d.summary,
@@ -529,7 +686,7 @@ class Supervisor:
             self.log.error("hang_diagnosed", **fields)
         elif a.failure is not None and any(rep.stacks is not None for rep in d.reports.values()):
             self.log.warning("failure_diagnosed", rank=a.failure.rank, **fields)  # else: nothing to say
-        return d.laggards
+        return d
 
     def _fall_back(self, bad: checkpoints.Checkpoint, failure: Failure) -> bool:
         """The group failed the same way at start-up twice after resuming from ``bad``: set it
@@ -542,7 +699,7 @@ class Supervisor:
             return False
         self.log.warning("checkpoint_set_aside", path=str(bad.path), moved_to=str(aside),
                          step=bad.step, reason=f"two attempts failed at start-up after resuming "
-                                               f"from it: {failure.last_error!r}")
+                                               f"from it: {failure.cause.summary()}")
         older = self._select_checkpoint()
         if older is None:
             self._put_back(SetAside(bad, aside), "no older intact checkpoint to fall back to")
@@ -561,7 +718,7 @@ class Supervisor:
         self._put_back(pending, "the group fails at start-up from an older checkpoint too: "
                                 "the file was not the cause")
         return (f"crash loop: attempts failed at start-up from checkpoint step {pending.bad.step} "
-                f"and from older ones: {failure.last_error!r}")
+                f"and from older ones: {failure.cause.summary()}")
 
     def _put_back(self, pending: SetAside, why: str) -> None:
         try:

@@ -127,6 +127,14 @@ class Watchdog:
         if rank not in self.started:
             self._started(rank)
 
+    def peer_exited(self) -> None:
+        """A rank finished (exit 0): every other rank's clock starts again now. A silent rank
+        whose progress was last seen a look ago is finishing too, not hung the moment it is alone."""
+        now = self.clock()
+        for rank in self.last:
+            self.last[rank] = max(self.last[rank], now)
+        self._woken.set()
+
     def step(self, rank: int) -> None:
         now = self.clock()
         count, previous = self.stepped.get(rank, (0, now))

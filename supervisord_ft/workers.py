@@ -209,15 +209,20 @@ async def spawn(spec: WorkerSpec, attempt: int, launcher: Launcher, router: Outp
     return Worker(spec, started, pipes)
 
 
-async def wait_exits(workers: Sequence[Worker], timeout: float, cut_short: asyncio.Event) -> None:
-    """Wait until every one of ``workers`` has exited, ``timeout`` has passed, or ``cut_short`` is set."""
-    pending = {w.exit for w in workers if w.alive}
+async def wait_exits(workers: Sequence[Worker], timeout: float, cut_short: asyncio.Event,
+                     until: Callable[[Worker], bool] | None = None) -> None:
+    """Wait until every one of ``workers`` has exited, ``timeout`` has passed, ``cut_short`` is
+    set, or one that exits makes ``until`` true."""
+    by_exit = {w.exit: w for w in workers if w.alive}
+    pending = set(by_exit)
     cut = asyncio.create_task(cut_short.wait())
     try:
         async with asyncio.timeout(timeout):
             while pending and not cut.done():
-                _, pending = await asyncio.wait(pending | {cut}, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(pending | {cut}, return_when=asyncio.FIRST_COMPLETED)
                 pending.discard(cut)
+                if until is not None and any(until(by_exit[t]) for t in done if t in by_exit):
+                    return
     except TimeoutError:
         pass
     finally:

@@ -11,11 +11,15 @@ from harness import Cluster, Daemon
 
 @pytest.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Daemon]]]:
-    """Start daemons in ``tmp_path``; all of them and their workers are killed afterwards."""
+    """Start daemons in ``tmp_path`` (or, to run several at once, in ``tmp_path / within``); all
+    of them and their workers are killed afterwards."""
     started: list[Daemon] = []
 
-    async def start(*args: str, command: list[str] | None = None, **options: Any) -> Daemon:
-        d = await Daemon.start(tmp_path, *args, command=command, **options)
+    async def start(*args: str, command: list[str] | None = None, within: str | None = None,
+                    **options: Any) -> Daemon:
+        workdir = tmp_path / within if within else tmp_path
+        workdir.mkdir(exist_ok=True)
+        d = await Daemon.start(workdir, *args, command=command, **options)
         started.append(d)
         return d
 

@@ -119,6 +119,9 @@ def main() -> int:
     p.add_argument("--refuse-checkpoint", default=None, metavar="NAME",
                    help="exit 2 at start when resuming from the checkpoint of this file name "
                         "(`any`: from any checkpoint)")
+    p.add_argument("--silent-rank", type=int, default=None,
+                   help="this rank prints nothing, and after its last step lingers --linger seconds")
+    p.add_argument("--linger", type=float, default=0.0)
     p.add_argument("--progress-bar", type=float, default=0.0,
                    help="after step 1, redraw a progress bar on stderr for this many seconds")
     args = p.parse_args()
@@ -188,12 +191,16 @@ def main() -> int:
             emit("usr1", count=usr1)
             usr1 = 0
         time.sleep(args.step_time)
+        if rank == args.silent_rank:
+            continue
         if args.plain:
             print(f"step {step}", flush=True)
         else:
             emit("step", step=step, rank=rank)
         if step == 1 and args.progress_bar:
             progress_bar(args.progress_bar)
+    if rank == args.silent_rank:
+        time.sleep(args.linger)  # finishing up (destroy_process_group, a last save), silent
     return 0
 
 

@@ -17,7 +17,7 @@ import sys
 import __main__
 
 PER_ATTEMPT = ("MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "SUPERVISORD_FT_RESTART_COUNT",
-               "SUPERVISORD_FT_CHANNEL")
+               "SUPERVISORD_FT_CHANNEL", "TORCHELASTIC_ERROR_FILE")
 
 
 def status_masks() -> dict[str, str]:

@@ -103,6 +103,10 @@ def test_console_format_on_a_pipe_writes_plain_lines(tmp_path):
     assert b"\x1b" not in raw and b"\r" not in raw
     text = raw.decode()
     assert "rank 1 failed" in text and "recovered in" in text and "DONE" in text
+    assert "cause: rank 1: exit_code: rank 1 failing at step 10\n" in text  # the explained cause
+    recovered = next(line for line in text.splitlines() if line.startswith("recovered in"))
+    assert re.search(r"\(detection [\d.]+ s, diagnosis [\d.]+ s, jit_wait [\d.]+ s, teardown [\d.]+ s, "
+                     r"relaunch [\d.]+ s, first_progress [\d.]+ s\)$", recovered), recovered
 
 
 def test_a_hang_shows_its_diagnosis_and_where_the_stack_files_are(tmp_path):

@@ -77,6 +77,8 @@ async def test_a_scrape_during_a_run_with_a_crash_shows_state_restarts_steps_and
     assert m["supervisord_ft_restarts_total"] == 1 and m["supervisord_ft_restarts_in_window"] == 1
     assert m["supervisord_ft_recovery_seconds_count"] == 1
     assert 0 < m["supervisord_ft_recovery_seconds_sum"] < 30
+    assert m['supervisord_ft_failures_total{cause="exit_code"}'] == 1  # the fake worker's exit 1
+    assert 0 <= m['supervisord_ft_recovery_phase_seconds_total{phase="teardown"}'] < 30
     assert m['supervisord_ft_rank_up{rank="0"}'] == m['supervisord_ft_rank_up{rank="1"}'] == 1
     assert m['supervisord_ft_rank_last_step{rank="1"}'] >= 5
     assert 0 <= m['supervisord_ft_rank_last_output_age_seconds{rank="0"}'] < 10
@@ -284,6 +286,20 @@ def test_a_hang_is_counted_once_for_all_its_ranks_and_the_limit_in_force_is_a_ga
     assert sample(m, "supervisord_ft_hang_timeout_seconds") == 120  # as the hang says it was
     m.observe({"event": "hang_timeout_learnt", "timeout": "garbled"})  # ignored, not fatal
     assert sample(m, "supervisord_ft_hang_timeout_seconds") == 120
+
+
+def test_failures_are_counted_by_cause_and_recovery_phases_summed_garbage_skipped():
+    m, _ = fed(START, launching(0),
+               {"event": "failure_explained", "attempt": 0, "rank": 1, "cause": "exception"},
+               {"event": "recovered", "attempt": 1, "seconds": 1.5,
+                "phases": {"detection": 0.01, "teardown": 0.25, "relaunch": "slow", "diagnosis": -1}},
+               {"event": "failure_explained", "attempt": 1, "rank": None, "cause": "peer_lost"},
+               {"event": "recovered", "attempt": 2, "seconds": 1.0, "phases": "garbled"})
+    assert sample(m, "supervisord_ft_failures_total", cause="exception") == 1
+    assert sample(m, "supervisord_ft_failures_total", cause="peer_lost") == 1
+    assert sample(m, "supervisord_ft_recovery_phase_seconds_total", phase="teardown") == 0.25
+    assert sample(m, "supervisord_ft_recovery_phase_seconds_total", phase="relaunch") is None
+    assert sample(m, "supervisord_ft_recovery_seconds_count") == 2
 
 
 def test_without_a_metrics_port_prometheus_client_is_not_even_imported():

@@ -257,6 +257,7 @@ async def test_one_restart_budget_is_spent_alike_on_every_node_and_its_end_fails
     from harness import FAKE_WORKER
     # Global rank 1 fails at its first step in every attempt; max_restarts 2 allows two relaunches.
     c = await cluster(2, "--restart-backoff", "0", "--max-restarts", "2", "--startup-window", "0",
+                      "--max-stalled-attempts", "0",  # the same failure each time: the budget alone judges
                       command=[*FAKE_WORKER, "--steps", "400", "--step-time", "0.05", "--fail-rank", "1",
                                "--fail-at-step", "1", "--fail-attempts", "9"])
     assert await c.finish(timeout=120) == [1, 1]

@@ -67,7 +67,9 @@ async def test_the_report_of_a_crash_has_one_row_per_attempt_with_its_cause(daem
     assert await d.finish() == 0
     attempts, _ = await report(tmp_path / "run")
     assert [a["attempt"] for a in attempts] == ["0", "1"]
-    assert attempts[0]["ended by"] == "rank 1 exited with 1"
+    assert attempts[0]["ended by"] == "rank 1 exited with 1: rank 1 failing at step 6"
+    assert attempts[0]["cause"] == "rank 1: exit_code: rank 1 failing at step 6"
+    assert attempts[0]["recovery phases"].startswith("detection ") and attempts[1]["cause"] == ""
     # The fake's ranks do not step in lockstep: rank 0 may be a few steps further when torn down.
     assert int(attempts[0]["last step"]) >= 6
     assert attempts[0]["steps redone"] == attempts[0]["last step"]  # no checkpoint: all redone
@@ -147,6 +149,7 @@ async def test_the_report_of_a_real_crash_and_recovery_holds_its_numbers(daemon,
     attempts, _ = await report(tmp_path / "run")
     first, second = attempts
     assert first["ended by"] == "rank 1 exited with 1" and first["last step"] == "23"
+    assert first["cause"].startswith("rank 1: exit_code: exited with 1")  # the built-in job's injected crash
     assert second["resumed from step"] == "20 (checkpoint_step_20.pt)"
     assert first["steps redone"] == "3"  # crash step - checkpoint step
     assert second["ended by"] == "DONE" and second["last step"] == "60"

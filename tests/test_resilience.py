@@ -12,6 +12,7 @@ from harness import taken_port, FAKE_WORKER, pid_alive, matching, read_events
 from supervisord_ft.output import REDRAW_INTERVAL
 
 from supervisord_ft import procfs
+from supervisord_ft.errors import EXIT_NO_REQUEUE
 
 FAST = ["--grace-period", "0.3", "--restart-backoff", "0"]
 
@@ -66,10 +67,21 @@ async def test_startup_beyond_startup_timeout_is_a_hang(daemon):
     assert all(h["before_first_step"] for h in d.named("hang_detected"))
 
 
+async def test_a_silent_rank_finishing_after_its_peer_exited_0_is_not_hung(daemon):
+    """Rank 1 never prints; rank 0 prints and exits 0 after ~3 s; rank 1 then takes 1 s more to
+    finish (silent: torch's destroy_process_group, a last save). It was declared hung the moment
+    it was alone, its last progress a launch ago: now its clock starts again at its peer's exit."""
+    d = await daemon(*FAST, "--hang-timeout", "1.5", "--startup-timeout", "1.5", "--max-restarts", "0",
+                     command=[*FAKE_WORKER, "--steps", "30", "--step-time", "0.1", "--silent-rank", "1",
+                              "--linger", "1.0"])
+    assert await d.finish() == 0
+    assert d.named("hang_detected") == []
+
+
 async def test_hanging_at_every_start_is_a_crash_loop_too(daemon):
     d = await daemon(*FAST, "--hang-timeout", "0.2", "--startup-timeout", "0.5", "--max-restarts", "10",
                      command=[*FAKE_WORKER, "--startup-delay", "30"])
-    assert await d.finish() == 1
+    assert await d.finish() == EXIT_NO_REQUEUE
     assert len(d.named("launching")) == 2
     assert "crash loop" in d.named("state_changed", to="FAILED")[0]["reason"]
 
@@ -77,7 +89,7 @@ async def test_hanging_at_every_start_is_a_crash_loop_too(daemon):
 async def test_crash_loop_before_first_step_fails_early_with_the_error(daemon):
     d = await daemon(*FAST, "--max-restarts", "10",
                      command=[os.sys.executable, "-c", "import no_such_module_xyz"])
-    assert await d.finish() == 1
+    assert await d.finish() == EXIT_NO_REQUEUE
     assert len(d.named("launching")) == 2  # not the 11 the budget would allow
     reason = d.named("state_changed", to="FAILED")[0]["reason"]
     assert "crash loop" in reason and "ModuleNotFoundError" in reason
@@ -86,13 +98,14 @@ async def test_crash_loop_before_first_step_fails_early_with_the_error(daemon):
 async def test_no_retry_exit_code_fails_at_once(daemon):
     d = await daemon(*FAST, "--max-restarts", "5", "--no-retry-exit-codes", "3,4",
                      command=[*FAKE_WORKER, "--fail-rank", "0", "--fail-at-step", "1", "--fail-code", "4"])
-    assert await d.finish() == 1
+    assert await d.finish() == EXIT_NO_REQUEUE
     assert len(d.named("launching")) == 1
     assert "no_retry_exit_codes" in d.named("state_changed", to="FAILED")[0]["reason"]
 
 
 async def test_relaunches_back_off_exponentially_up_to_the_cap(daemon):
     d = await daemon("--grace-period", "0.3", "--max-restarts", "4", "--restart-backoff", "0.1",
+                     "--max-stalled-attempts", "0",
                      "--restart-backoff-max", "0.25",
                      command=[*FAKE_WORKER, "--fail-rank", "0", "--fail-at-step", "1", "--fail-attempts", "4"])
     assert await d.finish() == 0
@@ -103,15 +116,18 @@ async def test_relaunches_back_off_exponentially_up_to_the_cap(daemon):
 async def test_restart_window_gives_a_long_clean_run_its_budget_back(daemon):
     job = [*FAKE_WORKER, "--steps", "40", "--step-time", "0.02", "--fail-rank", "0",
            "--fail-at-step", "20", "--fail-attempts", "3"]  # each attempt runs ~0.4 s, then fails
-    windowed = await daemon(*FAST, "--max-restarts", "1", "--restart-window", "0.2", command=job)
+    # the same failure at the same step each time: the budget alone judges it with the rules off
+    windowed = await daemon(*FAST, "--max-restarts", "1", "--restart-window", "0.2",
+                            "--max-stalled-attempts", "0", command=job)
     assert await windowed.finish() == 0
     assert windowed.events[-1]["restarts"] == 3
-    whole_run = await daemon(*FAST, "--max-restarts", "1", "--restart-window", "0", command=job)
+    whole_run = await daemon(*FAST, "--max-restarts", "1", "--restart-window", "0",
+                             "--max-stalled-attempts", "0", command=job)
     assert await whole_run.finish() == 1
 
 
 async def test_fifty_recoveries_leak_no_fds_memory_or_zombies(daemon):
-    d = await daemon(*FAST, "--max-restarts", "60",
+    d = await daemon(*FAST, "--max-restarts", "60", "--max-stalled-attempts", "0",
                      command=[*FAKE_WORKER, "--fail-rank", "1", "--fail-at-step", "1",
                               "--fail-attempts", "50"])
     zombies = []

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from harness import FAKE_WORKER
+from supervisord_ft.errors import EXIT_NO_REQUEUE
 from supervisord_ft import checkpoints as ck
 
 FAST = ["--grace-period", "0.3", "--restart-backoff", "0"]
@@ -32,7 +33,7 @@ async def test_the_same_failure_twice_within_the_start_up_window_is_a_crash_loop
     d = await daemon(*FAST, "--startup-window", "30", "--max-restarts", "5",
                      command=[*FAKE_WORKER, "--plain", "--fail-rank", "0", "--fail-at-step", "2",
                               "--fail-attempts", "99"])
-    assert await d.finish() == 1
+    assert await d.finish() == EXIT_NO_REQUEUE
     assert len(d.named("launching")) == 2
     assert "crash loop" in d.named("state_changed", to="FAILED")[0]["reason"]
 
@@ -60,7 +61,7 @@ async def test_when_the_older_checkpoint_fails_the_same_way_the_file_gets_its_na
     save(tmp_path / "ckpt", 10)
     newest = save(tmp_path / "ckpt", 20)
     d = await daemon(*FAST, command=[*FAKE_WORKER, "--refuse-checkpoint", "any"])
-    assert await d.finish() == 1
+    assert await d.finish() == EXIT_NO_REQUEUE
     assert "crash loop" in d.named("state_changed", to="FAILED")[0]["reason"]
     assert d.named("checkpoint_put_back")[0]["path"] == str(newest)
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint_step_*")) == [

@@ -1,10 +1,22 @@
-"""The restart policy on its own: budget, window, backoff, crash loops, no-retry codes."""
+"""The restart policy on its own: budget, window, backoff, crash loops, deterministic failures,
+no restart without progress, no-retry codes. Every rule reads the explained cause."""
 
+from supervisord_ft.causes import Cause
 from supervisord_ft.restarts import Decision, Failure, RestartPolicy
 
 
-def crash(at_startup: bool = False, code: int = 1, error: str = "boom") -> Failure:
-    return Failure(rank=0, returncode=code, last_error=error, at_startup=at_startup)
+def crash(at_startup: bool = False, code: int = 1, error: str = "boom",
+          progressed: bool | None = None) -> Failure:
+    """A failure that exited ``code`` saying ``error`` (no traceback)."""
+    cause = Cause(0, "signal" if code < 0 else "exit_code", error, "exit_status", returncode=code)
+    return Failure(0, cause, at_startup, progressed)
+
+
+def raised(exception: str = "ValueError", where: str = "job.py:88 in load_batch",
+           message: str = "bad batch", progressed: bool | None = False, rank: int = 1,
+           at_startup: bool = False) -> Failure:
+    cause = Cause(rank, "exception", message, "stderr", exception, where, 1)
+    return Failure(rank, cause, at_startup, progressed)
 
 
 def decide(p: RestartPolicy, failure: Failure, now: float) -> Decision:
@@ -16,8 +28,8 @@ def decide(p: RestartPolicy, failure: Failure, now: float) -> Decision:
 
 
 def policy(max_restarts: int = 3, window: float = 0, backoff: float = 1, cap: float = 30,
-           no_retry: tuple[int, ...] = ()) -> RestartPolicy:
-    return RestartPolicy(max_restarts, window, backoff, cap, no_retry)
+           no_retry: tuple[int, ...] = (), stalled: int = 3) -> RestartPolicy:
+    return RestartPolicy(max_restarts, window, backoff, cap, no_retry, stalled)
 
 
 def test_budget_counts_relaunches_and_backoff_doubles_from_the_second():
@@ -55,9 +67,57 @@ def test_different_failures_or_failures_after_start_up_are_not_a_crash_loop():
     assert p.total == 5
 
 
-def test_no_retry_exit_codes_fail_at_once():
+def test_no_retry_exit_codes_fail_at_once_and_say_do_not_requeue():
     d = decide(policy(no_retry=(3,)), crash(code=3), now=0)
-    assert not d.relaunch and "no_retry_exit_codes" in d.reason
+    assert not d.relaunch and not d.requeue and "no_retry_exit_codes" in d.reason
+
+
+def test_the_same_exception_at_the_same_place_without_progress_is_not_retried_a_third_time():
+    p = policy(max_restarts=10, window=5)
+    assert decide(p, raised(progressed=True, message="batch 150"), now=0).relaunch
+    d = decide(p, raised(progressed=False, message="batch 151"), now=100)  # messages may differ
+    assert not d.relaunch and not d.requeue
+    assert "deterministic" in d.reason and "ValueError" in d.reason and "load_batch" in d.reason
+
+
+def test_the_same_exception_after_progress_or_elsewhere_spends_the_budget():
+    p = policy(max_restarts=10)
+    assert decide(p, raised(progressed=True), now=0).relaunch
+    assert decide(p, raised(progressed=True), now=1).relaunch  # further each time: not stuck
+    assert decide(p, raised(progressed=False, where="job.py:90 in step"), now=2).relaunch
+    assert decide(p, raised(progressed=None, where="job.py:90 in step"), now=3).relaunch  # cannot tell
+    assert p.total == 4
+
+
+def test_outside_causes_spend_the_budget_even_without_progress():
+    p = policy(max_restarts=100)
+    for cause, rc in (("signal", -9), ("oom", -9), ("hang", None), ("peer_lost", 1)):
+        c = Cause(0, cause, "x", "exit_status", returncode=rc)
+        assert all(decide(p, Failure(0, c, False, False), now=t).relaunch for t in range(4)), cause
+    assert p.stalled == 0
+
+
+def test_attempts_without_progress_end_the_run_whatever_the_window_gives_back():
+    p = policy(max_restarts=2, window=1, stalled=3)
+    errors = ("KeyError", "IndexError", "OSError")
+    decisions = [decide(p, raised(exception=e, progressed=False), now=10 * i) for i, e in enumerate(errors)]
+    assert [d.relaunch for d in decisions] == [True, True, False]
+    assert "no progress: 3 attempts" in decisions[-1].reason and not decisions[-1].requeue
+
+
+def test_progress_resets_the_count_and_zero_turns_both_rules_off():
+    p = policy(max_restarts=100, stalled=2)
+    for i in range(6):  # stuck, then further, alternately: never two in a row
+        assert decide(p, raised(exception=f"E{i}", progressed=i % 2 == 0), now=i).relaunch
+    p = policy(max_restarts=100, stalled=0)
+    assert all(decide(p, raised(progressed=False), now=t).relaunch for t in range(5))
+
+
+def test_a_warning_line_never_makes_two_failures_the_same():
+    """Two different exceptions whose rank's last stderr line is the same warning."""
+    p = policy(max_restarts=10)
+    assert decide(p, raised(exception="KeyError", at_startup=True), now=0).relaunch
+    assert decide(p, raised(exception="IndexError", at_startup=True), now=1).relaunch
 
 
 def test_backoff_stays_at_the_cap_after_thousands_of_restarts_in_a_window():

@@ -213,3 +213,32 @@ def test_a_live_pid_is_the_daemon_only_if_it_started_before_its_first_event():
     finally:
         proc.communicate(b"", timeout=10)
     assert not runlog.pid_is(proc.pid, now)
+
+
+def test_a_failures_explained_cause_and_its_recoverys_phases_are_read_and_garbage_is_not(tmp_path):
+    lines = crash_run()
+    at = next(i for i, line in enumerate(lines) if '"teardown"' in line)
+    lines.insert(at + 1, ev(2.15, "failure_explained", rank=1, attempt=0, cause="exception",
+                            exception="ValueError", where="job.py:88 in load_batch",
+                            message="no batch 150", knock_on=[0], also_failed=[]))
+    phases = {"detection": 0.002, "diagnosis": 0.1, "jit_wait": 0.0, "teardown": 0.099,
+              "relaunch": 0.2, "first_progress": 1.2}
+    first_step = next(i for i, line in enumerate(lines) if '"attempt": 1' in line and '"step"' in line)
+    lines.insert(first_step, ev(3.6, "recovered", rank=0, attempt=1, step=6, seconds=1.6, phases=phases))
+    write(tmp_path, lines)
+    run = runlog.summarise(runlog.read(tmp_path))
+    first = run.attempts[0]
+    assert first.explained.text() == ("rank 1: exception ValueError at job.py:88 in load_batch: "
+                                      "no batch 150 (rank 0 died of it)")
+    assert first.phases == phases
+    text = runlog.failure_text(run.last_failure)
+    assert text.startswith("rank 1: exception ValueError at job.py:88 in load_batch")
+    assert "recovery detection 0.00 s, diagnosis 0.10 s" in text
+    # a newer or broken daemon's fields: whatever is not what it should be is left out
+    lines[at + 1] = ev(2.15, "failure_explained", rank="one", attempt=0, cause=7, knock_on="0",
+                       where=None)
+    lines[first_step] = ev(3.6, "recovered", rank=0, attempt=1, phases={"teardown": "slow", "relaunch": 0.2})
+    write(tmp_path, lines)
+    run = runlog.summarise(runlog.read(tmp_path))
+    assert run.attempts[0].explained.text() == "no rank in sight: unexplained"
+    assert run.attempts[0].phases == {"relaunch": 0.2}

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import ROOT, Daemon, pid_alive
+from supervisord_ft.errors import EXIT_NO_REQUEUE
 
 PROBE = Path(__file__).with_name("probe.py")
 FAST = ["--standby", "--preload", "json,ctypes", "--restart-backoff", "0", "--grace-period", "5"]
@@ -75,7 +76,7 @@ async def test_a_script_cannot_tell_a_standby_from_a_cold_start(daemon, tmp_path
     d, go = await start_probe(daemon, tmp_path, end, form, "--max-restarts", "1")
     standbys = await pool_ready(d)
     os.write(go, b"g")  # attempt 0 (cold) ends; attempt 1 runs in the standbys
-    assert await d.finish() == 1  # the second failure spends the budget
+    assert await d.finish() == EXIT_NO_REQUEUE  # the same failure twice at start-up: a crash loop
     handed = {e["standby_pid"]: e["rank"] for e in d.named("standby_state", to="handed_out")}
     assert set(handed) == standbys
     assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys

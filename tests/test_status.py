@@ -72,9 +72,10 @@ async def test_status_tells_a_crash_and_a_daemon_that_died_without_saying_so(dae
     assert lines["state"].startswith(f"daemon gone: pid {d.proc.pid} ended without supervisor_exit; "
                                      "last state RUNNING")
     assert lines["restarts"] == "1 (2 attempts)"
-    # when, the loop's reason, the rank's last stderr line
-    assert re.fullmatch(r"\d\d:\d\d:\d\d rank 1 exited with 1: rank 1 failing at step 2",
-                        lines["failure"])
+    # when, the explained cause, where the recovery's time went
+    assert re.fullmatch(r"\d\d:\d\d:\d\d rank 1: exit_code: rank 1 failing at step 2; recovery detection "
+                        r"[\d.]+ s, diagnosis [\d.]+ s, jit_wait [\d.]+ s, teardown [\d.]+ s, relaunch "
+                        r"[\d.]+ s, first_progress [\d.]+ s", lines["failure"])
 
 
 async def test_status_of_a_dir_without_a_run_exits_2_with_one_line(tmp_path):

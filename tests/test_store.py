@@ -21,6 +21,7 @@ async def test_every_attempt_meets_a_fresh_store_on_master_addr_and_a_dead_host_
     try:
         d: Daemon = await daemon("--store-host", "--standby", "--restart-backoff", "0",
                                  "--max-restarts", str(CRASHES), "--grace-period", "5",
+                                 "--max-stalled-attempts", "0",  # the same crash each time, on purpose
                                  command=[sys.executable, PROBE])
     finally:
         del os.environ["PROBE_GO"], os.environ["PROBE_CRASHES"]

@@ -61,7 +61,8 @@ async def test_without_jit_checkpoint_timeout_survivors_are_signalled_at_once(da
 
 
 async def test_restart_budget_exhausted_ends_failed_with_exit_1(daemon):
-    d = await daemon("--max-restarts", "2", "--restart-backoff", "0",
+    # the same failure at the same step each time: the budget alone judges it with the rules off
+    d = await daemon("--max-restarts", "2", "--restart-backoff", "0", "--max-stalled-attempts", "0",
                      command=[*FAKE_WORKER, "--fail-rank", "0", "--fail-at-step", "1",
                               "--fail-attempts", "99"])
     assert await d.finish() == 1
