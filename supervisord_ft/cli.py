@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ from . import __version__, dirlock, orphans, report, status
 from .config import (OPTIONS, Config, build, ensure_appendable, ensure_fd_budget, ensure_writable_dir,
                      read_toml)
 from .console import ConsoleView
-from .errors import EXIT_CODES, ConfigError, SupervisorError
+from .errors import EXIT_CODES, EXIT_SIGNAL_BASE, ConfigError, SupervisorError
 from .logs import EVENTS_FILE, EventBus, EventsFile, Log, resolve_format
 from .noderdzv import NodeRendezvous, node_addr
 from .rendezvous import LocalRendezvous, Rendezvous
@@ -81,9 +83,17 @@ READERS = (
 
 
 def _read(ns: argparse.Namespace) -> int:
-    if ns.subcommand == "status":
-        return status.main(ns.run_dir, ns.run, ns.json)
-    return report.main(ns.run_dir, ns.run, ns.output)
+    try:
+        if ns.subcommand == "status":
+            code = status.main(ns.run_dir, ns.run, ns.json)
+        else:
+            code = report.main(ns.run_dir, ns.run, ns.output)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `status | head -1`: the reader has what it wanted
+        # Python flushes stdout again at exit: point it at /dev/null so that is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_SIGNAL_BASE + signal.SIGPIPE  # as a tool killed by SIGPIPE, without a word
+    return code
 
 
 def load_config(argv: Sequence[str]) -> Config:

@@ -61,6 +61,30 @@ class RunLog:
         return found[0], self.runs[found[0]]
 
 
+# The fields the summary reads, with the types it can use: a field of another type (a newer
+# daemon's, a garbled line's) is dropped as if unknown. null is always allowed.
+_NUMBER = (int, float)
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("attempt", "restart", "rank", "step", "returncode", "exit_code", "pid",
+                     "restarts", "attempts"), (int,)),
+    **dict.fromkeys(("silent_for", "timeout", "seconds", "loss"), _NUMBER),
+    **dict.fromkeys(("run_id", "reason", "from", "to", "path", "resume_from", "line", "stream",
+                     "worker_event", "state", "why", "host", "cause", "exception", "where",
+                     "message", "summary", "stacks", "stacks_error"), (str,)),
+    **dict.fromkeys(("config", "frames", "unanswered", "phases"), (dict,)),
+    **dict.fromkeys(("laggards", "knock_on"), (list,)),
+}
+
+
+def _typed(ev: dict[str, Any]) -> Event:
+    """``ev`` without the fields whose type the summary cannot use (bool is no number here)."""
+    bad = [k for k, v in ev.items() if v is not None and k in FIELD_TYPES
+           and (not isinstance(v, FIELD_TYPES[k]) or isinstance(v, bool))]
+    for k in bad:
+        del ev[k]
+    return ev
+
+
 def _events(lines: Iterable[bytes]) -> Iterator[Event | None]:
     """Each line's event, or None for a line that is not one."""
     for raw in lines:
@@ -72,7 +96,7 @@ def _events(lines: Iterable[bytes]) -> Iterator[Event | None]:
             yield None
             continue
         ok = isinstance(ev, dict) and isinstance(ev.get("event"), str) and _seconds(ev) is not None
-        yield ev if ok else None
+        yield _typed(ev) if ok else None
 
 
 def read(run_dir: Path) -> RunLog:

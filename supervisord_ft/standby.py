@@ -263,7 +263,7 @@ class StandbyLauncher:
             self._refill()
 
     async def _hand_out(self, standby: Standby, spec: WorkerSpec) -> Started:
-        order = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": os.getcwd()}
+        order = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": _cwd()}
         assert standby.proc.stdin is not None
         try:
             standby.proc.stdin.write(json.dumps(order).encode() + b"\n")
@@ -285,6 +285,16 @@ class StandbyLauncher:
         pid = standby.pid
         return Started(pid, standby.proc.wait, functools.partial(signal_group, pid),
                        functools.partial(forward_if_caught, pid), output)
+
+
+def _cwd() -> str:
+    """Where a cold rank would start: the daemon's working directory. Deleted under the running
+    job (a scratch dir cleaned), it has no path, but a cold rank still starts in it; a standby
+    gets there through ``/proc/<daemon>/cwd``, which leads to a deleted directory too."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return f"/proc/{os.getpid()}/cwd"
 
 
 def _is_python(argv: Sequence[str]) -> bool:

@@ -17,6 +17,19 @@ from harness import ROOT, Daemon, pid_alive
 from supervisord_ft.errors import EXIT_NO_REQUEUE
 
 PROBE = Path(__file__).with_name("probe.py")
+# Attempt 0: both ranks wait for PROBE_GO, then rank 1 fails; later attempts print where they run.
+GATED = """
+import os, sys
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    with open(os.environ["PROBE_GO"], "rb", buffering=0) as go:
+        go.read(1)
+    sys.exit(1 if os.environ["RANK"] == "1" else 0)
+try:
+    print("cwd:", os.getcwd(), flush=True)
+except FileNotFoundError:
+    print("cwd: gone", flush=True)
+"""
+
 FAST = ["--standby", "--preload", "json,ctypes", "--restart-backoff", "0", "--grace-period", "5"]
 
 
@@ -31,7 +44,8 @@ async def pool_ready(d: Daemon, n: int = 2) -> set[int]:
     return idle(d)
 
 
-async def start_gated(daemon, tmp_path: Path, command: list[str], *args: str, **env: str) -> tuple[Daemon, int]:
+async def start_gated(daemon, tmp_path: Path, command: list[str], *args: str, within: str | None = None,
+                      **env: str) -> tuple[Daemon, int]:
     """Start a daemon whose first attempt waits for one byte on the FIFO ``PROBE_GO`` (the fd
     returned), so that the pool can fill first; ``env`` is the ranks' too."""
     go = tmp_path / "go"
@@ -40,7 +54,7 @@ async def start_gated(daemon, tmp_path: Path, command: list[str], *args: str, **
     env["PROBE_GO"] = str(go)
     os.environ.update(env)
     try:
-        d = await daemon(*FAST, *args, command=command)
+        d = await daemon(*FAST, *args, command=command, within=within)
     finally:
         for name in env:
             del os.environ[name]
@@ -189,3 +203,20 @@ async def test_a_non_python_command_always_starts_cold(daemon, tmp_path):
     assert {e["reason"] for e in d.named("standby_not_used")} == {
         "not a `python script.py` or `python -m module` command"}
     assert d.named("standby_state") == []
+
+
+async def test_a_working_directory_deleted_under_the_job_is_relaunched_warm_as_cold(daemon, tmp_path):
+    """The daemon's cwd (a scratch dir) is removed while the job runs, then a rank fails: a cold
+    start runs in the deleted directory, and so does a standby now (it failed to spawn, twice,
+    and the run ended as a crash loop)."""
+    scratch = tmp_path / "scratch"
+    (tmp_path / "gated.py").write_text(GATED)
+    d, fd = await start_gated(daemon, tmp_path, [sys.executable, str(tmp_path / "gated.py")],
+                              "--run-dir", str(tmp_path / "run"),
+                              "--checkpoint-dir", str(tmp_path / "ckpt"), within="scratch")
+    standbys = await pool_ready(d)
+    scratch.rmdir()
+    os.write(fd, b"gg")  # a byte for each rank: attempt 0 fails; attempt 1 runs in the standbys
+    assert await d.finish() == 0
+    assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys
+    assert [e["line"] for e in d.named("worker_output", attempt=1, rank=0)] == ["cwd: gone"]

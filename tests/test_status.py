@@ -137,3 +137,45 @@ def test_status_shows_the_last_three_hangs_of_a_run_that_hung_more_often(tmp_pat
     assert [value for label, value in facts if label == "hang"] == \
         ["attempt 2 at 03:04:34: hang 2", "attempt 3 at 03:04:44: hang 3", "attempt 4 at 03:04:54: hang 4"]
     assert [value for label, value in facts if label == "stacks"] == [f"/d/attempt-{n}" for n in (2, 3, 4)]
+
+
+HOSTILE = [  # a newer daemon's or a garbled line's fields, each of a type the reader cannot use
+    dict(event="launching", attempt="x", restart=0, resume_from=5),
+    dict(event="launching", attempt=1, restart="1", resume_from=["a", "b"]),
+    dict(event="worker_output", rank="y", attempt=1, stream=3, worker_event="step", worker_step="z", line=7),
+    dict(event="state_changed", attempt=1, reason={"why": 1}, to=["FAILED"], **{"from": 2}),
+    dict(event="hang_detected", attempt=1, rank=1, silent_for="long", timeout=True),
+    dict(event="hang_diagnosed", attempt=1, laggards="1", frames=[], unanswered="none", stacks=3),
+    dict(event="failure_explained", attempt=1, rank=1, cause=1, knock_on=3, where=[]),
+    dict(event="recovered", attempt=2, rank=0, seconds="fast", phases=[1, 2]),
+    dict(event="checkpoint_selected", path=12, step="20"),
+    dict(event="supervisor_exit", state=1, restarts="2", attempts=None, exit_code="0"),
+]
+
+
+async def test_status_and_report_read_a_log_whose_fields_have_other_types(tmp_path):
+    from test_runlog import crash_run
+    lines = crash_run() + [ev(6 + i, **e) for i, e in enumerate(HOSTILE)]
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
+    for args in (["status", str(tmp_path)], ["status", str(tmp_path), "--json"],
+                 ["report", str(tmp_path), "--output", str(tmp_path / "r.html")]):
+        rc, out, err = await cli(*args)
+        assert (rc, err) == (0, ""), args  # was: exit 70, a TypeError
+    rc, out, _ = await cli("status", str(tmp_path))
+    assert "step          20 / 20" in out  # what could be read still is
+
+
+def test_status_into_a_closed_pipe_is_a_quiet_exit(tmp_path):
+    """`status | head -1`: the reader goes away before the output is written."""
+    import os
+    import subprocess
+    from harness import ROOT
+    from test_runlog import crash_run
+    (tmp_path / "events.jsonl").write_text("\n".join(crash_run()) + "\n")
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "supervisord_ft", "status", str(tmp_path)], stdout=write,
+                          stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=60)
+    os.close(write)
+    assert (proc.returncode, proc.stderr) == (128 + signal.SIGPIPE, b"")  # was: 70 and a traceback
