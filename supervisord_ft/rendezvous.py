@@ -50,7 +50,8 @@ class News:
     """One node's word on the job, for every other node of the round: ``restart`` (a rank of
     that node failed or hung), ``stop`` (it got a stop signal), ``rejoin`` (a node waits to join a
     round with room for it: a new round, no restart spent; ``by_node`` None), or ``lost`` (the
-    rendezvous store went away; from this node's own helper)."""
+    rendezvous store went away; from this node's own helper); single node, ``store`` (the helper
+    hosting the round's store died)."""
 
     kind: str
     round: int

@@ -19,8 +19,9 @@ anything else, and every rank when no standby is ready, starts cold through
 
 Each standby has a state machine of its own (:data:`TRANSITIONS`), every change logged as a
 ``standby_state`` event; standbys are never ranks (no rank events, no hang checks). One that dies
-while waiting is replaced; one that dies before it was ever ready disables the pool (it would
-only die again: a missing package, a broken preload), and everything starts cold from then on.
+while waiting is replaced; one that dies before it was ever ready, or is not ready within the
+ranks' ``startup_timeout`` (killed), disables the pool (it would only do it again: a missing
+package, a broken or hanging preload), and everything starts cold from then on.
 A standby that does not answer its order within :data:`ACTIVATE_TIMEOUT` (stopped, hung) is
 killed and its rank started cold. Standbys die with the daemon (parent-death signal) and are
 killed by :meth:`StandbyLauncher.close`.
@@ -29,6 +30,7 @@ killed by :meth:`StandbyLauncher.close`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import json
@@ -46,7 +48,6 @@ from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
 # ``python -m standby`` runs from here, so the package is found whatever the job's sys.path.
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 ACTIVATE_TIMEOUT = 2.0  # an idle standby answers its order in milliseconds; past this it is hung
-READY_TIMEOUT = 600.0  # importing torch on a loaded machine takes seconds, never minutes
 SETTLE_AFTER = 10.0  # a group that reports no step is taken as started after this long
 
 
@@ -108,9 +109,12 @@ class Standby:
 class StandbyLauncher:
     """A pool of ``size`` standbys in front of a :class:`SubprocessLauncher`."""
 
-    def __init__(self, size: int, preload: Sequence[str], log: Any) -> None:
+    def __init__(self, size: int, preload: Sequence[str], log: Any, ready_timeout: float) -> None:
         self.size = size
         self.preload = tuple(preload)
+        # A standby is a rank's start-up done ahead: one not ready within the ranks' own
+        # ``startup_timeout`` (a preload whose import never returns) is killed.
+        self.ready_timeout = ready_timeout
         self.log = log
         self.cold = SubprocessLauncher()
         self.python: str | None = None  # learned from the first Python launch
@@ -205,7 +209,13 @@ class StandbyLauncher:
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        """A watcher ended; one that failed (a bug) is said, and the pool stops: ranks start cold."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._disable(f"a standby watcher failed: {type(exc).__name__}: {exc}")
 
     def _disable(self, reason: str) -> None:
         if self.disabled is not None:
@@ -237,20 +247,20 @@ class StandbyLauncher:
 
     async def _watch(self, s: Standby) -> None:
         """Until ``s`` is handed out: its ready line, then its death while idle, if it comes."""
+        line: bytes | None
         try:
-            async with asyncio.timeout(READY_TIMEOUT):
+            async with asyncio.timeout(self.ready_timeout or None):
                 line = await s.replies.readline()
         except TimeoutError:
-            line = b""
+            line = None
         if s.state is not State.STARTING:  # the run ended meanwhile
             return
-        ready = json.loads(line) if line.startswith(b"{") else {}
-        if ready.get("event") != "ready":
-            if line:
-                reason = f"not ready within {READY_TIMEOUT:g} s"
-            else:
-                rc = await asyncio.wait_for(asyncio.shield(s.exit), KILL_TIMEOUT)
-                reason = f"exited with {rc} before it was ready"
+        try:
+            ready = json.loads(line) if line and line.startswith(b"{") else {}
+        except ValueError:
+            ready = {}
+        if not isinstance(ready, dict) or ready.get("event") != "ready":
+            reason = await self._unready(s, line)
             s.transition(State.DEAD, reason)
             self._disable(f"a standby {reason}: every rank starts cold")
             return
@@ -261,6 +271,26 @@ class StandbyLauncher:
         if s.state is State.IDLE:
             s.transition(State.DEAD, f"exited with {rc} while idle: replaced")
             self._refill()
+
+    async def _unready(self, s: Standby, line: bytes | None) -> str:
+        """Why ``s`` never became ready; one still alive is killed (bounded by KILL_TIMEOUT)."""
+        if line is None:
+            why = f"was not ready within {self.ready_timeout:g} s (startup_timeout): killed"
+        elif line:
+            why = f"answered {line[:200]!r} instead of being ready: killed"
+        else:
+            why = None
+        if why is None or not s.exit.done():
+            if why is None:  # its reply pipe closed: it is exiting, or closed it and lives on
+                try:
+                    rc = await asyncio.wait_for(asyncio.shield(s.exit), KILL_TIMEOUT)
+                    return f"exited with {rc} before it was ready"
+                except TimeoutError:
+                    why = "closed its reply pipe before it was ready: killed"
+            signal_group(s.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(s.exit), KILL_TIMEOUT)
+        return why
 
     async def _hand_out(self, standby: Standby, spec: WorkerSpec) -> Started:
         order = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": _cwd()}

@@ -9,7 +9,9 @@ are its clients (``TORCHELASTIC_USE_AGENT_STORE=True``, as under torchrun's agen
 
 The helper is supervised, not trusted: if it has died, or does not answer within
 :data:`REPLY_TIMEOUT`, a new one is started for that round; if that one fails too, the round
-falls back to rank 0 hosting (:class:`LocalRendezvous`), so a launch never hangs on it.
+falls back to rank 0 hosting (:class:`LocalRendezvous`), so a launch never hangs on it. Its
+death while a round runs is news (:meth:`StoreRendezvous.news`, kind ``store``): ranks that
+have not met yet wait on a store that is gone, so the loop relaunches them on a new one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 from typing import Any
 
 from . import helpers
-from .rendezvous import Endpoint, LocalRendezvous, RankInfo, SingleNode
+from .rendezvous import Endpoint, LocalRendezvous, News, RankInfo, SingleNode
 from .workers import KILL_TIMEOUT
 
 # The first answer comes before the helper imports torch: it only binds a socket.
@@ -39,6 +41,7 @@ class StoreRendezvous(SingleNode):
         self.python = python
         self.log = log
         self.helper: asyncio.subprocess.Process | None = None
+        self._told: asyncio.subprocess.Process | None = None  # the helper whose death was news
 
     def check(self) -> None:
         self.local.check()
@@ -57,6 +60,17 @@ class StoreRendezvous(SingleNode):
             return Endpoint(endpoint.addr, port, agent_store=True), ranks
         self.log.warning("store_fallback", attempt=attempt, reason="rank 0 hosts the store this round")
         return endpoint, ranks
+
+    async def news(self) -> News:
+        """The death of the helper hosting this round's store, once per helper."""
+        helper = self.helper
+        if helper is None or helper is self._told:
+            return await super().news()
+        rc = await helper.wait()
+        if helper is not self.helper:  # replaced or stopped by this rendezvous itself
+            return await super().news()
+        self._told = helper
+        return News("store", 0, None, f"the store host (pid {helper.pid}) exited with {rc}")
 
     async def close(self, outcome: str = "", reason: str = "", signal: int | None = None) -> None:
         await self._stop()

@@ -39,6 +39,10 @@ EXIT_CODES = {State.DONE: EXIT_DONE, State.FAILED: EXIT_FAILED}
 STEP_EVENT = "step"
 # Printed by worker.contract.SaveOnFailure: this rank saves its last completed step if a peer dies.
 JIT_ARMED_EVENT = "jit_checkpoint_armed"
+# News that ends an attempt without a failure of the job's: a new round, no restart spent.
+FREE_ROUNDS = {"rejoin": "a new round for a node that joins",
+               "store": "a new store host for ranks that had not met yet"}
+MAX_FREE_STORE_ROUNDS = 3
 # A checkpoint directory on storage that hangs must not hold a recovery: past this, an
 # attempt's progress is taken as unknown (so as progress).
 LISTING_TIMEOUT = 5.0
@@ -57,7 +61,7 @@ class Supervisor:
         self.log = log
         # Given to the workers; the caller binds the same id on ``log`` (cli._run does).
         self.run_id = run_id or runlog.new_run_id()
-        self.launcher = launcher or (StandbyLauncher(cfg.num_workers, cfg.preload, log)
+        self.launcher = launcher or (StandbyLauncher(cfg.num_workers, cfg.preload, log, cfg.startup_timeout)
                                      if cfg.standby else SubprocessLauncher())
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
         self.fsm = StateMachine(on_change=self._log_transition)
@@ -81,6 +85,7 @@ class Supervisor:
         self._reports_steps = False  # some rank of this run printed a step line
         self._high_step: int | None = None  # the highest step any earlier attempt reported
         self._requeue = True  # False once the run failed of a cause a rerun would repeat
+        self._store_lost = 0  # store hosts lost in a row before the ranks met
 
     @property
     def restarts(self) -> int:
@@ -138,6 +143,7 @@ class Supervisor:
             return  # a job that reports steps has recovered at its first step, not its first collective
         if not a.stepped:
             a.stepped = True
+            self._store_lost = 0
             self.launcher.settled()
             if a.recovery is not None:
                 now = time.monotonic()
@@ -450,7 +456,15 @@ class Supervisor:
                     self._stop(self._stop_reason())
                     return
                 if news_wait in done:
-                    self._heard(a, news_wait.result())
+                    news = news_wait.result()
+                    if news.kind == "store" and a.stepped:  # the ranks have met: they need it no more
+                        self.log.warning("store_host_lost", attempt=a.id, reason=news.reason,
+                                         action="training goes on; the next launch gets a new store")
+                        waiters.discard(news_wait)
+                        news_wait = asyncio.create_task(self.rendezvous.news())
+                        waiters.add(news_wait)
+                        continue
+                    self._heard(a, news)
                     return
         finally:
             for task in waiters:
@@ -465,8 +479,12 @@ class Supervisor:
             self._stop_requested.set()
             self.fsm.transition(State.STOPPING, why)
             return
+        if news.kind == "store":  # free, unless the helper keeps dying: then it spends budget
+            self._store_lost += 1
+            if self._store_lost > MAX_FREE_STORE_ROUNDS:
+                news = replace(news, kind="lost")
         a.news = news
-        if news.kind != "rejoin":
+        if news.kind not in FREE_ROUNDS:
             a.fail(Cause(-1 if news.rank is None else news.rank, "peer_lost", why, "news",
                          returncode=news.returncode), self.cfg.startup_window)
         self.fsm.transition(State.RECOVERING, why)
@@ -523,12 +541,12 @@ class Supervisor:
     async def _recover(self) -> None:
         a = self.attempt
         assert a is not None
-        if a.news is not None and a.news.kind == "rejoin":  # a bigger group, not a failure
+        if a.news is not None and a.news.kind in FREE_ROUNDS:  # not the job's failure
             await self._teardown("new round")
             if self._stop_requested.is_set():
                 self._stop(self._stop_reason())
             else:
-                self.fsm.transition(State.LAUNCHING, "a new round for a node that joins (no restart spent)")
+                self.fsm.transition(State.LAUNCHING, f"{FREE_ROUNDS[a.news.kind]} (no restart spent)")
             return
         assert a.failure is not None
         if a.news is None:  # ours: the other nodes hear of it now, not after the teardown

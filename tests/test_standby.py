@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, Daemon, pid_alive
+from harness import FAKE_WORKER, ROOT, Daemon, pid_alive
 from supervisord_ft.errors import EXIT_NO_REQUEUE
 
 PROBE = Path(__file__).with_name("probe.py")
@@ -195,6 +195,24 @@ async def test_a_standby_that_cannot_start_disables_the_pool_and_ranks_start_col
     assert {e["reason"].split(":")[0] for e in d.named("standby_not_used", attempt=None)} >= {"pool disabled"}
     assert len(d.named("worker_started", attempt=1)) == 2 and d.named("standby_state", to="idle") == []
     assert len(d.named("standby_disabled")) == 1
+
+
+async def test_a_preload_whose_import_never_returns_is_killed_at_startup_timeout(daemon, tmp_path):
+    """It was never declared dead (alive after 10 minutes), and the daemon printed a bare
+    TimeoutError from a task; now it is killed at the ranks' startup_timeout, said once."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "forever.py").write_text("import time\ntime.sleep(3600)\n")
+    config = tmp_path / "run.toml"
+    config.write_text(f'[env]\nPYTHONPATH = "{os.pathsep.join([str(tmp_path / "lib"), str(ROOT)])}"\n')
+    d = await daemon(*FAST, "--config", str(config), "--preload", "json,forever", "--startup-timeout", "3",
+                     command=[*FAKE_WORKER, "--steps", "100", "--step-time", "0.1"])
+    disabled = await d.wait_for(lambda e: e["event"] == "standby_disabled", timeout=60)
+    assert "was not ready within 3 s (startup_timeout): killed" in disabled["reason"]
+    assert await d.finish() == 0
+    starting = {e["standby_pid"] for e in d.named("standby_state", to="starting")}
+    assert starting and not any(pid_alive(p) for p in starting)
+    assert {e["standby_pid"] for e in d.named("standby_state", to="dead")} == starting
+    assert len(d.named("standby_disabled")) == 1 and "Traceback" not in d.stderr
 
 
 async def test_a_non_python_command_always_starts_cold(daemon, tmp_path):

@@ -44,3 +44,20 @@ async def test_every_attempt_meets_a_fresh_store_on_master_addr_and_a_dead_host_
     hosts = [e["pid"] for e in d.named("store_host_started")]
     assert len(hosts) == 2 and hosts[0] == host
     assert d.named("store_fallback") == []
+
+
+async def test_a_store_host_that_dies_before_the_ranks_meet_is_replaced_within_seconds(daemon):
+    """Killed right after it answered the launch's store, while the cold ranks still import torch:
+    they would wait on a store that is gone until startup_timeout (1200 s); now its death is
+    news, and the group is relaunched on a new store host, no restart spent."""
+    job = [sys.executable, str(Path(__file__).with_name("jobs") / "ddp_plain.py"), "--steps", "20",
+           "--step-time", "0.01", "--print", "none"]
+    d: Daemon = await daemon("--store-host", "--restart-backoff", "0", "--max-restarts", "0", command=job)
+    ready = await d.wait_for(lambda e: e["event"] == "store_ready", timeout=60)
+    os.kill(ready["host_pid"], signal.SIGKILL)
+    assert await d.finish(timeout=90) == 0
+    reasons = [e["reason"] for e in d.named("state_changed", to="LAUNCHING")]
+    assert reasons == ["a new store host for ranks that had not met yet (no restart spent)"]
+    assert d.events[-1]["restarts"] == 0
+    hosts = [e["host_pid"] for e in d.named("store_ready")]
+    assert len(hosts) == 2 and hosts[0] != hosts[1]
