@@ -10,8 +10,11 @@ protocol). It runs torch's own rendezvous, ``DynamicRendezvousHandler`` over the
   ``closed`` with a reason. The group-rank-0 node's helper hosts a fresh ``TCPStore`` for the
   round's workers on ``local_addr`` only (gloo leaves ``default_pg/...`` keys behind, so no
   store is reused) and publishes where it listens.
-- ``{"cmd": "vote", "step": S}``: this node's newest intact checkpoint step (or null); answer
-  ``agreed`` with the step every node resumes from, the lowest vote (null if any node has none).
+- ``{"cmd": "vote", "step": S, "steps": [...]}``: this node's newest intact checkpoint step (or
+  null) and the steps of the checkpoints it holds up to it; answer ``agreed`` with the step every
+  node resumes from, the newest step every node holds (null if no node holds any), and
+  ``differ: true`` when some node holds checkpoints but none is held by all (their checkpoint
+  dirs are not one shared directory).
 - ``{"cmd": "news", "kind": ..., ...}``: the job must restart or stop because of this node;
   the first news of a round wins (``compare_set``), and a restart counts once in the job's count.
   No answer: every helper, this one too, reports the round's news as a ``news`` event the moment
@@ -308,17 +311,19 @@ class Member:
             self.emit(event="lost", round=round_, reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
 
     # -- after the round ----------------------------------------------------------------------
-    def vote(self, step: int | None) -> None:
+    def vote(self, step: int | None, steps: list[int]) -> None:
         from torch.distributed import DistError
         key = f"{self.round}/step/"
         try:
-            self.job.set(f"{key}{self.group_rank}", json.dumps(step))
-            votes = [json.loads(self.job.get(f"{key}{n}")) for n in range(self.nnodes)]
+            self.job.set(f"{key}{self.group_rank}", json.dumps({"step": step, "steps": steps}))
+            ballots = [json.loads(self.job.get(f"{key}{n}")) for n in range(self.nnodes)]
         except DistError as exc:  # a node of the round is gone before it voted
             self.emit(event="broken", round=self.round, reason=str(exc).splitlines()[0])
             return
-        agreed = None if None in votes else min(votes)
-        self.emit(event="agreed", round=self.round, step=agreed, votes=votes)
+        held = [set(b["steps"]) | ({b["step"]} if b["step"] is not None else set()) for b in ballots]
+        common = set.intersection(*held)
+        self.emit(event="agreed", round=self.round, step=max(common, default=None),
+                  votes=[b["step"] for b in ballots], differ=not common and any(held))
 
     def news(self, fields: dict[str, Any]) -> None:
         if self.round is None:
@@ -378,7 +383,7 @@ def main() -> None:
             if cmd == "join":
                 member.join(order["local_world_size"])
             elif cmd == "vote":
-                member.vote(order["step"])
+                member.vote(order["step"], order.get("steps", []))
             elif cmd == "news":
                 member.news(order)
             elif cmd == "close":

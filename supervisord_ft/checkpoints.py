@@ -185,6 +185,11 @@ def _candidates(directory: Path) -> tuple[list[Checkpoint], list[Rejected]]:
     return found, rejected
 
 
+def steps(directory: Path | str) -> list[int]:
+    """The steps of every checkpoint name in ``directory``, newest first, verified or not."""
+    return [cp.step for cp in _candidates(Path(directory))[0]]
+
+
 def discover(directory: Path | str) -> Discovery:
     """Find the newest intact checkpoint, newest first; every skipped file comes with a reason.
 

@@ -19,8 +19,8 @@ EXIT_CODES: tuple[tuple[str, str], ...] = (
                        "an unlistable `checkpoint_dir`); a requeue may succeed"),
     (str(EXIT_NO_REQUEUE), "FAILED, do not requeue: a rerun would fail the same way (a "
                            "deterministic failure, `max_stalled_attempts` without progress, a "
-                           "crash loop, a `no_retry_exit_codes` code); the reason names the "
-                           "cause, exception and place"),
+                           "crash loop, a `no_retry_exit_codes` code, multi-node checkpoint dirs "
+                           "with no step in common); the reason names the cause"),
     (str(EXIT_USAGE), "usage or configuration error (one line on stderr naming the key), or "
                       "`checkpoint_dir` already in use by another daemon (the line names the "
                       "directory and its pid); nothing was started"),
@@ -55,6 +55,11 @@ class CheckpointError(Exception):
     It carries no exit code: the daemon ends the run FAILED on an unlistable directory, the
     built-in worker refuses to resume (its exit 2); each decides at its own edge.
     """
+
+
+class CheckpointDirsDiffer(CheckpointError):
+    """Multi-node: no checkpoint step is held by every node (their checkpoint dirs differ); no
+    rerun can fix that, so the run ends with the do-not-requeue exit code."""
 
 
 class TransitionError(SupervisorError):

@@ -21,9 +21,10 @@ import socket
 import sys
 from typing import Any
 
-from . import helpers
+from . import checkpoints, helpers
 from .checkpoints import Checkpoint, checkpoint_path
 from .config import Config
+from .errors import CheckpointDirsDiffer
 from .rendezvous import Endpoint, LocalRendezvous, News, RankInfo, RendezvousFailed
 
 MODULE = "standby.rdzv"
@@ -161,11 +162,16 @@ class NodeRendezvous:
         return Endpoint(reply["master_addr"], reply["master_port"], agent_store=True), ranks
 
     async def agree(self, newest: Checkpoint | None) -> Checkpoint | None:
-        reply = await self._ask({"cmd": "vote", "step": newest.step if newest else None},
+        held = [s for s in checkpoints.steps(self.cfg.checkpoint_dir) if newest and s <= newest.step]
+        reply = await self._ask({"cmd": "vote", "step": newest.step if newest else None, "steps": held},
                                 self._timeout("read_timeout", 60))
         if reply["event"] != "agreed":
             raise RendezvousFailed(f"round {self.round} broken before every node voted: {reply['reason']}")
         step = reply["step"]
+        if reply.get("differ"):  # resuming from any one of them would lose, or fail on, the others
+            raise CheckpointDirsDiffer(
+                f"{self.cfg.checkpoint_dir} holds no checkpoint step that every node holds (newest "
+                f"by node: {reply['votes']}): the nodes' checkpoint dirs are not one shared directory")
         self.log.info("checkpoint_agreed", step=step, votes=reply["votes"])
         if step is None:
             return None

@@ -25,7 +25,8 @@ from .attempt import Attempt, Recovery, first_to_fail
 from .causes import Cause, Explanation
 from .channel import FR_BUFFER, FR_ENTRIES, Sockets
 from .config import Config, as_dict
-from .errors import EXIT_DONE, EXIT_FAILED, EXIT_NO_REQUEUE, EXIT_SIGNAL_BASE, CheckpointError
+from .errors import (EXIT_DONE, EXIT_FAILED, EXIT_NO_REQUEUE, EXIT_SIGNAL_BASE, CheckpointDirsDiffer,
+                     CheckpointError)
 from .fsm import State, StateMachine
 from .output import OutputRouter, Source
 from .progress import Looker
@@ -275,6 +276,7 @@ class Supervisor:
                 self.fsm.transition(State.FAILED, f"rendezvous: {exc}")
             return
         except CheckpointError as exc:
+            self._requeue = not isinstance(exc, CheckpointDirsDiffer)
             self.fsm.transition(State.FAILED, f"checkpoint_dir: {exc}")
             return
         if a is None:

@@ -293,3 +293,43 @@ async def test_with_min_max_nodes_a_node_that_arrives_later_is_taken_in_at_once(
     c.nodes[1].signal(signal.SIGTERM)
     assert await c.finish() == [143, 143]
     assert all(d.events[-1]["restarts"] == 0 for d in c.nodes)  # a bigger group spends no restart
+
+
+def _saved(directory, *steps: int) -> None:
+    import torch
+    from supervisord_ft import checkpoints as ck
+    directory.mkdir(exist_ok=True)
+    for step in steps:
+        ck.atomic_write(ck.checkpoint_path(directory, step),
+                        lambda fh, s=step: torch.save({"step": s, "w": torch.zeros(4)}, fh))
+
+
+async def test_checkpoint_dirs_that_are_not_shared_end_the_run_saying_so_and_set_nothing_aside(cluster, tmp_path):
+    """Each node its own dir (a mistake users make): no step is held by both. The nodes agreed on
+    a step one did not have, it failed twice, an intact checkpoint was set aside and the run
+    ended as a crash loop; now every node ends at once with exit 3, naming the dirs' steps."""
+    from harness import FAKE_WORKER
+    _saved(tmp_path / "ck0", 10, 20)
+    _saved(tmp_path / "ck1", 30)
+    c = await cluster(2, "--restart-backoff", "0",
+                      per_node=[["--checkpoint-dir", str(tmp_path / f"ck{n}")] for n in (0, 1)],
+                      command=[*FAKE_WORKER, "--steps", "5"])
+    assert await c.finish(timeout=120) == [3, 3]
+    for d in c.nodes:
+        reason = d.named("state_changed", to="FAILED")[0]["reason"]
+        assert "no checkpoint step that every node holds (newest by node: [20, 30])" in reason
+        assert d.named("checkpoint_set_aside") == [] and d.named("worker_started") == []
+    assert sorted(p.name for p in (tmp_path / "ck1").iterdir()) == ["checkpoint_step_30.pt"]
+
+
+async def test_the_nodes_resume_from_the_newest_step_they_all_hold(cluster, tmp_path):
+    from harness import FAKE_WORKER
+    _saved(tmp_path / "ck0", 10, 20)
+    _saved(tmp_path / "ck1", 10, 30)
+    c = await cluster(2, "--restart-backoff", "0",
+                      per_node=[["--checkpoint-dir", str(tmp_path / f"ck{n}")] for n in (0, 1)],
+                      command=[*FAKE_WORKER, "--steps", "5"])
+    assert await c.finish(timeout=120) == [0, 0]
+    for n, d in enumerate(c.nodes):
+        assert d.named("checkpoint_agreed")[0]["step"] == 10
+        assert d.named("launching")[0]["resume_from"] == str(tmp_path / f"ck{n}" / "checkpoint_step_10.pt")
