@@ -4,7 +4,10 @@
   steps), rank 1 raises ``ValueError`` in ``load_batch`` at step 150 on every attempt. Both
   launchers get ``--max-restarts 10`` (ours also ``--restart-window 5``, which gives the budget
   back); metric: attempts launched and wall seconds until the launcher gives up, and what it
-  says. torchrun's attempts are counted from its agent's "will restart worker group" lines.
+  says. torchrun's attempts are counted from its agent's "attempts left; will restart worker
+  group" lines (``LOGLEVEL=INFO``); it
+  runs tuned (a fresh store per round: with the shared one its restarted gloo ranks hang in
+  ``init_process_group``, see ``launch.Torchrun``).
 - A knock-on first: rank 1 tears its process group down, waits 4 s, raises; rank 0 dies first,
   of the lost peer (its 1 s collective timeout). Metric: the rank each launcher names as the
   root cause (torchrun's "Root Cause (first observed failure)", our ``failure_explained``), and
@@ -26,7 +29,7 @@ from pathlib import Path
 from supervisord_ft import causes
 from supervisord_ft.attempt import Tail
 
-from .launch import ROOT, descendants, job_env, kill_group, run_daemon
+from .launch import ROOT, TORCHRUN_TUNED, descendants, job_env, kill_group, run_daemon
 from .report import Result, Summary, Table
 from .workloads import PYTHON
 
@@ -44,7 +47,7 @@ async def torchrun(max_restarts: int, job: list[str], timeout: float) -> dict[st
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", str(max_restarts), str(JOB), *job,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=job_env({}), cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=job_env({**TORCHRUN_TUNED.env, "LOGLEVEL": "INFO"}), cwd=ROOT,
         start_new_session=True)
     try:
         _, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -57,7 +60,7 @@ async def torchrun(max_restarts: int, job: list[str], timeout: float) -> dict[st
     text = err.decode(errors="replace")
     root = ROOT_CAUSE.search(text)
     return {"exit": proc.returncode, "seconds": time.monotonic() - t0,
-            "attempts": text.count("will restart worker group") + 1,
+            "attempts": text.count("attempts left; will restart worker group") + 1,
             "root_rank": int(root[1]) if root else None}
 
 
