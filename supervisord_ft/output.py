@@ -63,6 +63,8 @@ RESERVED = frozenset({
     # a failure explained, and where its recovery's time went
     "cause", "exception", "where", "message", "source", "knock_on", "also_failed", "notes",
     "exited", "phases",
+    # the store host lost after the ranks met
+    "action",
     # multi-node: the context every event gets, and the rendezvous' own events
     "node_rank", "round", "endpoint", "rdzv_id", "local_addr", "nnodes", "local_world_size",
     "world_size", "rank_offset", "votes",
