@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 TORCH_CPU_INDEX = https://download.pytorch.org/whl/cpu
 PIP_INDEX = $(if $(filter cpu,$(TORCH_INDEX)),--extra-index-url $(TORCH_CPU_INDEX),)
 
-.PHONY: venv demo test test-fast test-multinode soak bench bench-quick clean
+.PHONY: venv demo test test-fast test-slow test-multinode soak bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 # Several daemons of one job on this machine (loopback, and network namespaces as root).
 test-multinode: $(STAMP)
 	$(PY) -m pytest -q -m multinode tests/test_multinode.py
+
+# Tests whose subject is a long default wait (the 90 s hang floor): CI runs them too.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not e2e and not soak'
