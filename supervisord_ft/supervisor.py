@@ -44,6 +44,7 @@ JIT_ARMED_EVENT = "jit_checkpoint_armed"
 FREE_ROUNDS = {"rejoin": "a new round for a node that joins",
                "store": "a new store host for ranks that had not met yet"}
 MAX_FREE_STORE_ROUNDS = 3
+EXIT_FLUSH_LINES = 1000  # about 10-20 ms of rendering
 # A checkpoint directory on storage that hangs must not hold a recovery: past this, an
 # attempt's progress is taken as unknown (so as progress).
 LISTING_TIMEOUT = 5.0
@@ -500,7 +501,10 @@ class Supervisor:
         if worker.rank in a.reported:
             return
         a.reported.add(worker.rank)
-        self.router.flush()  # the worker's last lines come before its exit
+        # The worker's last lines come before its exit, as far as EXIT_FLUSH_LINES go: under a
+        # flood the backlog holds up to 16 MiB of lines, seconds to render, and the exit must
+        # be acted on first (the rest follows in order, from the emitter).
+        self.router.flush(EXIT_FLUSH_LINES)
         rc = worker.exit.result()
         log = self.log.bind(rank=worker.rank, restart=a.restart, attempt=a.id)
         fields: dict[str, Any] = dict(pid=worker.pid, returncode=rc,
