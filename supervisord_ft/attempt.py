@@ -21,9 +21,6 @@ from .restarts import Failure
 from .watchdog import Watchdog
 from .workers import Worker
 
-# A failure's reason carries at most this much of the rank's last stderr line: enough for a
-# Python exception message, short enough to keep a `state_changed` event one screen line.
-MAX_ERROR_CHARS = 500
 # Of each rank's stderr the attempt keeps its last lines, up to this many bytes: a traceback's
 # innermost frames and its exception, even of a traceback of 10,000 frames.
 STDERR_TAIL_BYTES = 64 << 10
@@ -46,11 +43,14 @@ class Tail:
         while self.size > self.limit and len(self.lines) > 1:
             self.size -= len(self.lines.popleft())
 
-    def last(self) -> bytes:
-        return next((line for line in reversed(self.lines) if line.strip()), b"")
+    def snapshot(self) -> tuple[bytes, ...]:
+        """The lines as they are now: references, not a copy of the bytes."""
+        return tuple(self.lines)
 
-    def text(self) -> str:
-        return b"\n".join(line.rstrip(b"\r\n") for line in self.lines).decode("utf-8", "replace")
+    def text(self, lines: tuple[bytes, ...] | None = None) -> str:
+        """The tail (or a snapshot of it) as text; bytes that are not UTF-8 replaced."""
+        chosen = self.lines if lines is None else lines
+        return b"\n".join(line.rstrip(b"\r\n") for line in chosen).decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,9 @@ class Attempt:
     stderr: dict[int, Tail] = field(default_factory=dict)
     hung: list[int] = field(default_factory=list)  # the ranks declared hung, if that ended it
     reported: set[int] = field(default_factory=set)  # ranks whose exit was logged
-    # Ranks alive when the teardown signalled them, with their stderr as it was then.
-    torn_down: dict[int, str] = field(default_factory=dict)
+    # Ranks alive when a recovery's teardown signalled them, with their stderr's lines as they
+    # were then (what a rank said after the signal, a SignalException, is not its own failure).
+    torn_down: dict[int, tuple[bytes, ...]] = field(default_factory=dict)
     # Where the job stood at launch, to tell whether this attempt got further.
     launched_wall: float = field(default_factory=time.time)  # for error files' stamps
     listing: asyncio.Future[Listing] | None = None  # the checkpoint directory, listed at launch
@@ -113,12 +114,8 @@ class Attempt:
             tail = self.stderr[rank] = Tail()
         tail.add(raw)
 
-    def last_error(self, rank: int) -> str:
-        tail = self.stderr.get(rank)
-        return tail.last().decode("utf-8", "replace").strip()[:MAX_ERROR_CHARS] if tail else ""
-
-    def stderr_text(self, rank: int) -> str:
-        return self.stderr[rank].text() if rank in self.stderr else ""
+    def stderr_text(self, rank: int, lines: tuple[bytes, ...] | None = None) -> str:
+        return self.stderr[rank].text(lines) if rank in self.stderr else ""
 
     def fail(self, cause: Cause, startup_window: float, hung_before_first_step: bool = False,
              detection: float = 0.0) -> Failure:

@@ -530,7 +530,8 @@ class Supervisor:
                           exited_on_their_own=[w.rank for w in live if not w.alive],
                           still_alive=a.alive())
         a.marks["jit_wait"] = time.monotonic()
-        a.torn_down = {r: a.stderr_text(r) for r in a.alive()}
+        if why == "recovery":  # only a failure is explained from it
+            a.torn_down = {r: a.stderr[r].snapshot() if r in a.stderr else () for r in a.alive()}
         report = await stop(a.workers, self.cfg.grace_period, self._kill_now)
         a.marks["teardown"] = time.monotonic()
         for w in sorted((w for w in a.workers if not w.alive), key=lambda w: w.exited_at or 0):
@@ -621,7 +622,7 @@ class Supervisor:
         path = self._error_file(a, w.rank)
         error_file = causes.read_error_file(path, a.launched_wall) if path else causes.ErrorFile(None, None)
         if w.rank in a.torn_down:  # what it said before the signal: an exception it had raised
-            return causes.raised(w.rank, a.torn_down[w.rank], error_file, w.exit.result(),
+            return causes.raised(w.rank, a.stderr_text(w.rank, a.torn_down[w.rank]), error_file, w.exit.result(),
                                  w.exited_at or 0.0), error_file.note
         oom = (cg := a.oom_kills.get(w.rank)) is not None and (procfs.oom_kills(cg[0]) or 0) > cg[1]
         return causes.of_rank(w.rank, w.exit.result(), a.stderr_text(w.rank), error_file, oom,
