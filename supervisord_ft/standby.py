@@ -7,9 +7,11 @@ torch-side half of this protocol, :mod:`standby.runner`), started ahead of need 
 environment every rank shares and with the pipes that become the rank's stdout and stderr. On
 launch, a standby gets the rank's argv, environment and working directory as one JSON line and
 runs the script as a fresh ``python`` would. The pool fills, and refills after every hand-out,
-in the background once the launched group has settled (its first step, or :data:`SETTLE_AFTER`
-seconds for a script that reports no steps): a standby importing torch beside ranks still
-starting takes the CPU their start-up needs (on 2 cores it delayed a first step by 3 s).
+in the background once the launched group has settled: its first step or collective, its ranks
+together using less than :data:`SETTLED_CPU` of a core (they wait: on a peer, a store, a
+file), or at the latest :data:`SETTLE_AFTER` seconds after the launch. A standby importing torch
+beside ranks still starting takes the CPU their start-up needs (on 2 cores it delayed a first
+step by 3 s).
 
 Only ``PYTHON script.py ...`` and ``PYTHON -m module ...`` are served warm, with ``PYTHON`` the
 interpreter the first launch named and an environment equal to the standbys' in everything but
@@ -41,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import envvars, orphans
+from . import envvars, orphans, procfs
 from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
                       _die_with_parent, _pipe, _stream, forward_if_caught, signal_group)
 
@@ -49,6 +51,8 @@ from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 ACTIVATE_TIMEOUT = 2.0  # an idle standby answers its order in milliseconds; past this it is hung
 SETTLE_AFTER = 10.0  # a group that reports no step is taken as started after this long
+SETTLE_LOOK = 0.25  # s between two reads of the launched ranks' CPU time while they start
+SETTLED_CPU = 0.2  # of one core, the launched ranks together: below it they wait, not start
 
 
 class State(enum.Enum):
@@ -122,7 +126,8 @@ class StandbyLauncher:
         self.disabled: str | None = None  # why the pool gave up; None while it works
         self.standbys: list[Standby] = []
         self._filler: asyncio.Task[None] | None = None
-        self._settle_timer: asyncio.TimerHandle | None = None
+        self._settler: asyncio.Task[None] | None = None
+        self._launched: list[int] = []  # pids of the ranks started since the pool last settled
         self._tasks: set[asyncio.Task[None]] = set()  # one watcher per standby
 
     # -- Launcher -------------------------------------------------------------------------------
@@ -133,13 +138,16 @@ class StandbyLauncher:
                 why_cold = "no standby ready"
             else:
                 try:
-                    return await self._hand_out(standby, spec)
+                    started = await self._hand_out(standby, spec)
+                    self._launched.append(started.pid)
+                    return started
                 except StandbyError as exc:
                     why_cold = str(exc)
                 finally:
                     self._refill_later()
         self.log.info("standby_not_used", rank=spec.rank.rank, reason=why_cold)
         started = await self.cold.start(spec)
+        self._launched.append(started.pid)
         if self.python is None and self.disabled is None and _is_python(spec.argv):
             self.python, self.env = spec.argv[0], _shared(spec.env)
             self._refill_later()
@@ -149,9 +157,7 @@ class StandbyLauncher:
         self._refill()
 
     async def close(self) -> None:
-        if self._settle_timer is not None:
-            self._settle_timer.cancel()
-        for task in (self._filler, *self._tasks):
+        for task in (self._settler, self._filler, *self._tasks):
             if task is not None:
                 task.cancel()
         live = self._live()
@@ -182,10 +188,30 @@ class StandbyLauncher:
         return None
 
     def _refill_later(self) -> None:
-        """Refill once the group settles: at :meth:`settled`, at the latest after SETTLE_AFTER."""
-        if self._settle_timer is not None:
-            self._settle_timer.cancel()
-        self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_AFTER, self._refill)
+        """Refill once the group settles: at :meth:`settled`, when the ranks started stop using
+        the CPU, at the latest after SETTLE_AFTER."""
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.create_task(self._settle(), name="standby-settle")
+
+    async def _settle(self) -> None:
+        """Refill once the launched ranks' CPU time grows by less than SETTLED_CPU of a core
+        between two reads (a rank's interpreter start and imports keep a core busy)."""
+        loop = asyncio.get_running_loop()
+        deadline, before = loop.time() + SETTLE_AFTER, self._cpu_ticks()
+        while loop.time() < deadline:
+            await asyncio.sleep(SETTLE_LOOK)
+            now = self._cpu_ticks()
+            if now - before < SETTLED_CPU * SETTLE_LOOK * procfs.CLK_TCK:
+                break
+            before = now
+        self._launched.clear()
+        self._refill()
+
+    def _cpu_ticks(self) -> int:
+        """The CPU time of the ranks started since the pool last settled that still live."""
+        stats = [st for pid in self._launched if (st := procfs.stat(pid)) is not None and not st.zombie]
+        self._launched = [st.pid for st in stats]
+        return sum(st.cpu_ticks for st in stats)
 
     def _refill(self) -> None:
         """Start standbys in the background until ``size`` are starting or idle."""

@@ -9,12 +9,14 @@ import shutil
 import signal
 import sys
 import zipapp
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from harness import FAKE_WORKER, ROOT, Daemon, pid_alive
 from supervisord_ft.errors import EXIT_NO_REQUEUE
+from supervisord_ft.standby import SETTLE_AFTER
 
 PROBE = Path(__file__).with_name("probe.py")
 # Attempt 0: both ranks wait for PROBE_GO, then rank 1 fails; later attempts print where they run.
@@ -124,6 +126,32 @@ if __name__ == "__main__":  # a spawned child imports this file again, as __mp_m
             go.read(1)
         sys.exit(1)
 """
+
+
+BUSY_THEN_WAIT = """
+import os, time
+end = time.monotonic() + 2.0
+while time.monotonic() < end:  # a rank's start-up: every core it can get
+    pass
+print("started", flush=True)
+with open(os.environ["PROBE_GO"], "rb", buffering=0) as go:
+    go.read(1)  # then it waits, on a peer or a store, using no CPU
+"""
+
+
+async def test_the_pool_fills_once_the_ranks_stop_using_the_cpu_not_while_they_start(daemon, tmp_path):
+    (tmp_path / "busy.py").write_text(BUSY_THEN_WAIT)
+    d, go = await start_gated(daemon, tmp_path, [sys.executable, "busy.py"])
+    await pool_ready(d)
+    os.write(go, b"gg")
+    assert await d.finish() == 0
+    names = [e["event"] for e in d.events]
+    started = [i for i, e in enumerate(d.events) if e["event"] == "worker_output" and e.get("line") == "started"]
+    first_standby = names.index("standby_state")
+    assert len(started) == 2 and first_standby > max(started)  # not while both ranks kept the cores busy
+    launched = datetime.fromisoformat(d.named("launching")[0]["timestamp"])
+    filled = datetime.fromisoformat(d.events[first_standby]["timestamp"])
+    assert (filled - launched).total_seconds() < SETTLE_AFTER  # nor only at the latest bound
 
 
 async def test_a_script_in_a_standby_can_start_spawned_children(daemon, tmp_path):
