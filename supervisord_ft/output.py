@@ -40,6 +40,10 @@ LINE_OVERHEAD = 160
 # Lines emitted before yielding to the pipes' reads. Small, because a read is cheap and keeps the
 # workers' pipes drained while the daemon is short of CPU (BENCHMARKS.md §6).
 EMIT_BATCH = 64
+# A pipe that delivered this much at once has more waiting: it is read again only at the next
+# turn of the loop, after everything else ready (the event loop would otherwise read a flood
+# many chunks in a row, seconds of splitting per turn, with exits, signals and recovery waiting).
+FAIR_CHUNK = 32 << 10
 REDRAW_INTERVAL = 1.0  # seconds between two logged redraws of one pipe
 # Far deeper than any log record, far shallower than the encoder's recursion limit (~1000).
 MAX_DEPTH = 32
@@ -196,6 +200,13 @@ class Pipe(asyncio.Protocol):
         self._lines.feed(data)
         if self._writer_gone and self._unread() == 0:
             self.read_out.set()
+        elif len(data) >= FAIR_CHUNK and self._transport is not None and not self._closed:
+            self._transport.pause_reading()  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if not self._closed and self._transport is not None:
+            self._transport.resume_reading()  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool:
         self.close()  # before the transport closes the descriptor that _unread asks about
@@ -205,8 +216,20 @@ class Pipe(asyncio.Protocol):
         self.close()
 
     def writer_exited(self) -> None:
-        """The worker is gone: what it wrote is in the pipe now, and no more of it comes."""
+        """The worker is gone: what it wrote is in the pipe now, and no more of it comes. It is
+        read at once (up to the pipe's size), not a chunk per turn of a loop that other ranks'
+        floods keep busy: the exit waits for it (a SIGKILL under a flood was seen 0.75 s late)."""
         self._writer_gone = True
+        left = self._unread()
+        while left > 0 and not self._closed:
+            try:
+                data = os.read(self._fd, left)
+            except OSError:  # EAGAIN: a grandchild holding the pipe read it first; or closed
+                break
+            if not data:
+                break
+            left -= len(data)
+            self.data_received(data)
         if self._unread() == 0:
             self.read_out.set()
 

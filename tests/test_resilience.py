@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
 import socket
+import time
+from datetime import datetime
 
 from harness import taken_port, FAKE_WORKER, pid_alive, matching, read_events
 from supervisord_ft.output import REDRAW_INTERVAL
@@ -195,6 +198,42 @@ async def test_flooding_workers_are_never_blocked_and_the_daemon_stays_responsiv
     assert len(status) >= 10  # the daemon's own events kept flowing during the flood
     # 41 MB measured alone; peaks near 300 MB were seen inside a loaded full-suite run
     assert max(e["daemon_max_rss_kb"] for e in status) < 512 * 1024
+
+
+def seconds(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+async def test_under_a_flood_with_stdout_unread_a_crash_and_a_sigterm_are_acted_on_at_once(daemon):
+    """Both ranks print as fast as they can and nobody reads the daemon's stdout: the exit of a
+    SIGKILLed rank and a SIGTERM must not wait behind the flood's reading (it read a flood many
+    chunks a turn: 0.75 s to see the exit, 3.7-4.4 s to honour a SIGTERM)."""
+    r, w = os.pipe()
+    try:
+        d = await daemon("--max-restarts", "1", "--restart-backoff", "0", "--no-standby", stdout=w,
+                         command=[*FAKE_WORKER, "--flood-lines", "20000000", "--flood-rate", "10000000"])
+        os.close(w)
+        w = -1
+        victim = await d.follow(lambda e: e["event"] == "worker_started" and e["rank"] == 1)
+        await d.follow(lambda e: e["event"] == "worker_output" and e["rank"] == 1)
+        killed = time.time()
+        os.kill(victim["pid"], signal.SIGKILL)
+        exited = await d.follow(lambda e: e["event"] == "worker_exited" and e["pid"] == victim["pid"])
+        recovering = await d.follow(lambda e: e["event"] == "state_changed" and e["to"] == "RECOVERING")
+        await d.follow(lambda e: e["event"] == "state_changed" and e["to"] == "RUNNING" and e["attempt"] == 1)
+        stopped = time.time()
+        d.signal(signal.SIGTERM)
+        stopping = await d.follow(lambda e: e["event"] == "state_changed" and e["to"] == "STOPPING")
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)  # the reader goes away: the daemon's stdout fails, events.jsonl goes on
+    async with asyncio.timeout(30):
+        assert await d.proc.wait() == 143
+    # Bounds ten times what it takes (2 ms and 0.15 s on 2 cores), a tenth of what it took.
+    assert seconds(exited) - killed < 0.5
+    assert seconds(recovering) - killed < 0.5
+    assert seconds(stopping) - stopped < 1.5
 
 
 async def test_an_unreadable_checkpoint_dir_at_recovery_fails_instead_of_starting_fresh(daemon, tmp_path):
