@@ -7,7 +7,8 @@ as is. (The console format is a view, :mod:`.console`, fed by the bus.) Every ev
 
 Supervision never depends on a sink: a failed write is counted here and never raised into the
 loop. ``events.jsonl`` is the record of truth: each write is a whole line or nothing, and after
-failed writes (a full or failing disk) a ``log_gap`` event says how many events are missing.
+failed writes (a full or failing disk) a ``log_gap`` event says how many events are missing; a
+thread of its own writes it, so a stalled file system never holds the loop.
 Stdout is best effort (:class:`.stdio.StdoutWriter`): lines a slow reader has no room for are
 dropped and a ``stdout_dropped`` event counts them; a reader that went away gets
 ``stdout_closed`` once.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +29,24 @@ from typing import Any, Protocol
 import structlog
 
 from .jsonline import encoder
+from .stdio import EXIT_DRAIN_TIMEOUT
 
 Subscriber = Callable[[dict[str, Any]], None]
 EVENTS_FILE = "events.jsonl"  # in the run dir
 
 _dumps = encoder(default=str)
+_stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
+EVENTS_BUFFER_BYTES = 16 << 20  # events waiting for a stalled file system before they are lost
+
+
+def now() -> str:
+    """The time as events are stamped with it."""
+    return _stamp(None, "", {})["timestamp"]
+
+
+def notice(name: str, **fields: Any) -> dict[str, Any]:
+    """One of the logging pipeline's own warnings, as an event."""
+    return {"timestamp": now(), "level": "warning", "event": name, **fields}
 
 
 class EventBus:
@@ -74,21 +90,125 @@ class Stdout(Protocol):
 
 
 class EventsFile:
-    """``events.jsonl`` through a raw descriptor: every append is a whole line, or nothing.
+    """``events.jsonl``, written by a thread of its own through a bounded buffer.
 
-    A disk that fills up mid-write takes part of a line (a short write) and then fails; that part
-    is cut off again, so no reader ever meets half a JSON object. Should even the cut fail, the
-    next line starts on a fresh line.
+    A file system that stops taking writes (a dead NFS server, a frozen or failing disk) holds
+    that thread only: :meth:`append` never blocks the loop; once :data:`EVENTS_BUFFER_BYTES`
+    wait, later lines are lost and counted. Every line is written whole, or not at all: a disk
+    that fills up mid-write takes part of a line (a short write) and then fails; that part is cut
+    off again, so no reader ever meets half a JSON object (should even the cut fail, the next line
+    starts on a fresh line). Lines lost either way are said in the file by a ``log_gap`` line
+    before the next one written, and at once elsewhere by ``log_write_failed`` (:meth:`news`).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int = EVENTS_BUFFER_BYTES) -> None:
         self.path = path
+        self.max_bytes = max_bytes
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._at_line_start = _ends_a_line(path)  # a predecessor killed mid-write left no newline
+        self._cond = threading.Condition()
+        # (a line, or the lines lost for want of room before it; its event's timestamp)
+        self._queue: deque[tuple[bytes | Loss, str]] = deque()
+        self._bytes = 0
+        self._full: Loss | None = None  # lines lost for want of room since the last one queued
+        self._loss: Loss | None = None  # lines the file refused since the last one written
+        self._news: list[dict[str, Any]] = []  # notices for the loop to show
+        self._closing = False
+        self._writing = False  # a line taken from the queue is being written
+        self._thread = threading.Thread(target=self._run, name="events-writer", daemon=True)
+        self._thread.start()
 
-    def append(self, line: str) -> OSError | None:
-        """Write ``line`` (with its newline); the error when it could not be written whole."""
+    def append(self, line: str, timestamp: str) -> None:
+        """Queue ``line`` (with its newline); when the buffer is full it is lost, and counted."""
         data = line.encode("utf-8", "replace")
+        with self._cond:
+            if self._closing:
+                return
+            if self._bytes + len(data) > self.max_bytes:
+                if self._full is None:
+                    self._full = Loss(f"{self.path}: no write completed while {self.max_bytes >> 10} KiB "
+                                      f"of events waited (a stalled file system)", timestamp)
+                    self._news.append(self._notice("log_write_failed", path=str(self.path),
+                                                   reason=self._full.reason))
+                self._full.add(timestamp)
+                return
+            if self._full is not None:  # the gap goes where the lost lines would have been
+                self._queue.append((self._full, timestamp))
+                self._full = None
+            self._queue.append((data, timestamp))
+            self._bytes += len(data)
+            self._cond.notify()
+
+    def news(self) -> list[dict[str, Any]]:
+        """What the writer has to say since the last call: ``log_write_failed`` when lines begin
+        to be lost, ``log_gap`` once the file has said how many were."""
+        with self._cond:
+            news, self._news = self._news, []
+        return news
+
+    def drain(self, timeout: float = EXIT_DRAIN_TIMEOUT) -> int:
+        """Wait up to ``timeout`` for what is queued to be written; the lines still unwritten."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._queue and not self._writing, timeout)
+            return len(self._queue) + self._writing
+
+    def close(self, timeout: float = EXIT_DRAIN_TIMEOUT) -> None:
+        """Let the thread write what is queued, for up to ``timeout``; then stop it."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():  # else stuck in a write: the descriptor stays its own
+            os.close(self._fd)
+
+    def _lose(self, reason: str, timestamp: str) -> None:
+        """(Holding the lock.) One more line the file refused; the first of a run is said at once."""
+        if self._loss is None:
+            self._loss = Loss(reason, timestamp)
+            self._news.append(self._notice("log_write_failed", path=str(self.path), reason=reason))
+        self._loss.add(timestamp)
+
+    def _notice(self, name: str, **fields: Any) -> dict[str, Any]:
+        return notice(name, **fields)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                item, timestamp = self._queue.popleft()
+                if isinstance(item, bytes):
+                    self._bytes -= len(item)
+                self._writing = True
+                refused, self._loss = self._loss, None
+            said: list[dict[str, Any]] = []
+            for loss in (refused, item if isinstance(item, Loss) else None):
+                if loss is not None:
+                    gap = self._notice("log_gap", **loss.fields())
+                    if self._write((_dumps(gap) + "\n").encode()) is None:
+                        said.append(gap)
+                    else:
+                        self._unsaid(loss)
+            error = self._write(item) if isinstance(item, bytes) else None
+            with self._cond:
+                self._news += said
+                if error is not None:
+                    self._lose(f"{self.path}: {error.strerror or error}", timestamp)
+                self._writing = False
+                self._cond.notify_all()  # a drain waits for this
+
+    def _unsaid(self, loss: Loss) -> None:
+        """A gap the file did not take: said before the next line it takes, with any lost since."""
+        with self._cond:
+            if self._loss is not None:
+                loss.lines += self._loss.lines
+                loss.last = self._loss.last
+            self._loss = loss
+
+    def _write(self, data: bytes) -> OSError | None:
+        """Write ``data`` whole; the error when it could not be, with any part written cut off."""
         if not self._at_line_start:
             data = b"\n" + data
         view, written = memoryview(data), 0
@@ -107,9 +227,6 @@ class EventsFile:
             os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - written)
         except OSError:
             self._at_line_start = ends_a_line
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 def _ends_a_line(path: Path) -> bool:
@@ -149,8 +266,6 @@ class _Renderer:
         self._events = events
         self._stdout = stdout
         self._bus = bus
-        self._stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
-        self._file_loss: Loss | None = None
         self._stdout_loss: Loss | None = None
         self._stdout_closed_said = False
 
@@ -160,6 +275,9 @@ class _Renderer:
         raise structlog.DropEvent
 
     def emit(self, event: dict[str, Any], to_file: bool = True, to_stdout: bool = True) -> None:
+        if self._events is not None:
+            for said in self._events.news():  # the file has its log_gap; log_write_failed cannot
+                self.emit(said, to_file=False)
         stdout = self._stdout if to_stdout else None
         if stdout is not None and not self._stdout_ready(stdout):
             stdout = None
@@ -175,7 +293,12 @@ class _Renderer:
             self._stdout_loss.add(event["timestamp"])
 
     def close(self) -> None:
-        """Let stdout's reader take what is queued (bounded); say what it never got."""
+        """Let the file and stdout's reader take what is queued (bounded); say what each never got."""
+        unwritten = self._events.drain() if self._events is not None else 0
+        if unwritten:  # said where it still can be: stdout, the console
+            self.emit(self._notice("log_write_failed", path=str(self._events.path),  # type: ignore[union-attr]
+                                   reason=f"{unwritten} events still unwritten at exit: the file system "
+                                          f"took no write within {EXIT_DRAIN_TIMEOUT:g} s"), to_file=False)
         left = 0
         if (stdout := self._stdout) is not None:
             self._stdout_ready(stdout)  # a pending notice goes out first, or stdout_closed is said
@@ -188,30 +311,17 @@ class _Renderer:
         if loss is not None:
             self.emit(self._notice("stdout_dropped", **loss.fields()), to_stdout=False)
         if self._events is not None:
-            self._events.close()
+            self._events.close(0 if unwritten else EXIT_DRAIN_TIMEOUT)
 
     def _notice(self, name: str, **fields: Any) -> dict[str, Any]:
-        return {"timestamp": self._now(), "level": "warning", "event": name, **fields}
+        return notice(name, **fields)
 
     def _now(self) -> str:
-        return self._stamp(None, "", {})["timestamp"]
+        return now()
 
     def _to_file(self, line: str, timestamp: str) -> None:
         assert self._events is not None
-        if (loss := self._file_loss) is not None:
-            gap = self._notice("log_gap", **loss.fields())
-            if self._events.append(_dumps(gap) + "\n") is None:
-                self._file_loss = None
-                self.emit(gap, to_file=False)
-        if (error := self._events.append(line)) is None:
-            return
-        started = self._file_loss is None
-        if self._file_loss is None:
-            self._file_loss = Loss(f"{self._events.path}: {error.strerror or error}", timestamp)
-        self._file_loss.add(timestamp)
-        if started:  # said at once where it can be; events.jsonl gets log_gap once writes succeed
-            self.emit(self._notice("log_write_failed", path=str(self._events.path),
-                                   reason=self._file_loss.reason), to_file=False)
+        self._events.append(line, timestamp)
 
     def _stdout_ready(self, stdout: Stdout) -> bool:
         """Say what stdout missed before the next event goes there; False once it is gone."""

@@ -23,14 +23,16 @@ import contextlib
 import ctypes
 import json
 import os
+import itertools
 import signal
+import threading
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import procfs
+from . import blocking, procfs
 from .checkpoints import atomic_write
 from .logs import EVENTS_FILE
 from .workers import KILL_TIMEOUT, Worker
@@ -155,22 +157,50 @@ def reap(workers: Collection[Worker]) -> list[int]:
 
 
 # -- after a daemon SIGKILL --------------------------------------------------------------------
+RECORD_WAIT = 1.0  # the record is a few bytes: past this the run dir's file system is stalled
+_record_lock = threading.Lock()
+_recorded = [0]  # the generation of the newest record written
+_generations = itertools.count(1)
+_writes: set[asyncio.Task[None]] = set()
+
+
 def record(run_dir: Path, workers: Collection[Worker], log: Any) -> None:
-    """Record this launch's process groups (each worker leads its own) for a successor."""
+    """Record this launch's process groups (each worker leads its own) for a successor.
+
+    Written off the loop, so a stalled run dir never holds a launch; a write that fails or takes
+    longer than RECORD_WAIT is said, and an older record never replaces a newer one."""
     me = procfs.stat()
     assert me is not None  # our own process
-    data = {"daemon": {"pid": me.pid, "start_ticks": me.start_ticks},
-            "groups": sorted(w.pid for w in workers)}
+    data = json.dumps({"daemon": {"pid": me.pid, "start_ticks": me.start_ticks},
+                       "groups": sorted(w.pid for w in workers)}).encode()
+    task = asyncio.ensure_future(_record(run_dir / RECORD_NAME, data, next(_generations), log))
+    _writes.add(task)
+    task.add_done_callback(_writes.discard)
+
+
+async def _record(path: Path, data: bytes, generation: int, log: Any) -> None:
+    def write() -> None:
+        with _record_lock:
+            if generation > _recorded[0]:
+                atomic_write(path, lambda fh: fh.write(data))
+                _recorded[0] = generation
     try:
-        atomic_write(run_dir / RECORD_NAME, lambda fh: fh.write(json.dumps(data).encode()))
-    except OSError as exc:  # supervision goes on; only a SIGKILL's leftovers would be missed
-        log.warning("workers_record_failed", path=str(run_dir / RECORD_NAME), reason=str(exc))
+        async with asyncio.timeout(RECORD_WAIT):
+            await blocking.in_thread(write, "workers-record")
+    except (OSError, TimeoutError) as exc:  # supervision goes on; only a SIGKILL's leftovers would be missed
+        log.warning("workers_record_failed", path=str(path),
+                    reason=str(exc) or f"not written within {RECORD_WAIT:g} s")
 
 
-def forget(run_dir: Path) -> None:
+async def forget(run_dir: Path) -> None:
     """The run ended and nothing is left: there is nothing for a successor to clean up."""
-    with contextlib.suppress(OSError):
-        (run_dir / RECORD_NAME).unlink(missing_ok=True)
+    def remove() -> None:
+        with _record_lock:
+            _recorded[0] = next(_generations)  # a record still being written stays unwritten
+            (run_dir / RECORD_NAME).unlink(missing_ok=True)
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(RECORD_WAIT):
+            await blocking.in_thread(remove, "workers-record")
 
 
 @dataclass

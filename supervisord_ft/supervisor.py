@@ -44,6 +44,7 @@ JIT_ARMED_EVENT = "jit_checkpoint_armed"
 FREE_ROUNDS = {"rejoin": "a new round for a node that joins",
                "store": "a new store host for ranks that had not met yet"}
 MAX_FREE_STORE_ROUNDS = 3
+ERROR_DIR_WAIT = 1.0  # making a folder takes milliseconds; past this the run dir is stalled
 EXIT_FLUSH_LINES = 1000  # about 10-20 ms of rendering
 # A checkpoint directory on storage that hangs must not hold a recovery: past this, an
 # attempt's progress is taken as unknown (so as progress).
@@ -196,7 +197,7 @@ class Supervisor:
             if any(w.alive for w in self.workers):  # only on an internal error: never orphan
                 await stop(self.workers, 0, self._kill_now)
             await orphans.sweep(self.workers, self.log)  # at every end, nothing a worker started lives on
-            orphans.forget(self.cfg.run_dir)
+            await orphans.forget(self.cfg.run_dir)
             await self.launcher.close()
             await self.rendezvous.close(self.fsm.state.value, self._end_reason, self.stop_signal)
             if self.sockets is not None:
@@ -286,7 +287,7 @@ class Supervisor:
         self.attempt = a
         # Off the loop and off the relaunch's path: read when the attempt fails (_progressed).
         a.listing = asyncio.ensure_future(self._list_checkpoints())
-        a.errors = self._error_dir(a)
+        a.errors = await self._error_dir(a)
         self.log.info("launching", restart=a.restart, attempt=a.id, master_addr=a.endpoint.addr,
                       master_port=a.endpoint.port, agent_store=a.endpoint.agent_store, num_workers=len(a.ranks),
                       resume_from=str(a.resume_from.path) if a.resume_from else None,
@@ -331,17 +332,23 @@ class Supervisor:
         """Where what the attempt's failure left is kept: stacks, error files."""
         return self.cfg.run_dir / "diagnoses" / self.run_id / f"attempt-{a.id}"
 
-    def _error_dir(self, a: Attempt) -> Path | None:
+    async def _error_dir(self, a: Attempt) -> Path | None:
         """The attempt's folder for torchrun's error files (beside its diagnosis); None when it
-        cannot be made: the ranks then get no error file, as under a torchrun without a log dir."""
+        cannot be made (within ERROR_DIR_WAIT: a stalled run dir must not hold the launch): the
+        ranks then get no error file, as under a torchrun without a log dir."""
         folder = self._attempt_dir(a)
-        try:
+
+        def make() -> Path:
             folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+            return folder.resolve()
+        try:
+            async with asyncio.timeout(ERROR_DIR_WAIT):
+                return await blocking.in_thread(make, "error-dir")
+        except (OSError, TimeoutError) as exc:
             self.log.warning("error_files_unavailable", attempt=a.id, path=str(folder),
-                             reason=exc.strerror or str(exc))
+                             reason=getattr(exc, "strerror", None) or str(exc)
+                             or f"not made within {ERROR_DIR_WAIT:g} s")
             return None
-        return folder.resolve()
 
     def _no_channel(self, a: Attempt, rank: int, why: str) -> None:
         """Said once per rank and run: such a rank is judged by its output and steps alone."""

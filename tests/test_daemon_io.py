@@ -21,6 +21,7 @@ import pytest
 
 from harness import FAKE_WORKER, ROOT, read_events, strict_json
 from supervisord_ft.jsonline import dumps
+from supervisord_ft.logs import EventsFile
 
 STDOUT_PIPE = 1 << 16  # Linux's default pipe capacity
 
@@ -172,6 +173,77 @@ async def test_a_full_run_dir_disk_never_stops_recovery_and_the_log_says_what_it
     assert len(missing) == gap["lines"], (missing, gap)  # stdout got them all
     assert missing[0]["timestamp"] == gap["first_lost"] and missing[-1]["timestamp"] == gap["last_lost"]
     assert events[-1]["event"] == "supervisor_exit" and events[-1]["state"] == "DONE"
+
+
+@pytest.fixture
+def freezable_disk(tmp_path: Path):
+    """``tmp_path/run`` on a file system of its own (ext4 on a loop device) and a function that
+    freezes it (``fsfreeze``: every write waits, as on a dead NFS server) or thaws it."""
+    image, run = tmp_path / "disk.img", tmp_path / "run"
+    run.mkdir()
+    with open(image, "wb") as fh:
+        fh.truncate(64 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True, text=True)
+    mounted = made.returncode == 0 and subprocess.run(
+        ["mount", "-o", "loop", str(image), str(run)], capture_output=True, text=True)
+    if not mounted or mounted.returncode != 0:  # a container without loop devices
+        pytest.skip(f"cannot mount a loop file system: {(made.stderr or mounted and mounted.stderr).strip()}")
+    frozen = [False]
+
+    def freeze(on: bool) -> None:
+        subprocess.run(["fsfreeze", "-f" if on else "-u", str(run)], check=True, timeout=10)
+        frozen[0] = on
+    try:
+        yield run, freeze
+    finally:
+        if frozen[0]:
+            freeze(False)
+        subprocess.run(["umount", "--lazy", str(run)], check=True)
+
+
+async def test_a_frozen_run_dir_file_system_never_stops_recovery_or_a_stop(daemon, freezable_disk):
+    """Every write to events.jsonl waits forever: the loop must not (it wrote it synchronously)."""
+    run, freeze = freezable_disk
+    d = await daemon("--num-workers", "2", "--restart-backoff", "0", "--grace-period", "5",
+                     command=[*FAKE_WORKER, "--steps", "100000", "--step-time", "0.02"])
+    await d.wait_for(lambda e: e.get("worker_event") == "step")
+    freeze(True)
+    os.kill(next(e["pid"] for e in d.named("worker_started", rank=1)), signal.SIGKILL)
+    recovered = await d.wait_for(lambda e: e["event"] == "recovered", timeout=30)
+    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["attempt"] == recovered["attempt"])
+    d.signal(signal.SIGTERM)
+    await d.wait_for(lambda e: e["event"] == "supervisor_exit", timeout=30)
+    failed = await d.wait_for(lambda e: e["event"] == "log_write_failed" and "unwritten at exit" in e["reason"])
+    assert failed["path"] == str(run / "events.jsonl")
+    assert d.named("log_write_failed") == [failed]  # until then the lines waited, none lost
+    freeze(False)  # the writer thread's write returns; only then can the process end
+    assert await d.finish() == 143
+    text = (run / "events.jsonl").read_bytes()
+    assert text.endswith(b"\n") and all(strict_json(line) for line in text.splitlines())
+
+
+def test_lines_a_stalled_file_system_has_no_room_for_are_counted_in_a_log_gap(freezable_disk):
+    run, freeze = freezable_disk
+    events = EventsFile(run / "events.jsonl", max_bytes=1000)
+    line = lambda i: dumps({"timestamp": f"t{i:03}", "event": "e", "pad": "x" * 60}) + "\n"  # noqa: E731
+    events.append(line(0), "t000")
+    assert events.drain() == 0
+    freeze(True)
+    for i in range(1, 41):  # ~90 bytes each: the first (being written) and ~11 queued wait, the rest are lost
+        events.append(line(i), f"t{i:03}")
+    [failed] = events.news()
+    assert failed["event"] == "log_write_failed" and "a stalled file system" in failed["reason"]
+    assert events.drain(0.2) > 0  # nothing is written while frozen
+    freeze(False)
+    events.append(line(41), "t041")
+    assert events.drain() == 0
+    events.close()
+    written = [strict_json(x) for x in (run / "events.jsonl").read_bytes().splitlines()]
+    [gap] = [e for e in written if e["event"] == "log_gap"]
+    kept = [e["timestamp"] for e in written if e["event"] == "e"]
+    assert events.news() == [gap] and kept[0] == "t000" and kept[-1] == "t041"
+    assert gap["lines"] == 42 - len(kept) and gap["first_lost"] == f"t{len(kept) - 1:03}"
+    assert gap["last_lost"] == "t040" and written.index(gap) == len(written) - 2  # just before the next
 
 
 async def test_nan_and_infinity_from_workers_are_logged_as_strict_json(daemon):
