@@ -17,13 +17,13 @@ LIGHT_WORKER = Path(__file__).resolve().with_name("light_worker.py")
 
 @dataclass(frozen=True)
 class Program:
-    target: tuple[str, ...]  # ("-m", "worker") or (script,)
+    target: tuple[str, ...]  # ("-m", "supervisord_ft_worker") or (script,)
     args: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class TrainJob:
-    """``python -m worker``: a gloo data-parallel MLP. The defaults never finish on their own."""
+    """``python -m supervisord_ft_worker``: a gloo data-parallel MLP. The defaults never finish on their own."""
 
     steps: int = 10_000_000
     checkpoint_interval: int = 50
@@ -43,11 +43,11 @@ class TrainJob:
         args += [] if self.async_checkpoint else ["--no-async_checkpoint"]
         if self.crash_at_step is not None:
             args += ["--crash_at_step", str(self.crash_at_step), "--crash_rank", str(self.crash_rank)]
-        return Program(("-m", "worker"), tuple(args))
+        return Program(("-m", "supervisord_ft_worker"), tuple(args))
 
     @property
     def parameters(self) -> int:
-        """The model's size: Linear(16, h), Linear(h, h), Linear(h, 1) (see ``worker.train.build_model``)."""
+        """The model's size: Linear(16, h), Linear(h, h), Linear(h, 1) (see ``supervisord_ft_worker.train.build_model``)."""
         h = self.hidden
         return 16 * h + h + h * h + h + h + 1
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from worker.async_checkpoint import AsyncCheckpointer
-from worker.checkpoint import load_checkpoint
-from worker.contract import CheckpointRequest, SaveOnFailure, StopFlag, SupervisorEnv, emit, report_progress
+from supervisord_ft_worker.async_checkpoint import AsyncCheckpointer
+from supervisord_ft_worker.checkpoint import load_checkpoint
+from supervisord_ft_worker.contract import CheckpointRequest, SaveOnFailure, StopFlag, SupervisorEnv, emit, report_progress
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""What the daemon knows of the built-in job (``python -m worker``): its defaults and its argv.
+"""What the daemon knows of the built-in job (``python -m supervisord_ft_worker``): its defaults and its argv.
 
 Torch-free, so the daemon can build the command line without importing the job; the job's own
 argument parser takes its defaults from here, so each is written once.
@@ -21,7 +21,7 @@ def argv(*, epochs: int, steps: int, checkpoint_interval: int, seed: int, checkp
          crash: tuple[int, int] | None, jit_checkpoint: bool = True) -> tuple[str, ...]:
     """The command every rank runs; ``crash`` is (step, rank) of an injected crash, or None;
     without ``jit_checkpoint`` survivors of a dead peer exit without saving."""
-    args = [sys.executable, "-m", "worker", "--epochs", str(epochs), "--steps", str(steps),
+    args = [sys.executable, "-m", "supervisord_ft_worker", "--epochs", str(epochs), "--steps", str(steps),
             "--checkpoint_interval", str(checkpoint_interval), "--seed", str(seed),
             "--checkpoint_dir", str(checkpoint_dir.resolve()),
             "--keep_checkpoints", str(keep_checkpoints)]

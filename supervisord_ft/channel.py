@@ -1,4 +1,4 @@
-"""The daemon's side of the per-rank channel (torch's side: ``standby/channel.py``).
+"""The daemon's side of the per-rank channel (torch's side: ``supervisord_ft_standby/channel.py``).
 
 Each Python rank serves torch's worker server on a Unix socket in a directory of this daemon's
 own (mode 0700, under ``$TMPDIR``: a run dir can be too deep for ``AF_UNIX``'s 108 bytes); no
@@ -22,7 +22,7 @@ from pathlib import Path
 from .envvars import CHANNEL
 from .errors import ConfigError
 
-BOOT_DIR = Path(__file__).resolve().parent.parent / "standby" / "boot"
+BOOT_DIR = Path(__file__).resolve().parent.parent / "supervisord_ft_standby" / "boot"
 SAVED_PYTHONPATH = "SUPERVISORD_FT_PYTHONPATH"  # the job's own value, put back by the bootstrap
 # torch's flight recorder keeps this many collectives per process group when the job sets no
 # size of its own: enough to see who is behind; each entry is about 480 bytes of JSON.

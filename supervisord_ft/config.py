@@ -54,7 +54,7 @@ class Option:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
-    builtin_job: bool = False  # applies only to the built-in `python -m worker` job
+    builtin_job: bool = False  # applies only to the built-in `python -m supervisord_ft_worker` job
     alias: str | None = None  # torchrun's name for it: another flag and TOML key
 
     @property
@@ -107,7 +107,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("jit_checkpoint_timeout", float, "seconds the survivors of a failed rank get to save "
            "their last completed step and exit by themselves before the teardown signals them, "
            "if they armed such a save (`jit_checkpoint_armed`, printed by "
-           "`worker.contract.SaveOnFailure`); 0 disables (the built-in job then saves nothing on a "
+           "`supervisord_ft_worker.contract.SaveOnFailure`); 0 disables (the built-in job then saves nothing on a "
            "peer's death)", minimum=0),
     Option("hang_timeout", float, "the most seconds a rank may go without any sign of progress "
            "(output, a step, a collective entered or retired, steady I/O) before it is declared "

@@ -1,6 +1,6 @@
 """The environment every rank is started with: torchrun's variables and our own, each named once.
 
-The daemon writes them (:func:`for_rank`); ``worker.contract`` and the test fake read them by
+The daemon writes them (:func:`for_rank`); ``supervisord_ft_worker.contract`` and the test fake read them by
 these names. Torch-free, so any of them may import it.
 """
 

@@ -1,4 +1,4 @@
-"""Torch helper processes beside the daemon (``python -m standby.<name>``): started and ended
+"""Torch helper processes beside the daemon (``python -m supervisord_ft_standby.<name>``): started and ended
 one way, whichever protocol they speak.
 
 A helper runs in its own session, dies with the daemon (the parent-death signal), and is counted

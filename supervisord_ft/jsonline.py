@@ -5,7 +5,7 @@ back), which Go, JavaScript, serde, jq and most log pipelines reject. Here such 
 ``null``, and the key that holds it gets a sibling ``<key>_nonfinite`` with the original spelled
 ``"nan"``, ``"inf"`` or ``"-inf"``; when the key holds a list, the sibling is a list of the same
 shape with those names where the list had them and ``null`` elsewhere. Objects nested at any depth
-are treated the same way. Torch-free and tiny: ``worker.contract`` uses it too.
+are treated the same way. Torch-free and tiny: ``supervisord_ft_worker.contract`` uses it too.
 """
 
 from __future__ import annotations

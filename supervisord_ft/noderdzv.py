@@ -1,6 +1,6 @@
 """Multi-node: this node's daemon in a job of several, joined through torch's c10d rendezvous.
 
-The daemon stays torch-free: a helper, ``python -m standby.rdzv`` (:mod:`standby.rdzv`, the torch
+The daemon stays torch-free: a helper, ``python -m supervisord_ft_standby.rdzv`` (:mod:`supervisord_ft_standby.rdzv`, the torch
 side of this protocol, which documents the orders and events), runs torch's
 ``DynamicRendezvousHandler`` over the rendezvous ``TCPStore`` as torchrun's agent does. Each launch
 joins a round: this node's group rank, its ranks' offset, the round's fresh workers' store, then
@@ -27,7 +27,7 @@ from .config import Config
 from .errors import CheckpointDirsDiffer
 from .rendezvous import Endpoint, LocalRendezvous, News, RankInfo, RendezvousFailed
 
-MODULE = "standby.rdzv"
+MODULE = "supervisord_ft_standby.rdzv"
 # Beyond the helper's own deadlines (join_timeout, read_timeout, close_timeout), which answer first.
 MARGIN = 30.0
 # Events the helper sends unasked; each is logged as a warning and nothing waits for it.

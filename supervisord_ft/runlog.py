@@ -29,7 +29,7 @@ from .errors import ReaderError
 from .logs import EVENTS_FILE
 from .output import worker_field
 
-STEP = "step"  # the worker_event of a step report (worker.contract.report_progress)
+STEP = "step"  # the worker_event of a step report (supervisord_ft_worker.contract.report_progress)
 CHECKPOINT_SAVED = "checkpoint_saved"
 FAILING = ("RECOVERING", "FAILED")  # states a failure leads to
 Event = dict[str, Any]

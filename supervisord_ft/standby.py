@@ -2,8 +2,8 @@
 imported torch.
 
 A relaunched rank spends most of its start-up importing torch (45-72% of recovery in
-BENCHMARKS.md). The pool keeps one standby interpreter per rank (``python -m standby``, the
-torch-side half of this protocol, :mod:`standby.runner`), started ahead of need with the
+BENCHMARKS.md). The pool keeps one standby interpreter per rank (``python -m supervisord_ft_standby``, the
+torch-side half of this protocol, :mod:`supervisord_ft_standby.runner`), started ahead of need with the
 environment every rank shares and with the pipes that become the rank's stdout and stderr. On
 launch, a standby gets the rank's argv, environment and working directory as one JSON line and
 runs the script as a fresh ``python`` would. The pool fills, and refills after every hand-out,
@@ -47,7 +47,7 @@ from . import envvars, orphans, procfs
 from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
                       _die_with_parent, _pipe, _stream, forward_if_caught, signal_group)
 
-# ``python -m standby`` runs from here, so the package is found whatever the job's sys.path.
+# ``python -m supervisord_ft_standby`` runs from here, so the package is found whatever the job's sys.path.
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 ACTIVATE_TIMEOUT = 2.0  # an idle standby answers its order in milliseconds; past this it is hung
 SETTLE_AFTER = 10.0  # a group that reports no step is taken as started after this long
@@ -225,7 +225,7 @@ class StandbyLauncher:
             try:
                 standby = await self._spawn()
             except OSError as exc:
-                self._disable(f"cannot start `{self.python} -m standby`: {exc}")
+                self._disable(f"cannot start `{self.python} -m supervisord_ft_standby`: {exc}")
                 return
             self.standbys.append(standby)
             self._track(asyncio.create_task(self._watch(standby), name=f"standby-{standby.pid}"))
@@ -254,7 +254,7 @@ class StandbyLauncher:
         out, err, (reply_r, reply_w) = _pipe(), _pipe(), os.pipe2(os.O_CLOEXEC)
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", "standby", str(reply_w), *self.preload,
+                self.python, "-m", "supervisord_ft_standby", str(reply_w), *self.preload,
                 stdin=asyncio.subprocess.PIPE, stdout=out[1], stderr=err[1], pass_fds=(reply_w,),
                 env=self.env, cwd=PACKAGE_ROOT, start_new_session=True,
                 preexec_fn=functools.partial(_die_with_parent, os.getpid()))

@@ -3,7 +3,7 @@
 When rank 0 hosts the store in its ``init_process_group``, a rank that gets there first finds
 nothing listening and its client backs off (0.3-0.7 s of a recovery, BENCHMARKS.md, finding 4);
 and rank 0's store listens on every interface whatever ``MASTER_ADDR`` says. Here the daemon
-starts ``python -m standby.store`` (:mod:`standby.store`, the torch side of this protocol) once
+starts ``python -m supervisord_ft_standby.store`` (:mod:`supervisord_ft_standby.store`, the torch side of this protocol) once
 per run and asks it for a fresh store for every attempt before the ranks are spawned; the ranks
 are its clients (``TORCHELASTIC_USE_AGENT_STORE=True``, as under torchrun's agent).
 
@@ -100,7 +100,7 @@ class StoreRendezvous(SingleNode):
 
     async def _start(self) -> None:
         try:
-            self.helper = await helpers.start(self.python, "standby.store", self.local.addr,
+            self.helper = await helpers.start(self.python, "supervisord_ft_standby.store", self.local.addr,
                                               str(self.local.port))
         except OSError as exc:
             raise StoreHostError(f"cannot start the store host: {exc}") from None

@@ -38,7 +38,7 @@ from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, st
 
 EXIT_CODES = {State.DONE: EXIT_DONE, State.FAILED: EXIT_FAILED}
 STEP_EVENT = "step"
-# Printed by worker.contract.SaveOnFailure: this rank saves its last completed step if a peer dies.
+# Printed by supervisord_ft_worker.contract.SaveOnFailure: this rank saves its last completed step if a peer dies.
 JIT_ARMED_EVENT = "jit_checkpoint_armed"
 # News that ends an attempt without a failure of the job's: a new round, no restart spent.
 FREE_ROUNDS = {"rejoin": "a new round for a node that joins",

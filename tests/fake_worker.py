@@ -101,7 +101,7 @@ def main() -> int:
                         "jit-<rank> (SIGTERM kills them meanwhile), then exit 1: survivors of "
                         "a dead peer saving a just-in-time checkpoint")
     p.add_argument("--arm-jit", action="store_true",
-                   help="print jit_checkpoint_armed, as worker.contract.SaveOnFailure does")
+                   help="print jit_checkpoint_armed, as supervisord_ft_worker.contract.SaveOnFailure does")
     p.add_argument("--spawn-child", nargs="?", const="group", choices=["group", "detached"],
                    help="fork a sleeping grandchild: in the worker's process group, or detached "
                         "from it as daemons do (double fork, setsid, stdio on /dev/null)")

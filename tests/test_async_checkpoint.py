@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from supervisord_ft.checkpoints import checkpoint_path
-from worker.async_checkpoint import AsyncCheckpointer, WriteFailed
-from worker.checkpoint import load_checkpoint, save_checkpoint
+from supervisord_ft_worker.async_checkpoint import AsyncCheckpointer, WriteFailed
+from supervisord_ft_worker.checkpoint import load_checkpoint, save_checkpoint
 
 TIMEOUT_S = 30
 

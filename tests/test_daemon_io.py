@@ -247,7 +247,7 @@ def test_lines_a_stalled_file_system_has_no_room_for_are_counted_in_a_log_gap(fr
 
 
 async def test_nan_and_infinity_from_workers_are_logged_as_strict_json(daemon):
-    script = ("from worker.contract import report_progress; report_progress(1, loss=float('nan'));"
+    script = ("from supervisord_ft_worker.contract import report_progress; report_progress(1, loss=float('nan'));"
               "print('{\"event\": \"raw\", \"grad\": [1.5, -Infinity], \"x\": {\"y\": Infinity}}')")
     d = await daemon(command=[sys.executable, "-c", script])
     assert await d.finish() == 0
@@ -267,7 +267,7 @@ def test_the_nonfinite_representation_keeps_finite_data_as_it_was():
 
 
 def test_a_worker_using_the_contract_prints_strict_json_for_a_nonfinite_loss():
-    script = "from worker.contract import report_progress; report_progress(7, loss=float('inf'))"
+    script = "from supervisord_ft_worker.contract import report_progress; report_progress(7, loss=float('inf'))"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
                          check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert strict_json(out) == {"event": "step", "step": 7, "loss": None, "loss_nonfinite": "inf"}

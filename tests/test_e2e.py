@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 # 60 global steps, a checkpoint every 5. Sizes and seed match between a run and its reference.
 SIZES = ["--epochs", "3", "--steps", "20", "--checkpoint-interval", "5"]
-WORKER = [sys.executable, "-m", "worker", "--epochs", "3", "--steps", "20", "--checkpoint_interval", "5"]
+WORKER = [sys.executable, "-m", "supervisord_ft_worker", "--epochs", "3", "--steps", "20", "--checkpoint_interval", "5"]
 COMMON = ["--grace-period", "5", "--restart-backoff", "0", "--hang-timeout", "20"]
 
 

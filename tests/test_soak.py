@@ -22,7 +22,7 @@ from harness import Daemon
 
 pytestmark = pytest.mark.soak
 
-JOB = [sys.executable, "-m", "worker", "--epochs", "60", "--steps", "30", "--checkpoint_interval", "10",
+JOB = [sys.executable, "-m", "supervisord_ft_worker", "--epochs", "60", "--steps", "30", "--checkpoint_interval", "10",
        "--hidden", "512", "--step_time", "0.005"]
 OPTIONS = ["--grace-period", "2", "--restart-backoff", "0", "--hang-timeout", "3",
            "--max-restarts", "1000"]

@@ -266,3 +266,31 @@ async def test_a_working_directory_deleted_under_the_job_is_relaunched_warm_as_c
     assert await d.finish() == 0
     assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys
     assert [e["line"] for e in d.named("worker_output", attempt=1, rank=0)] == ["cwd: gone"]
+
+
+OWN_MODULES = ("standby", "worker", "runner", "channel", "lines", "store", "rdzv", "startup", "contract")
+IMPORTS_ITS_OWN = f"""
+import importlib, os, sys
+print([importlib.import_module(name).WHOSE for name in {OWN_MODULES!r}], flush=True)
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    with open(os.environ["PROBE_GO"], "rb", buffering=0) as go:
+        go.read(1)
+    sys.exit(1 if os.environ["RANK"] == "1" else 0)
+"""
+
+
+async def test_a_script_next_to_modules_named_like_ours_imports_its_own_warm_as_cold(daemon, tmp_path):
+    """A project with its own ``standby.py`` or ``worker.py`` beside the script: a warm rank got
+    our package under those names (the runner's modules sat in its ``sys.modules``)."""
+    for name in OWN_MODULES:
+        (tmp_path / f"{name}.py").write_text(f"WHOSE = 'user {name}'\n")
+    (tmp_path / "train.py").write_text(IMPORTS_ITS_OWN)
+    d, fd = await start_gated(daemon, tmp_path, [sys.executable, "train.py"], within=".")
+    standbys = await pool_ready(d)
+    os.write(fd, b"gg")  # attempt 0 (cold) fails; attempt 1 runs in the standbys
+    assert await d.finish() == 0
+    assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys
+    theirs = str([f"user {name}" for name in OWN_MODULES])
+    for rank in (0, 1):
+        assert [e["line"] for e in d.named("worker_output", attempt=0, rank=rank)] == [theirs]
+        assert [e["line"] for e in d.named("worker_output", attempt=1, rank=rank)] == [theirs]

@@ -19,15 +19,15 @@ import pytest_asyncio
 
 from supervisord_ft.checkpoints import TEMP_MARKER, checkpoint_path, discover
 from supervisord_ft.errors import ConfigError
-from worker.checkpoint import load_checkpoint
-from worker.contract import SupervisorEnv, report_progress
-from worker.train import parse_args
+from supervisord_ft_worker.checkpoint import load_checkpoint
+from supervisord_ft_worker.contract import SupervisorEnv, report_progress
+from supervisord_ft_worker.train import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 60
 # 20 global steps, checkpoints every 5; interval and retention do not change the weights.
 JOB = ("--epochs", "2", "--steps", "10", "--checkpoint_interval", "5", "--seed", "7", "--hidden", "16")
-WORKER = ("-m", "worker")
+WORKER = ("-m", "supervisord_ft_worker")
 
 
 
@@ -157,7 +157,7 @@ def test_flags_accept_both_spellings() -> None:
 async def test_first_sigterm_sets_the_stop_flag_second_kills() -> None:
     script = (
         "import time\n"
-        "from worker.contract import StopFlag, emit\n"
+        "from supervisord_ft_worker.contract import StopFlag, emit\n"
         "flag = StopFlag().install()\n"
         "emit('ready')\n"
         "while not flag.requested:\n"

@@ -1,4 +1,4 @@
-"""The built-in job (``python -m worker``): a data-parallel MLP that checkpoints, resumes and stops on request.
+"""The built-in job (``python -m supervisord_ft_worker``): a data-parallel MLP that checkpoints, resumes and stops on request.
 
 Determinism is the point. With the same seed and world size, a run that crashes or is stopped and
 then resumes from its newest checkpoint ends with weights bit-identical to a run that never
@@ -6,8 +6,8 @@ stopped, because every input to a step is either a pure function of (seed, step,
 data, and the seed dropout draws from) or saved in the checkpoint (weights, momentum), and CPU
 kernels run on one thread. No RNG stream is saved, so any one rank's state is the whole
 checkpoint: when a peer dies, each survivor saves its last completed step at once
-(:class:`~worker.contract.SaveOnFailure`), and periodic saves are written in the background
-(:class:`~worker.async_checkpoint.AsyncCheckpointer`).
+(:class:`~supervisord_ft_worker.contract.SaveOnFailure`), and periodic saves are written in the background
+(:class:`~supervisord_ft_worker.async_checkpoint.AsyncCheckpointer`).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _non_negative(text: str) -> float:
 def parse_args(argv: Sequence[str] | None, env: SupervisorEnv) -> Options:
     """Flags accept both ``--snake_case`` and ``--kebab-case``; path defaults come from the supervisor."""
     parser = argparse.ArgumentParser(
-        prog="python -m worker", description=__doc__.splitlines()[0], allow_abbrev=False
+        prog="python -m supervisord_ft_worker", description=__doc__.splitlines()[0], allow_abbrev=False
     )
 
     def option(name: str, **kwargs: Any) -> None:

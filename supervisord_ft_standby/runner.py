@@ -1,6 +1,6 @@
 """A warm standby rank: import what the job needs, wait for a rank, then become that rank's script.
 
-Started by the daemon (``supervisord_ft.standby``) as ``python -m standby REPLY_FD MODULE...``
+Started by the daemon (``supervisord_ft.standby``) as ``python -m supervisord_ft_standby REPLY_FD MODULE...``
 with the environment every rank shares, in its own session, with the parent-death signal, and
 with stdout and stderr already the pipes that become the rank's output. It imports the
 ``MODULE`` list, says ``ready`` on ``REPLY_FD`` and blocks reading its stdin (costing no CPU).
@@ -40,7 +40,7 @@ from typing import Any
 from . import channel, lines
 
 _OWN_FRAMES = {__file__}
-# When this standby was handed its rank (wall clock): a start-up report's zero (worker/startup.py).
+# When this standby was handed its rank (wall clock): a start-up report's zero (supervisord_ft_worker/startup.py).
 ACTIVATED_AT: float | None = None
 
 

@@ -1,4 +1,4 @@
-"""``python -m standby.store ADDR PORT``: the rendezvous store, up before any rank starts.
+"""``python -m supervisord_ft_standby.store ADDR PORT``: the rendezvous store, up before any rank starts.
 
 Started once per run by the daemon (``supervisord_ft.storehost``). For every launch attempt the
 daemon writes ``{"attempt": N}`` on stdin; the helper closes the previous attempt's store, binds

@@ -2,7 +2,7 @@
 
 A relaunched group's recovery time is mostly its ranks' start-up, and which phase dominates
 decides what to make faster (a warm process pool for imports, a faster load, a quicker
-rendezvous). Torch-free, and imported by ``python -m worker`` before anything else, so its clock
+rendezvous). Torch-free, and imported by ``python -m supervisord_ft_worker`` before anything else, so its clock
 starts before torch is imported. Marks are wall-clock (``time.time()``): they line up with the
 supervisor's event timestamps and with other processes' marks on the same machine.
 """
@@ -19,7 +19,7 @@ from supervisord_ft import procfs
 def process_start_time() -> float:
     """Wall-clock time the kernel created this process, to a clock tick (10 ms on most kernels);
     in a warm standby, when it was handed its rank: its interpreter and imports were paid ahead."""
-    if (standby := sys.modules.get("standby.runner")) is not None and standby.ACTIVATED_AT:
+    if (standby := sys.modules.get("supervisord_ft_standby.runner")) is not None and standby.ACTIVATED_AT:
         return standby.ACTIVATED_AT
     stat = procfs.stat()
     assert stat is not None  # our own process

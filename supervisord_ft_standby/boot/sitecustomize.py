@@ -1,4 +1,4 @@
-"""Cold ranks' bootstrap: opens the per-rank channel (:mod:`standby.channel`) in a fresh interpreter.
+"""Cold ranks' bootstrap: opens the per-rank channel (:mod:`supervisord_ft_standby.channel`) in a fresh interpreter.
 
 The daemon starts a cold rank with this directory first on ``PYTHONPATH`` and the job's own
 value, if it has one, in ``SUPERVISORD_FT_PYTHONPATH``. Python's ``site`` imports this module at start-up; it

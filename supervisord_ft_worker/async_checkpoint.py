@@ -4,11 +4,11 @@
 the previous write (never two in flight), copies the state into tensors it keeps from save to save
 (``copy_`` into warm memory: milliseconds, where writing and fsyncing takes seconds at 100M
 parameters), and returns; a thread writes, fsyncs and renames the copy with
-:func:`~worker.checkpoint.save_checkpoint`, so a file is named only once complete, exactly as a
+:func:`~supervisord_ft_worker.checkpoint.save_checkpoint`, so a file is named only once complete, exactly as a
 blocking save. A write that failed is raised on the training thread by the next :meth:`check`,
 :meth:`save` or :meth:`wait`.
 
-:meth:`save_now` is the just-in-time save (see :class:`worker.contract.SaveOnFailure`): the write
+:meth:`save_now` is the just-in-time save (see :class:`supervisord_ft_worker.contract.SaveOnFailure`): the write
 in flight is finished if it holds the same step, else abandoned (it is not waited for, and its
 temporary is never named), then the live state is written at once, first writer wins.
 """

@@ -1,9 +1,9 @@
-"""``python -m standby.rdzv CONFIG_JSON``: one node's member of a multi-node job's c10d rendezvous.
+"""``python -m supervisord_ft_standby.rdzv CONFIG_JSON``: one node's member of a multi-node job's c10d rendezvous.
 
 Started once per run by the daemon (``supervisord_ft.noderdzv``, the daemon side of this
 protocol). It runs torch's own rendezvous, ``DynamicRendezvousHandler`` over the c10d backend's
 ``TCPStore`` (the one torchrun's agent uses), and talks to the daemon in JSON lines
-(:mod:`standby.lines`). Orders on stdin, each answered by one event on stdout:
+(:mod:`supervisord_ft_standby.lines`). Orders on stdin, each answered by one event on stdout:
 
 - ``{"cmd": "join", "local_world_size": N}``: join the next round. Answer ``round`` (this node's
   group rank, the group's size, its first global rank, the workers' store), or ``timeout`` or
@@ -171,7 +171,7 @@ class Member:
         another process here already hosts is joined instead. An explicit ``is_host`` wins.
 
         The store hosted here listens on the endpoint's address only, on a socket bound here
-        (:class:`~standby.store.Hosted`, as the workers' stores): torch's own listens on every
+        (:class:`~supervisord_ft_standby.store.Hosted`, as the workers' stores): torch's own listens on every
         interface, so anyone who reached any address of the node could write the rendezvous.
         """
         from torch.distributed.elastic.rendezvous import registry

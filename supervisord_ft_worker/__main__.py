@@ -1,4 +1,4 @@
-"""``python -m worker``: the built-in training job."""
+"""``python -m supervisord_ft_worker``: the built-in training job."""
 
 from . import startup  # noqa: F401  first: its clock starts before torch is imported
 from .train import main
