@@ -32,14 +32,15 @@ import runpy
 import signal
 import sys
 import time
+import types
 import zipfile
 from importlib.machinery import SourceFileLoader, SourcelessFileLoader
 from importlib.util import MAGIC_NUMBER
 from typing import Any
 
-from . import channel, lines
+from . import channel, lines, threads
 
-_OWN_FRAMES = {__file__}
+_OWN_FRAMES = {__file__, threads.__file__}
 # When this standby was handed its rank (wall clock): a start-up report's zero (supervisord_ft_worker/startup.py).
 ACTIVATED_AT: float | None = None
 
@@ -72,6 +73,8 @@ def main() -> None:
     ACTIVATED_AT = time.time()
     lines.write(reply_fd, event="running", pid=os.getpid())
     os.close(reply_fd)
+    if "torch" in sys.modules:
+        threads.watch()
     try:
         _run(order["argv"])
     except SystemExit:
@@ -117,9 +120,7 @@ def _run(argv: list[str]) -> None:
 
 
 def _uncaught(exc: BaseException) -> Any:
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FRAMES:
-        tb = tb.tb_next
+    tb = _without_own_frames(exc.__traceback__)
     sys.excepthook(type(exc), exc.with_traceback(tb), tb)
     if not isinstance(exc, KeyboardInterrupt):
         raise SystemExit(1)
@@ -128,3 +129,17 @@ def _uncaught(exc: BaseException) -> Any:
         stream.flush()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
+
+
+def _without_own_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """The traceback a cold rank would print: this module's frames (above the script) and the
+    import hook's (within it, see :mod:`.threads`) left out (a loop: a RecursionError's is deep)."""
+    kept = []
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename not in _OWN_FRAMES:
+            kept.append(tb)
+        tb = tb.tb_next
+    rest = None
+    for tb in reversed(kept):
+        rest = types.TracebackType(rest, tb.tb_frame, tb.tb_lasti, tb.tb_lineno)
+    return rest

@@ -294,3 +294,43 @@ async def test_a_script_next_to_modules_named_like_ours_imports_its_own_warm_as_
     for rank in (0, 1):
         assert [e["line"] for e in d.named("worker_output", attempt=0, rank=rank)] == [theirs]
         assert [e["line"] for e in d.named("worker_output", attempt=1, rank=rank)] == [theirs]
+
+
+SETS_THREADS = """
+import os, sys
+{before}
+import torch
+{after}
+print("threads", torch.get_num_threads(), flush=True)
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    with open(os.environ["PROBE_GO"], "rb", buffering=0) as go:
+        go.read(1)
+    sys.exit(1 if os.environ["RANK"] == "1" else 0)
+"""
+
+
+@pytest.mark.parametrize("before,after,threads", [
+    ("os.environ['OMP_NUM_THREADS'] = '1'", "", 1),
+    ("os.environ['MKL_NUM_THREADS'] = '1'; import importlib; importlib.import_module('torch.nn')", "", 1),
+    ("os.environ['OMP_NUM_THREADS'] = '99'", "", None),  # MKL's cap: the cores
+    ("", "os.environ['OMP_NUM_THREADS'] = '1'", None),  # set after the import: torch's default
+])
+async def test_thread_counts_a_script_sets_before_importing_torch_apply_warm_as_cold(
+        daemon, tmp_path, before, after, threads):
+    """A script that sets ``OMP_NUM_THREADS`` before ``import torch`` got torch's default count
+    in a standby (torch was imported there first)."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: 1 thread is torch's default too, warm and cold cannot differ")
+    (tmp_path / "train.py").write_text(SETS_THREADS.format(before=before, after=after))
+    d, fd = await start_gated(daemon, tmp_path, [sys.executable, "train.py"], "--preload", "torch",
+                              within=".")
+    standbys = await pool_ready(d)
+    os.write(fd, b"gg")  # attempt 0 (cold) fails; attempt 1 runs in the standbys
+    assert await d.finish() == 0
+    assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys
+    # stdout only: a rank torn down while torch's threads exit may say "FATAL: exception not
+    # rethrown" (glibc) on stderr
+    cold = [e["line"] for e in d.named("worker_output", attempt=0, stream="stdout")]
+    assert [e["line"] for e in d.named("worker_output", attempt=1, stream="stdout")] == cold
+    expected = threads or os.cpu_count()
+    assert cold == [f"threads {expected}"] * 2
