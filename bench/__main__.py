@@ -18,12 +18,12 @@ from types import ModuleType
 from supervisord_ft.orphans import become_subreaper
 
 from . import (channel, checkpoint_stall, detection, failures, goodput, multinode, overhead, recovery, scale,
-               slow_consumer, standby_cost, steps_lost, teardown)
+               slow_consumer, standby_cost, status_log, steps_lost, teardown)
 from .report import machine, save
 
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (
     detection, recovery, steps_lost, goodput, teardown, overhead, scale, checkpoint_stall, slow_consumer,
-    standby_cost, multinode, channel, failures)}
+    standby_cost, multinode, channel, failures, status_log)}
 
 
 async def main(names: list[str], quick: bool) -> int:

@@ -37,6 +37,7 @@ EVENTS_FILE = "events.jsonl"  # in the run dir
 _dumps = encoder(default=str)
 _stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
 EVENTS_BUFFER_BYTES = 16 << 20  # events waiting for a stalled file system before they are lost
+WRITE_BATCH_LINES = 4096  # queued lines written at once, whole or (a failed write) not at all
 
 
 def now() -> str:
@@ -95,8 +96,9 @@ class EventsFile:
     A file system that stops taking writes (a dead NFS server, a frozen or failing disk) holds
     that thread only: :meth:`append` never blocks the loop; once :data:`EVENTS_BUFFER_BYTES`
     wait, later lines are lost and counted. Every line is written whole, or not at all: a disk
-    that fills up mid-write takes part of a line (a short write) and then fails; that part is cut
-    off again, so no reader ever meets half a JSON object (should even the cut fail, the next line
+    that fills up mid-write takes part of a write (a short write) and then fails; that part is cut
+    off again (the lines of that write are lost, and counted: lines are written in batches, one
+    system call and one hand-over of the GIL for all that waited), so no reader ever meets half a JSON object (should even the cut fail, the next line
     starts on a fresh line). Lines lost either way are said in the file by a ``log_gap`` line
     before the next one written, and at once elsewhere by ``log_write_failed`` (:meth:`news`).
     """
@@ -114,7 +116,7 @@ class EventsFile:
         self._loss: Loss | None = None  # lines the file refused since the last one written
         self._news: list[dict[str, Any]] = []  # notices for the loop to show
         self._closing = False
-        self._writing = False  # a line taken from the queue is being written
+        self._writing = 0  # lines taken from the queue and being written
         self._thread = threading.Thread(target=self._run, name="events-writer", daemon=True)
         self._thread.start()
 
@@ -178,10 +180,19 @@ class EventsFile:
                     self._cond.wait()
                 if not self._queue:
                     return
-                item, timestamp = self._queue.popleft()
-                if isinstance(item, bytes):
+                item, first = self._queue.popleft()
+                stamps = [first]
+                if isinstance(item, bytes):  # with the lines queued behind it: one write, one
+                    batch = [item]           # hand-over of the GIL, not one per line
                     self._bytes -= len(item)
-                self._writing = True
+                    while self._queue and isinstance(self._queue[0][0], bytes) \
+                            and len(batch) < WRITE_BATCH_LINES:
+                        data, stamp = self._queue.popleft()
+                        batch.append(data)
+                        stamps.append(stamp)
+                        self._bytes -= len(data)
+                    item = b"".join(batch)
+                self._writing = len(stamps)
                 refused, self._loss = self._loss, None
             said: list[dict[str, Any]] = []
             for loss in (refused, item if isinstance(item, Loss) else None):
@@ -195,8 +206,9 @@ class EventsFile:
             with self._cond:
                 self._news += said
                 if error is not None:
-                    self._lose(f"{self.path}: {error.strerror or error}", timestamp)
-                self._writing = False
+                    for stamp in stamps:
+                        self._lose(f"{self.path}: {error.strerror or error}", stamp)
+                self._writing = 0
                 self._cond.notify_all()  # a drain waits for this
 
     def _unsaid(self, loss: Loss) -> None:

@@ -233,7 +233,7 @@ class Leftovers:
                         reason=f"left by a daemon killed before it could stop them ({RECORD_NAME})")
         if stuck := sorted(set(fds) - exited):
             log.error("orphans_stuck", pids=stuck, reason="still alive after SIGKILL")
-        forget(self.run_dir)
+        await forget(self.run_dir)
 
 
 def find_leftovers(run_dir: Path) -> Leftovers:

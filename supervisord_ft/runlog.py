@@ -12,12 +12,14 @@ Times in a :class:`Run` are seconds since the run's first event, from the daemon
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import secrets
 import socket
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +35,8 @@ STEP = "step"  # the worker_event of a step report (supervisord_ft_worker.contra
 CHECKPOINT_SAVED = "checkpoint_saved"
 FAILING = ("RECOVERING", "FAILED")  # states a failure leads to
 Event = dict[str, Any]
+READ_BLOCK = 4 << 20  # bytes read at once: the memory a read takes
+MAX_LINE = 16 << 20  # no event is longer: a worker's line is cut at max_line_bytes, 1 MiB at most
 
 
 def new_run_id() -> str:
@@ -46,10 +50,12 @@ class RunLog:
     """Every run in one events file, in the order they started, and what could not be read."""
 
     path: Path
-    runs: dict[str, list[Event]]
+    runs: dict[str, _Summary]
     skipped: int  # lines that were not an event (partial, not JSON, no event or timestamp)
+    lines: int = 0
+    decoded: int = 0  # lines decoded from JSON: all but those read(every_step=False) did without
 
-    def select(self, run_id: str | None = None) -> tuple[str, list[Event]]:
+    def select(self, run_id: str | None = None) -> tuple[str, _Summary]:
         """The latest run, or the one whose id is or starts with ``run_id``."""
         if run_id is None:
             return next(reversed(self.runs.items()))
@@ -85,43 +91,177 @@ def _typed(ev: dict[str, Any]) -> Event:
     return ev
 
 
-def _events(lines: Iterable[bytes]) -> Iterator[Event | None]:
-    """Each line's event, or None for a line that is not one."""
-    for raw in lines:
-        if not raw.strip():
-            continue
-        try:
-            ev = json.loads(raw)
-        except ValueError:  # a partial last line, or garbage: never fatal
-            yield None
-            continue
-        ok = isinstance(ev, dict) and isinstance(ev.get("event"), str) and _seconds(ev) is not None
-        yield _typed(ev) if ok else None
-
-
-def read(run_dir: Path) -> RunLog:
-    """Read ``run_dir``'s events; :class:`ReaderError` if it holds none."""
-    path = run_dir / EVENTS_FILE
-    runs: dict[str, list[Event]] = {}
-    skipped = unnamed = 0
+def _event(raw: bytes) -> Event | None:
+    """The line's event, or None for a line that is not one (a partial last line, garbage)."""
     try:
-        with open(path, "rb") as fh:
-            for ev in _events(fh):
-                if ev is None:
-                    skipped += 1
-                    continue
-                run_id = ev.get("run_id")
-                if not isinstance(run_id, str):  # written before run ids existed
-                    unnamed += ev["event"] == "supervisor_start"
-                    run_id = f"unnamed-{max(unnamed, 1)}"
-                runs.setdefault(run_id, []).append(ev)
+        ev = json.loads(raw)
+    except ValueError:
+        return None
+    ok = isinstance(ev, dict) and isinstance(ev.get("event"), str) and _seconds(ev) is not None
+    return _typed(ev) if ok else None
+
+
+# How this version writes a worker's line (logs.py: compact JSON, these keys in this order).
+# Lines of that shape whose content the summary can do without are recognised by these bytes
+# and not decoded: at a few hundred thousand lines a second, a multi-day run's gigabyte of
+# output is the whole cost of ``status``. A line of any other shape is decoded.
+_OUTPUT = b',"event":"worker_output",'
+_STEP = b'"worker_event":"step"'
+_CHECKPOINT = b'"worker_event":"checkpoint_saved"'
+_STDERR_TEXT = b',"stream":"stderr","line":"'
+_BLANK = b'"line":""'
+_RANK = re.compile(rb',"rank":(-?\d+),')
+_SOUGHT = (b'"worker_event":"', _STDERR_TEXT)  # in the lines _hold may keep
+_WHOLE_STEP = re.compile(rb'"worker_step":\d+[,}]')
+
+
+class _Scan:
+    """Reads the lines of an events file, in order, into one :class:`_Summary` per run.
+
+    With ``every_step`` False (``status``), a rank's step reports after its first in an
+    attempt, and its stderr lines, are held back, only the latest of each, and decoded just
+    before the next event that is decoded: the summary then sees what it would have seen of
+    them (a rank's first and latest step in each stretch, its last stderr line before a
+    failure), in constant memory, without decoding the rest. A block of lines that are all the
+    current attempt's output is searched for those lines as a whole (the common case, at the
+    speed of ``bytes.count``); any other block is read line by line."""
+
+    def __init__(self, every_step: bool) -> None:
+        self.every_step = every_step
+        self.runs: dict[str, _Summary] = {}
+        self.skipped = self.unnamed = self.lines = self.decoded = 0
+        self.offset = 0  # of the line being read, in the file: the order of held lines
+        self.run: _Summary | None = None  # the run of the last decoded event
+        self.tag = b""  # its id, as its lines hold it
+        self.held: dict[tuple[bool, int], tuple[int, bytes]] = {}  # (stderr?, rank) -> (offset, line)
+
+    def block(self, block: bytes) -> None:
+        """Whole lines, each ending in ``\\n``."""
+        run, lines = self.run, block.count(b"\n")
+        if run is not None and not self.every_step and run.attempt_tag is not None \
+                and block.count(_OUTPUT) == block.count(self.tag) == block.count(run.attempt_tag) == lines:
+            base, last = self.offset, -1
+            for at in sorted(_found(block, _SOUGHT)):
+                start = block.rfind(b"\n", 0, at) + 1
+                if start != last:
+                    last, self.offset = start, base + start
+                    if not self._keep(raw := block[start:block.index(b"\n", at) + 1], run):
+                        self._flush()
+                        self._decode(raw)
+            run.tail = block[block.rfind(b"\n", 0, len(block) - 1) + 1:]
+            self.offset, self.lines = base + len(block), self.lines + lines
+            return
+        for raw in io.BytesIO(block):
+            self.line(raw)
+
+    def line(self, raw: bytes) -> None:
+        self.lines += 1
+        self._line(raw, self.run)
+        self.offset += len(raw)
+
+    def _line(self, raw: bytes, run: _Summary | None) -> None:
+        if run is not None and not self.every_step and self._hold(raw, run):
+            return
+        self._flush()
+        self._decode(raw)
+
+    def end(self) -> dict[str, _Summary]:
+        self._flush()
+        for run in self.runs.values():
+            run.close()
+        return self.runs
+
+    def _hold(self, raw: bytes, run: _Summary) -> bool:
+        """True if ``raw`` is a line of the current run and attempt that need not be decoded now."""
+        if raw.find(_OUTPUT, 0, 100) < 0 or self.tag not in raw or run.attempt_tag is None \
+                or run.attempt_tag not in raw:
+            return False
+        return self._keep(raw, run)
+
+    def _keep(self, raw: bytes, run: _Summary) -> bool:
+        """:meth:`_hold` for a line known to be the current attempt's output."""
+        if not raw.endswith(b"}\n"):
+            return False
+        stderr = _STDERR_TEXT in raw
+        if _STEP not in raw and not stderr:
+            if _CHECKPOINT in raw:
+                return False
+            run.tail = raw  # nothing the summary reads but its time
+            return True
+        if stderr and _BLANK in raw:
+            return True
+        if (m := _RANK.search(raw)) is None or not (stderr or _WHOLE_STEP.search(raw)):
+            return False
+        rank = int(m[1])
+        if not stderr and rank not in run.stepped:
+            return False  # a rank's first step of the attempt: decoded now
+        self.held[(stderr, rank)] = (self.offset, raw)
+        return True
+
+    def _flush(self) -> None:
+        if self.held:
+            held = sorted(self.held.values())
+            self.held.clear()
+            for _, raw in held:
+                self._decode(raw)
+
+    def _decode(self, raw: bytes) -> None:
+        if not raw.strip():
+            return
+        self.decoded += 1
+        if (ev := _event(raw)) is None:
+            self.skipped += 1
+            return
+        run_id = ev.get("run_id")
+        if not isinstance(run_id, str):  # written before run ids existed
+            self.unnamed += ev["event"] == "supervisor_start"
+            run_id = f"unnamed-{max(self.unnamed, 1)}"
+        if (run := self.runs.get(run_id)) is None:
+            run = self.runs[run_id] = _Summary(ev)
+        if run is not self.run:
+            self.run, self.tag = run, json.dumps({"run_id": run_id}, separators=(",", ":"))[1:-1].encode()
+        run.feed(ev)
+
+
+def _found(block: bytes, needles: tuple[bytes, ...]) -> Iterator[int]:
+    """Where each of ``needles`` occurs in ``block`` (``bytes.find``: a regex alternation is 10
+    times slower)."""
+    for needle in needles:
+        at = block.find(needle)
+        while at >= 0:
+            yield at
+            at = block.find(needle, at + 1)
+
+
+def read(run_dir: Path, every_step: bool = True) -> RunLog:
+    """Read ``run_dir``'s events, streaming; :class:`ReaderError` if it holds none. With
+    ``every_step`` False, each rank's step reports are read only as far as the summary needs
+    them (its first and latest of each stretch: not the report's plots), in constant memory."""
+    path = run_dir / EVENTS_FILE
+    scan = _Scan(every_step)
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            rest = b""
+            while block := fh.read(READ_BLOCK):
+                block = rest + block
+                cut = block.rfind(b"\n") + 1
+                rest = block[cut:]
+                scan.block(block[:cut])
+                if len(rest) > MAX_LINE:  # no event is that long: garbage, skipped to its end
+                    scan.skipped, rest = scan.skipped + 1, b""
+                    while (block := fh.read(READ_BLOCK)) and (cut := block.find(b"\n") + 1) == 0:
+                        pass
+                    rest = block[cut:]
+            if rest:  # a partial last line: being written, or cut
+                scan.line(rest)
     except FileNotFoundError:
         raise ReaderError(f"{run_dir}: no {EVENTS_FILE} (not a run dir, or no run started there)")
     except OSError as exc:
         raise ReaderError(f"{path}: cannot read: {exc.strerror}")
+    runs = scan.end()
     if not runs:
         raise ReaderError(f"{path}: no events")
-    return RunLog(path, runs, skipped)
+    return RunLog(path, runs, scan.skipped, scan.lines, scan.decoded)
 
 
 def _seconds(ev: Event) -> float | None:
@@ -318,8 +458,9 @@ def _rounded(obj: Any) -> Any:
 class _Summary:
     """Walks one run's events once, in order; each known event updates what it concerns."""
 
-    def __init__(self, events: list[Event]) -> None:
-        self.t0 = _seconds(events[0]) or 0.0
+    def __init__(self, first: Event) -> None:
+        self.started: str = first["timestamp"]
+        self.t0 = _seconds(first) or 0.0
         self.start: Event = {}
         self.exit: Event | None = None
         self.state: str | None = None
@@ -332,11 +473,23 @@ class _Summary:
         self.silent: dict[tuple[Any, Any], float] = {}  # (attempt, rank) -> when it went silent
         self.failure: dict[str, Any] | None = None
         self.t = self.last_t = 0.0
-        for ev in events:
-            self.t = self.last_t = (_seconds(ev) or self.t0) - self.t0
-            handler = getattr(self, "on_" + ev["event"], None)
-            if handler is not None:
-                handler(ev)
+        # For _Scan: the latest attempt, as its lines hold it, the ranks that reported a step
+        # in it, and the latest line that was not decoded (only its time counts).
+        self.current: Attempt | None = None
+        self.attempt_tag: bytes | None = None
+        self.stepped: set[Any] = set()
+        self.tail: bytes | None = None
+
+    def feed(self, ev: Event) -> None:
+        self.t = self.last_t = (_seconds(ev) or self.t0) - self.t0
+        handler = getattr(self, "on_" + ev["event"], None)
+        if handler is not None:
+            handler(ev)
+
+    def close(self) -> None:
+        """The run's last line counts for its duration, decoded or not."""
+        if self.tail is not None and (ev := _event(self.tail)) is not None:
+            self.last_t = max(self.last_t, (_seconds(ev) or self.t0) - self.t0)
 
     def _attempt(self, ev: Event) -> Attempt | None:
         return self.attempts.get(ev.get("attempt"))  # type: ignore[arg-type]
@@ -364,6 +517,8 @@ class _Summary:
             step = parse_step(Path(path).name)
         a = Attempt(ev.get("attempt", len(self.attempts)), ev.get("restart"), self.t, path,
                     step or 0)
+        self.current, self.stepped = a, set()
+        self.attempt_tag = b'"attempt":%d,' % a.id if isinstance(a.id, int) else None
         if (before := self.attempts.get(a.id - 1)) is not None:
             before.relaunched_at = self.t
             before.resumed_by_next = path
@@ -454,6 +609,8 @@ class _Summary:
                           ev.get("attempt"))
             self.series.setdefault(ev.get("rank", -1), []).append(point)
             if (a := self._attempt(ev)) is not None:
+                if self.attempt_tag is not None and a is self.current:
+                    self.stepped.add(ev.get("rank"))
                 if a.first_step_at is None:
                     a.first_step_at = self.t
                     if (before := self.attempts.get(a.id - 1)) and before.failed_at is not None:
@@ -519,8 +676,7 @@ def stretches(points: list[Point]) -> Iterator[list[Point]]:
 
 def summarise(log: RunLog, run_id: str | None = None) -> Run:
     """What the chosen run (the latest by default) did, as far as its events tell."""
-    rid, events = log.select(run_id)
-    s = _Summary(events)
+    rid, s = log.select(run_id)
     steps = [p.step for points in s.series.values() for p in points]
     step = max(steps, default=None)
     cfg = s.start.get("config") if isinstance(s.start.get("config"), dict) else {}
@@ -533,7 +689,7 @@ def summarise(log: RunLog, run_id: str | None = None) -> Run:
     return Run(
         run_id=rid, path=str(log.path), run_index=list(log.runs).index(rid) + 1,
         runs_in_file=len(log.runs), skipped_lines=log.skipped,
-        started=events[0]["timestamp"], pid=pid, host=host, state=s.state,
+        started=s.started, pid=pid, host=host, state=s.state,
         daemon=_daemon(s.exit is not None, pid, host, s.t0),
         exit_code=s.exit.get("exit_code") if s.exit else None, step=step, total_steps=total,
         restarts=restarts if isinstance(restarts, int) else 0,

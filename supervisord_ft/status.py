@@ -70,6 +70,6 @@ def _state(run: runlog.Run) -> str:
 
 
 def main(run_dir: Path, run_id: str | None, as_json: bool) -> int:
-    run = runlog.summarise(runlog.read(run_dir), run_id)
+    run = runlog.summarise(runlog.read(run_dir, every_step=False), run_id)
     print(json.dumps(run.to_dict()) if as_json else "\n".join(lines(run)))
     return 0

@@ -242,3 +242,36 @@ def test_a_failures_explained_cause_and_its_recoverys_phases_are_read_and_garbag
     run = runlog.summarise(runlog.read(tmp_path))
     assert run.attempts[0].explained.text() == "no rank in sight: unexplained"
     assert run.attempts[0].phases == {"relaunch": 0.2}
+
+
+def as_logged(event: dict) -> str:
+    """An event as the daemon writes it: compact, a worker's ``step`` as ``worker_step``."""
+    if event["event"] == "worker_output" and "step" in event:
+        event = {("worker_step" if k == "step" else k): v for k, v in event.items()}
+    return json.dumps(event, separators=(",", ":"))
+
+
+def test_status_reads_only_what_it_needs_and_sees_what_a_full_read_sees(tmp_path):
+    """The daemon's own (compact) line format, with what a job adds to it: a blank stderr line
+    after the one that explains the failure, a JSON object on stderr, a rank that never reports
+    a step, a late step of the previous attempt after the relaunch, a step that is no number,
+    and another run before this one."""
+    lines = crash_run("r0") + crash_run()
+    at = lines.index(next(line for line in lines[len(lines) // 2:] if '"line": "boom"' in line)) + 1
+    lines[at:at] = [ev(1.81, "worker_output", rank=1, restart=0, attempt=0, stream="stderr", line=""),
+                    ev(1.82, "worker_output", rank=1, restart=0, attempt=0, stream="stderr",
+                       worker_event="warning", text="a JSON object")]
+    relaunch = lines.index(next(line for line in lines[at:] if '"launching"' in line)) + 1
+    lines[relaunch:relaunch] = [step(2.35, 0, 8, 0)]
+    lines += [ev(8.0 + n / 10, "worker_output", rank=2, restart=1, attempt=1, stream="stdout", line=f"r2 {n}")
+              for n in range(20)]
+    lines += [ev(9.0, "worker_output", rank=0, restart=1, attempt=1, stream="stdout", worker_event="step",
+                 worker_step="x")]
+    lines += [step(9.5 + n / 10, r, n, 1) for n in range(21, 40) for r in (0, 1)]
+    write(tmp_path, [as_logged(json.loads(line)) for line in lines])
+    full, sparse = runlog.read(tmp_path), runlog.read(tmp_path, every_step=False)
+    for run_id in ("r0", "r1"):
+        assert runlog.summarise(sparse, run_id).to_dict() == runlog.summarise(full, run_id).to_dict()
+    run = runlog.summarise(sparse)
+    assert run.last_failure["last_stderr"] == "boom" and run.step == 39
+    assert sparse.decoded < full.decoded / 2

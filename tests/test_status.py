@@ -64,7 +64,8 @@ async def test_status_follows_a_live_daemon_to_its_exit(daemon, tmp_path):
 async def test_status_tells_a_crash_and_a_daemon_that_died_without_saying_so(daemon, tmp_path):
     d = await daemon("--restart-backoff", "0",
                      command=[*FAKE_WORKER, *LONG, "--fail-rank", "1", "--fail-at-step", "2"])
-    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["attempt"] == 1)
+    await d.wait_for(lambda e: e["event"] == "recovered")
+    await d.follow(lambda e: e["event"] == "recovered")  # in the file too: its writer is a thread
     assert await d.sigkill() == []
     rc, text, _ = await cli("status", str(tmp_path / "run"))
     lines = dict(line.split(None, 1) for line in text.replace("last failure", "failure").splitlines())
@@ -179,3 +180,16 @@ def test_status_into_a_closed_pipe_is_a_quiet_exit(tmp_path):
                           timeout=60)
     os.close(write)
     assert (proc.returncode, proc.stderr) == (128 + signal.SIGPIPE, b"")  # was: 70 and a traceback
+
+
+async def test_status_reads_what_it_needs_of_a_real_log_and_summarises_it_as_a_full_read(daemon, tmp_path):
+    """``status`` decodes a rank's first and latest step report of each stretch and its last
+    stderr line before a failure, not every line: the daemon's line format, as the fast path
+    recognises it, is the one the daemon writes (a change to either shows here)."""
+    d = await daemon("--restart-backoff", "0", command=[
+        *FAKE_WORKER, "--steps", "60", "--fail-rank", "1", "--fail-at-step", "30", "--flood", "200"])
+    assert await d.finish() == 0
+    full, sparse = runlog.read(tmp_path / "run"), runlog.read(tmp_path / "run", every_step=False)
+    assert runlog.summarise(sparse).to_dict() == runlog.summarise(full).to_dict()
+    assert full.decoded == full.lines > 600
+    assert sparse.decoded < full.lines / 5
