@@ -16,12 +16,13 @@ it is bounded by the rendezvous timeouts plus :data:`MARGIN`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import sys
 from typing import Any
 
-from . import checkpoints, helpers
+from . import checkpoints, helpers, tasks
 from .checkpoints import Checkpoint, checkpoint_path
 from .config import Config
 from .errors import CheckpointDirsDiffer
@@ -85,7 +86,7 @@ class NodeRendezvous:
         except OSError as exc:
             raise RendezvousFailed(f"cannot start the rendezvous helper: {exc}") from None
         self.replies = asyncio.Queue()
-        self.reader = asyncio.create_task(self._read(self.helper), name="rdzv-helper")
+        self.reader = tasks.start("rdzv-helper", functools.partial(self._read, self.helper), self.log)
         self.log.info("rendezvous_helper_started", pid=self.helper.pid, endpoint=self.cfg.rdzv_endpoint,
                       rdzv_id=self.cfg.rdzv_id, nnodes=f"{self.min_nodes}:{self.max_nodes}",
                       local_addr=self.local_addr)

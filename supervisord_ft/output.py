@@ -67,8 +67,8 @@ RESERVED = frozenset({
     # a failure explained, and where its recovery's time went
     "cause", "exception", "where", "message", "source", "knock_on", "also_failed", "notes",
     "exited", "phases",
-    # the store host lost after the ranks met
-    "action",
+    # the store host lost after the ranks met; a background task's bug
+    "action", "task", "failures",
     # multi-node: the context every event gets, and the rendezvous' own events
     "node_rank", "round", "endpoint", "rdzv_id", "local_addr", "nnodes", "local_world_size",
     "world_size", "rank_offset", "votes",
@@ -301,11 +301,11 @@ class OutputRouter:
     async def run(self) -> None:
         """The emitter: runs until cancelled."""
         while True:
-            await self._ready.wait()
-            self._ready.clear()
-            while self._backlog:
-                self.flush(EMIT_BATCH)
-                await asyncio.sleep(0)
+            if not self._backlog:  # (run again after a failure: what is left goes first)
+                self._ready.clear()
+                await self._ready.wait()
+            self.flush(EMIT_BATCH)
+            await asyncio.sleep(0)
 
     def flush(self, limit: int | None = None) -> None:
         """Emit up to ``limit`` pending lines now (all when None), then report drops."""

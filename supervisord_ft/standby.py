@@ -192,6 +192,7 @@ class StandbyLauncher:
         the CPU, at the latest after SETTLE_AFTER."""
         if self._settler is None or self._settler.done():
             self._settler = asyncio.create_task(self._settle(), name="standby-settle")
+            self._track(self._settler)
 
     async def _settle(self) -> None:
         """Refill once the launched ranks' CPU time grows by less than SETTLED_CPU of a core
@@ -219,6 +220,7 @@ class StandbyLauncher:
             return
         if self.disabled is None and (self._filler is None or self._filler.done()):
             self._filler = asyncio.create_task(self._fill(), name="standby-fill")
+            self._track(self._filler)
 
     async def _fill(self) -> None:
         while self.disabled is None and len(self._live()) < self.size:
@@ -238,10 +240,11 @@ class StandbyLauncher:
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        """A watcher ended; one that failed (a bug) is said, and the pool stops: ranks start cold."""
+        """A watcher, the filler or the settler ended; one that failed (a bug) is said, and the
+        pool stops: ranks start cold."""
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            self._disable(f"a standby watcher failed: {type(exc).__name__}: {exc}")
+            self._disable(f"{task.get_name()} failed: {type(exc).__name__}: {exc}")
 
     def _disable(self, reason: str) -> None:
         if self.disabled is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from collections.abc import Awaitable
 from typing import Any
 
-from . import blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, runlog
+from . import blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, runlog, tasks
 from .attempt import Attempt, Recovery, first_to_fail
 from .causes import Cause, Explanation
 from .channel import FR_BUFFER, FR_ENTRIES, Sockets
@@ -173,8 +173,8 @@ class Supervisor:
             loop.add_signal_handler(sig, self.request_stop, sig)
         for sig in FORWARD_SIGNALS:
             loop.add_signal_handler(sig, self.forward, sig)
-        emitter = asyncio.create_task(self.router.run(), name="output-emitter")
-        ticker = asyncio.create_task(self._status_ticker(), name="status")
+        emitter = tasks.start("output-emitter", self.router.run, self.log)
+        ticker = tasks.start("status", self._status_ticker, self.log)
         self.log.info("supervisor_start", pid=os.getpid(), host=socket.gethostname(),
                       python=sys.executable, loop=type(loop).__module__.split(".")[0],
                       config=as_dict(self.cfg))

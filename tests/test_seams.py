@@ -168,3 +168,39 @@ async def test_the_first_failure_is_chosen_by_time_not_by_set_order(tmp_path):
     assert named(events, "state_changed")[1]["reason"].startswith("rank 3 exited with 7: first")
     exits = [(e["rank"], e["returncode"]) for e in named(events, "worker_exited") if e["attempt"] == 0]
     assert exits[:2] == [(3, 7), (1, 9)]
+
+
+async def test_a_bug_in_a_background_task_is_said_and_the_task_goes_on(tmp_path, monkeypatch):
+    """The output emitter and the status ticker each raise once (a bug): each says so, runs
+    again, and the run ends as it would have (was: the task died silently; the emitter's
+    death stopped every line after it, and the progress read from them)."""
+    from supervisord_ft import output, supervisor
+
+    def once(real, fault):
+        calls = []
+
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise fault
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(output, "_emit", once(output._emit, KeyError("a bug in the emitter")))
+    monkeypatch.setattr(supervisor, "daemon_usage", once(supervisor.daemon_usage, ValueError("a bug in the ticker")))
+
+    async def script(rank: FakeRank, attempt: int) -> None:
+        for n in range(1, 6):
+            rank.step(n)
+            await asyncio.sleep(0.02)
+        rank.exit(0)
+
+    code, events, _ = await supervise(tmp_path, FakeLauncher(script), FakeRendezvous(), poll_interval=0.01)
+    assert code == 0
+    failed = {e["task"]: e for e in named(events, "task_failed")}
+    assert set(failed) == {"output-emitter", "status"}
+    assert failed["output-emitter"]["reason"] == "KeyError: 'a bug in the emitter'"
+    assert failed["status"]["where"].endswith("in wrapped") and failed["status"]["failures"] == 1
+    steps = [e["worker_step"] for e in named(events, "worker_output")]
+    assert len(steps) == 9 and steps.count(5) == 2  # one line lost to the bug, the rest logged
+    assert len(named(events, "status")) > 1  # ticking after its failure too
