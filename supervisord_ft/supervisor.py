@@ -527,14 +527,16 @@ class Supervisor:
         a = self.attempt
         if a is None:  # stopped before the first launch
             return
-        live = [w for w in a.workers if w.alive]
-        if let_exit and a.jit_armed & {w.rank for w in live}:
-            # Survivors of a dead peer save their last completed step, then exit on their own; a
-            # SIGTERM now would kill a script that does not catch it mid-save. Only ranks that
-            # armed such a save are waited for: any other script would only cost the wait.
-            await wait_exits(live, let_exit, self._kill_now)
+        # Survivors of a dead peer save their last completed step, then exit on their own; a
+        # SIGTERM now would kill a script that does not catch it mid-save. Only ranks that armed
+        # such a save are waited for: any other script would only cost the wait. Those that did
+        # so while the failure was diagnosed count as having exited on their own too.
+        armed = [w for w in a.workers if w.rank in a.jit_armed
+                 and (w.alive or (w.exited_at or 0.0) >= (a.failed_at or 0.0))]
+        if let_exit and armed:
+            await wait_exits([w for w in a.workers if w.alive], let_exit, self._kill_now)
             self.log.info("jit_checkpoint_wait", attempt=a.id, timeout=let_exit,
-                          exited_on_their_own=[w.rank for w in live if not w.alive],
+                          exited_on_their_own=[w.rank for w in armed if not w.alive],
                           still_alive=a.alive())
         a.marks["jit_wait"] = time.monotonic()
         if why == "recovery":  # only a failure is explained from it
