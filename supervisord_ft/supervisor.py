@@ -20,7 +20,7 @@ from pathlib import Path
 from collections.abc import Awaitable
 from typing import Any
 
-from . import blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, runlog, tasks
+from . import blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, runlog, tasks, torchrun
 from .attempt import Attempt, Recovery, first_to_fail
 from .causes import Cause, Explanation
 from .channel import FR_BUFFER, FR_ENTRIES, Sockets
@@ -178,6 +178,9 @@ class Supervisor:
         self.log.info("supervisor_start", pid=os.getpid(), host=socket.gethostname(),
                       python=sys.executable, loop=type(loop).__module__.split(".")[0],
                       config=as_dict(self.cfg))
+        for option, value in self.cfg.ignored:
+            self.log.warning("torchrun_option_ignored", option=option, value=value,
+                             why=torchrun.why_ignored(option))
         steps = {
             State.LAUNCHING: self._launch,
             State.RUNNING: self._watch,
