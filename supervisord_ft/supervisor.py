@@ -23,7 +23,7 @@ from typing import Any
 from . import blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, runlog, tasks, torchrun
 from .attempt import Attempt, Recovery, first_to_fail
 from .causes import Cause, Explanation
-from .channel import FR_BUFFER, FR_ENTRIES, Sockets
+from .channel import FR_BUFFER, FR_ENTRIES, Sockets, exiting
 from .config import Config, as_dict
 from .errors import (EXIT_DONE, EXIT_FAILED, EXIT_NO_REQUEUE, EXIT_SIGNAL_BASE, CheckpointDirsDiffer,
                      CheckpointError)
@@ -33,7 +33,7 @@ from .progress import Looker
 from .rendezvous import LocalRendezvous, News, RankInfo, Rendezvous, RendezvousFailed
 from .restarts import Failure, RestartPolicy
 from .standby import StandbyLauncher
-from .watchdog import Cadence, Watchdog
+from .watchdog import Cadence, Hang, Watchdog
 from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, stop, wait_exits
 
 EXIT_CODES = {State.DONE: EXIT_DONE, State.FAILED: EXIT_FAILED}
@@ -447,6 +447,11 @@ class Supervisor:
                     return
                 if hang_wait in done:
                     hung = hang_wait.result()
+                    if await self._exiting(a, hung):
+                        waiters.discard(hang_wait)
+                        hang_wait = asyncio.create_task(a.watchdog.expired(a.alive))
+                        waiters.add(hang_wait)
+                        continue
                     for h in hung:
                         self.log.bind(rank=h.rank, restart=a.restart, attempt=a.id).error(
                             "hang_detected", silent_for=round(h.silent_for, 3),
@@ -698,6 +703,23 @@ class Supervisor:
         if self._reports_steps or not (now.empty and then.empty):
             return False
         return None
+
+    async def _exiting(self, a: Attempt, hung: list[Hang]) -> bool:
+        """Every silent rank is in its interpreter's last steps of exit (torch's handlers are
+        gone: a finished job can spend seconds there on a loaded machine) and none was waited
+        for before: their clocks start again, once. A rank that then stays there is hung."""
+        if self.sockets is None or any(h.rank in a.exit_waited for h in hung):
+            return False
+        answers = await asyncio.gather(*(exiting(self.sockets.path(a.id, h.rank)) for h in hung))
+        if not all(answers):
+            return False
+        a.exit_waited.update(h.rank for h in hung)
+        for h in hung:
+            a.watchdog.output(h.rank)
+        self.log.warning("hang_deferred", attempt=a.id, ranks=[h.rank for h in hung],
+                         silent_for=round(max(h.silent_for for h in hung), 3),
+                         reason="exiting: torch's handlers are gone; one more limit to exit")
+        return True
 
     def _list_checkpoints(self) -> Awaitable[checkpoints.Listing]:
         return blocking.in_thread(lambda: checkpoints.listing(self.cfg.checkpoint_dir), "checkpoint-lister")
