@@ -158,7 +158,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("standby", bool, "keep a warm standby interpreter per rank that has imported `preload`, "
            "so a relaunched Python rank skips its imports (`false`: every rank starts cold)"),
     Option("preload", Names, "modules a standby imports before it is handed a rank (a TOML list, "
-           "or `torch,numpy` on the command line)"),
+           "or `torch,numpy` on the command line); set to anything but its default, it is all "
+           "a standby imports"),
+    Option("learn_preload", bool, "with `preload` at its default, a standby also imports what "
+           "the job's ranks imported from the standard library and installed packages (never the "
+           "job's own code), learnt through their channels, so a Lightning or HF job is warm "
+           "with no configuration"),
+    Option("standby_memory", int, "MiB a standby may hold once it imported the learnt modules; "
+           "above it they are dropped and standbys import `preload` only", minimum=64),
     Option("nnodes", str, "multi-node: `N` or `MIN:MAX` nodes, one daemon each, as torchrun's "
            "`--nnodes`; with more than one, the nodes meet through the c10d rendezvous (off or 1: "
            "this node alone)"),
@@ -228,6 +235,8 @@ class Config:
     local_addr: str | None = None
     # torch._dynamo too: building any torch.optim optimizer imports it, about 1 s on its own.
     preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim", "torch._dynamo")
+    learn_preload: bool = True
+    standby_memory: int = 2048
     epochs: int = builtin_job.EPOCHS
     steps: int = builtin_job.STEPS_PER_EPOCH
     checkpoint_interval: int = builtin_job.CHECKPOINT_INTERVAL

@@ -13,6 +13,12 @@ file), or at the latest :data:`SETTLE_AFTER` seconds after the launch. A standby
 beside ranks still starting takes the CPU their start-up needs (on 2 cores it delayed a first
 step by 3 s).
 
+What a standby imports is ``preload`` and, unless ``preload`` was set or ``learn_preload`` is off,
+what the job's ranks imported from the standard library and installed packages, asked of them
+through their channels (:data:`channel.MODULES`) each time the pool fills: a Lightning or HF job
+is warm with no configuration. The learnt modules are dropped, for good, when a standby that
+imported them holds more than ``standby_memory`` MiB.
+
 Only ``PYTHON script.py ...`` and ``PYTHON -m module ...`` are served warm, with ``PYTHON`` the
 interpreter the first launch named and an environment equal to the standbys' in everything but
 :data:`envvars.PER_RANK` (anything read at interpreter start or import time must not change);
@@ -38,12 +44,13 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import envvars, orphans, procfs
+from . import channel, envvars, orphans, procfs
 from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
                       _die_with_parent, _pipe, _stream, forward_if_caught, signal_group)
 
@@ -53,6 +60,7 @@ ACTIVATE_TIMEOUT = 2.0  # an idle standby answers its order in milliseconds; pas
 SETTLE_AFTER = 10.0  # a group that reports no step is taken as started after this long
 SETTLE_LOOK = 0.25  # s between two reads of the launched ranks' CPU time while they start
 SETTLED_CPU = 0.2  # of one core, the launched ranks together: below it they wait, not start
+ASK_TIMEOUT = 0.5  # a rank's channel answers its module list in milliseconds
 
 
 class State(enum.Enum):
@@ -89,6 +97,7 @@ class Standby:
         self.exit = asyncio.ensure_future(proc.wait())
         orphans.HELPERS.add(proc.pid)
         self.log = log.bind(standby_pid=proc.pid)
+        self.learnt = False  # it imports the learnt modules too
 
     def transition(self, to: State, reason: str, *, planned: bool = False, **fields: Any) -> None:
         """``planned``: a death the daemon chose (the run ended), logged at info, not warning."""
@@ -113,9 +122,14 @@ class Standby:
 class StandbyLauncher:
     """A pool of ``size`` standbys in front of a :class:`SubprocessLauncher`."""
 
-    def __init__(self, size: int, preload: Sequence[str], log: Any, ready_timeout: float) -> None:
+    def __init__(self, size: int, preload: Sequence[str], log: Any, ready_timeout: float,
+                 learn: bool = False, memory_mib: int = 0) -> None:
         self.size = size
         self.preload = tuple(preload)
+        self.learnt: list[str] = []  # modules the ranks imported beyond ``preload``, in order
+        self.learning: str | None = None if learn else "off"  # why nothing more is learnt
+        self.memory_mib = memory_mib  # what a standby with the learnt modules may hold
+        self._channels: dict[int, str] = {}  # the launched ranks' channel sockets, by pid
         # A standby is a rank's start-up done ahead: one not ready within the ranks' own
         # ``startup_timeout`` (a preload whose import never returns) is killed.
         self.ready_timeout = ready_timeout
@@ -139,7 +153,7 @@ class StandbyLauncher:
             else:
                 try:
                     started = await self._hand_out(standby, spec)
-                    self._launched.append(started.pid)
+                    self._started(started, spec)
                     return started
                 except StandbyError as exc:
                     why_cold = str(exc)
@@ -147,7 +161,7 @@ class StandbyLauncher:
                     self._refill_later()
         self.log.info("standby_not_used", rank=spec.rank.rank, reason=why_cold)
         started = await self.cold.start(spec)
-        self._launched.append(started.pid)
+        self._started(started, spec)
         if self.python is None and self.disabled is None and _is_python(spec.argv):
             self.python, self.env = spec.argv[0], _shared(spec.env)
             self._refill_later()
@@ -155,6 +169,11 @@ class StandbyLauncher:
 
     def settled(self) -> None:
         self._refill()
+
+    def _started(self, started: Started, spec: WorkerSpec) -> None:
+        self._launched.append(started.pid)
+        if path := spec.env.get(envvars.CHANNEL):
+            self._channels[started.pid] = path
 
     async def close(self) -> None:
         for task in (self._settler, self._filler, *self._tasks):
@@ -223,6 +242,8 @@ class StandbyLauncher:
             self._track(self._filler)
 
     async def _fill(self) -> None:
+        if self.learning is None and len(self._live()) < self.size:
+            await self._learn()
         while self.disabled is None and len(self._live()) < self.size:
             try:
                 standby = await self._spawn()
@@ -231,6 +252,37 @@ class StandbyLauncher:
                 return
             self.standbys.append(standby)
             self._track(asyncio.create_task(self._watch(standby), name=f"standby-{standby.pid}"))
+
+    async def _learn(self) -> None:
+        """Add what the live ranks imported beyond what is known to :attr:`learnt`."""
+        self._channels = {pid: path for pid, path in self._channels.items() if procfs.alive(pid)}
+        answers = await asyncio.gather(*(channel.ask(path, channel.MODULES, ASK_TIMEOUT)
+                                         for path in self._channels.values()), return_exceptions=True)
+        known, new = {*self.preload, *self.learnt}, []
+        for answer in answers:
+            try:
+                names = json.loads(answer.body) if isinstance(answer, channel.Answer) else []
+            except ValueError:  # not a list of names: nothing learnt from this rank
+                continue
+            for name in names if isinstance(names, list) else ():
+                if isinstance(name, str) and name not in known and _module_name(name):
+                    known.add(name)
+                    new.append(name)
+        if new:
+            self.learnt += new
+            self.log.info("preload_learnt", modules=len(new), total=len(self.learnt),
+                          packages=sorted({top for n in new if not (top := n.split(".")[0])
+                                           .startswith("_") and top not in sys.stdlib_module_names}))
+
+    def _over_budget(self, s: Standby, rss_mib: int) -> None:
+        """``s`` imported the learnt modules and holds more than ``standby_memory``: they are
+        dropped (said once), and ``s`` is replaced by a standby without them."""
+        if self.learnt:
+            why = f"a standby that imported them holds {rss_mib} MiB (standby_memory: {self.memory_mib})"
+            self.log.warning("preload_learnt_dropped", modules=len(self.learnt), reason=why)
+            self.learnt, self.learning = [], why
+        s.transition(State.DEAD, "over standby_memory: replaced", planned=True)
+        self._refill()
 
     def _live(self) -> list[Standby]:
         return [s for s in self.standbys if s.state in (State.STARTING, State.IDLE)]
@@ -268,10 +320,13 @@ class StandbyLauncher:
         finally:
             for fd in (out[1], err[1], reply_w):  # the child holds its copies
                 os.close(fd)
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps({"learnt": self.learnt}).encode() + b"\n")
         replies, pipe = await _stream(reply_r)
         standby = Standby(proc, (out[0], err[0]), replies, pipe, self.log)
+        standby.learnt = bool(self.learnt)
         standby.log.info("standby_state", **{"from": None, "to": State.STARTING.value},
-                         reason="refill", preload=list(self.preload))
+                         reason="refill", preload=list(self.preload), learnt=len(self.learnt))
         return standby
 
     async def _watch(self, s: Standby) -> None:
@@ -295,7 +350,12 @@ class StandbyLauncher:
             return
         if ready["failed"]:
             s.log.warning("standby_preload_failed", modules=ready["failed"])
-        s.transition(State.IDLE, "ready", seconds=round(time.monotonic() - s.spawned_at, 3))
+        rss_mib = int((procfs.status_field(s.pid, "VmRSS") or "0 kB").split()[0]) >> 10
+        if s.learnt and rss_mib > self.memory_mib:
+            self._over_budget(s, rss_mib)
+            return
+        s.transition(State.IDLE, "ready", seconds=round(time.monotonic() - s.spawned_at, 3),
+                     rss_mib=rss_mib, skipped=len(ready.get("skipped", ())))
         rc = await s.exit
         if s.state is State.IDLE:
             s.transition(State.DEAD, f"exited with {rc} while idle: replaced")
@@ -361,6 +421,10 @@ def _is_python(argv: Sequence[str]) -> bool:
     if len(argv) < 2 or not Path(argv[0]).name.startswith("python"):
         return False
     return (argv[1] == "-m" and len(argv) >= 3) or not argv[1].startswith("-")
+
+
+def _module_name(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
 
 
 def _shared(env: Mapping[str, str]) -> dict[str, str]:

@@ -64,7 +64,9 @@ class Supervisor:
         self.log = log
         # Given to the workers; the caller binds the same id on ``log`` (cli._run does).
         self.run_id = run_id or runlog.new_run_id()
-        self.launcher = launcher or (StandbyLauncher(cfg.num_workers, cfg.preload, log, cfg.startup_timeout)
+        learn = cfg.learn_preload and cfg.preload == Config.preload
+        self.launcher = launcher or (StandbyLauncher(cfg.num_workers, cfg.preload, log, cfg.startup_timeout,
+                                                     learn, cfg.standby_memory)
                                      if cfg.standby else SubprocessLauncher())
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
         self.fsm = StateMachine(on_change=self._log_transition)

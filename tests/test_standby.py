@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness import FAKE_WORKER, ROOT, Daemon, pid_alive
+from supervisord_ft.config import Config
 from supervisord_ft.errors import EXIT_NO_REQUEUE
 from supervisord_ft.standby import SETTLE_AFTER
 
@@ -334,3 +335,35 @@ async def test_thread_counts_a_script_sets_before_importing_torch_apply_warm_as_
     assert [e["line"] for e in d.named("worker_output", attempt=1, stream="stdout")] == cold
     expected = threads or os.cpu_count()
     assert cold == [f"threads {expected}"] * 2
+
+
+LEARNER = """
+import os, sys
+print("had:", "xml.dom.minidom" in sys.modules, "mylib" in sys.modules, flush=True)
+import torch.distributed, xml.dom.minidom, mylib
+""" + GATED
+DEFAULT_PRELOAD = ",".join(Config.preload)
+
+
+@pytest.mark.parametrize("memory", ["2048", "64"])
+async def test_standbys_learn_what_the_job_imported_but_never_its_own_code(daemon, tmp_path, memory):
+    """With ``preload`` at its default, the next standbys import what the ranks imported from the
+    standard library and installed packages, so the warm rank has it before its first line; a
+    module of the job's own is never among them. Standbys over ``standby_memory`` drop them."""
+    (tmp_path / "learner.py").write_text(LEARNER)
+    (tmp_path / "mylib.py").write_text("VALUE = 1\n")
+    d, go = await start_gated(daemon, tmp_path, [sys.executable, "learner.py"], "--preload",
+                              DEFAULT_PRELOAD, "--standby-memory", memory, "--max-restarts", "1")
+    learnt = await d.wait_for(lambda e: e["event"] == "preload_learnt")
+    assert "xml" not in learnt["packages"] and learnt["modules"] > 100  # stdlib: counted, not named
+    await pool_ready(d)
+    os.write(go, b"gg")  # a byte for each rank: attempt 0 (cold) ends with rank 1's exit 1
+    assert await d.finish() == 0
+    assert lines(d, 0, 0)[0] == "had: False False"
+    dropped = d.named("preload_learnt_dropped")
+    if memory == "64":
+        assert len(dropped) == 1 and "standby_memory: 64" in dropped[0]["reason"]
+        assert lines(d, 1, 0)[0] == "had: False False"
+    else:
+        assert dropped == [] and lines(d, 1, 0)[0] == "had: True False"
+    assert {e["rank"] for e in d.named("standby_state", to="handed_out")} == {0, 1}
