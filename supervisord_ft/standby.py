@@ -6,12 +6,14 @@ BENCHMARKS.md). The pool keeps one standby interpreter per rank (``python -m sup
 torch-side half of this protocol, :mod:`supervisord_ft_standby.runner`), started ahead of need with the
 environment every rank shares and with the pipes that become the rank's stdout and stderr. On
 launch, a standby gets the rank's argv, environment and working directory as one JSON line and
-runs the script as a fresh ``python`` would. The pool fills, and refills after every hand-out,
-in the background once the launched group has settled: its first step or collective, its ranks
+runs the script as a fresh ``python`` would. Where a standby can leave ``SCHED_IDLE`` again
+(:func:`procfs.can_leave_idle_priority`), the pool fills at once, at the first launch and after
+every hand-out, at that priority: it takes no CPU a starting rank wants. Elsewhere it fills,
+and refills, once the launched group has settled: its first step or collective, its ranks
 together using less than :data:`SETTLED_CPU` of a core (they wait: on a peer, a store, a
 file), or at the latest :data:`SETTLE_AFTER` seconds after the launch. A standby importing torch
-beside ranks still starting takes the CPU their start-up needs (on 2 cores it delayed a first
-step by 3 s).
+at normal priority beside ranks still starting takes the CPU their start-up needs (on 2 cores
+it delayed a first step by 3 s).
 
 What a standby imports is ``preload`` and, unless ``preload`` was set or ``learn_preload`` is off,
 what the job's ranks imported from the standard library and installed packages, asked of them
@@ -97,7 +99,7 @@ class Standby:
         self.exit = asyncio.ensure_future(proc.wait())
         orphans.HELPERS.add(proc.pid)
         self.log = log.bind(standby_pid=proc.pid)
-        self.learnt = False  # it imports the learnt modules too
+        self.learnt = 0  # how many of the pool's learnt modules it imports (a prefix of them)
 
     def transition(self, to: State, reason: str, *, planned: bool = False, **fields: Any) -> None:
         """``planned``: a death the daemon chose (the run ended), logged at info, not warning."""
@@ -127,9 +129,12 @@ class StandbyLauncher:
         self.size = size
         self.preload = tuple(preload)
         self.learnt: list[str] = []  # modules the ranks imported beyond ``preload``, in order
+        self.imported: set[str] = set()  # what ready standbys hold: a warm rank had it already
         self.learning: str | None = None if learn else "off"  # why nothing more is learnt
         self.memory_mib = memory_mib  # what a standby with the learnt modules may hold
         self._channels: dict[int, str] = {}  # the launched ranks' channel sockets, by pid
+        # Standbys start at SCHED_IDLE, at once, when they can leave it when handed out.
+        self.idle_priority = procfs.can_leave_idle_priority()
         # A standby is a rank's start-up done ahead: one not ready within the ranks' own
         # ``startup_timeout`` (a preload whose import never returns) is killed.
         self.ready_timeout = ready_timeout
@@ -201,14 +206,16 @@ class StandbyLauncher:
         return None
 
     def _take(self) -> Standby | None:
-        for s in self.standbys:
-            if s.state is State.IDLE:
-                return s
-        return None
+        """An idle standby, one that imports the most of what was learnt first."""
+        return max((s for s in self.standbys if s.state is State.IDLE), key=lambda s: s.learnt,
+                   default=None)
 
     def _refill_later(self) -> None:
         """Refill once the group settles: at :meth:`settled`, when the ranks started stop using
-        the CPU, at the latest after SETTLE_AFTER."""
+        the CPU, at the latest after SETTLE_AFTER; at idle priority, at once too (the settled
+        group's imports are learnt then)."""
+        if self.idle_priority:
+            self._refill()
         if self._settler is None or self._settler.done():
             self._settler = asyncio.create_task(self._settle(), name="standby-settle")
             self._track(self._settler)
@@ -242,9 +249,11 @@ class StandbyLauncher:
             self._track(self._filler)
 
     async def _fill(self) -> None:
-        if self.learning is None and len(self._live()) < self.size:
+        """Start standbys until ``size`` import all that was learnt; older ones are retired as
+        the new ones get ready (:meth:`_trim`)."""
+        if self.learning is None:
             await self._learn()
-        while self.disabled is None and len(self._live()) < self.size:
+        while self.disabled is None and len(self._current()) < self.size:
             try:
                 standby = await self._spawn()
             except OSError as exc:
@@ -258,7 +267,7 @@ class StandbyLauncher:
         self._channels = {pid: path for pid, path in self._channels.items() if procfs.alive(pid)}
         answers = await asyncio.gather(*(channel.ask(path, channel.MODULES, ASK_TIMEOUT)
                                          for path in self._channels.values()), return_exceptions=True)
-        known, new = {*self.preload, *self.learnt}, []
+        known, new = {*self.preload, *self.learnt, *self.imported}, []
         for answer in answers:
             try:
                 names = json.loads(answer.body) if isinstance(answer, channel.Answer) else []
@@ -287,6 +296,17 @@ class StandbyLauncher:
     def _live(self) -> list[Standby]:
         return [s for s in self.standbys if s.state in (State.STARTING, State.IDLE)]
 
+    def _current(self) -> list[Standby]:
+        return [s for s in self._live() if s.learnt == len(self.learnt)]
+
+    def _trim(self) -> None:
+        """Beyond ``size`` ready standbys, retire those that import less than was learnt."""
+        idle = [s for s in self.standbys if s.state is State.IDLE]
+        stale = sorted((s for s in idle if s.learnt != len(self.learnt)), key=lambda s: s.learnt)
+        for s in stale[:max(0, len(idle) - self.size)]:
+            s.transition(State.DEAD, "retired: a standby with what was learnt since is ready",
+                         planned=True)
+
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -312,7 +332,7 @@ class StandbyLauncher:
                 self.python, "-m", "supervisord_ft_standby", str(reply_w), *self.preload,
                 stdin=asyncio.subprocess.PIPE, stdout=out[1], stderr=err[1], pass_fds=(reply_w,),
                 env=self.env, cwd=PACKAGE_ROOT, start_new_session=True,
-                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+                preexec_fn=functools.partial(_in_standby, os.getpid(), self.idle_priority))
         except BaseException:
             for fd in (out[0], err[0], reply_r):
                 os.close(fd)
@@ -324,7 +344,7 @@ class StandbyLauncher:
         proc.stdin.write(json.dumps({"learnt": self.learnt}).encode() + b"\n")
         replies, pipe = await _stream(reply_r)
         standby = Standby(proc, (out[0], err[0]), replies, pipe, self.log)
-        standby.learnt = bool(self.learnt)
+        standby.learnt = len(self.learnt)
         standby.log.info("standby_state", **{"from": None, "to": State.STARTING.value},
                          reason="refill", preload=list(self.preload), learnt=len(self.learnt))
         return standby
@@ -350,12 +370,14 @@ class StandbyLauncher:
             return
         if ready["failed"]:
             s.log.warning("standby_preload_failed", modules=ready["failed"])
+        self.imported.update(m for m in ready.get("modules", ()) if isinstance(m, str))
         rss_mib = int((procfs.status_field(s.pid, "VmRSS") or "0 kB").split()[0]) >> 10
         if s.learnt and rss_mib > self.memory_mib:
             self._over_budget(s, rss_mib)
             return
         s.transition(State.IDLE, "ready", seconds=round(time.monotonic() - s.spawned_at, 3),
                      rss_mib=rss_mib, skipped=len(ready.get("skipped", ())))
+        self._trim()
         rc = await s.exit
         if s.state is State.IDLE:
             s.transition(State.DEAD, f"exited with {rc} while idle: replaced")
@@ -382,7 +404,8 @@ class StandbyLauncher:
         return why
 
     async def _hand_out(self, standby: Standby, spec: WorkerSpec) -> Started:
-        order = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": _cwd()}
+        order = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": _cwd(),
+                 "nice": os.getpriority(os.PRIO_PROCESS, 0) if self.idle_priority else None}
         assert standby.proc.stdin is not None
         try:
             standby.proc.stdin.write(json.dumps(order).encode() + b"\n")
@@ -404,6 +427,15 @@ class StandbyLauncher:
         pid = standby.pid
         return Started(pid, standby.proc.wait, functools.partial(signal_group, pid),
                        functools.partial(forward_if_caught, pid), output)
+
+
+def _in_standby(parent_pid: int, idle_priority: bool) -> None:
+    """Runs in a standby between fork and exec. At SCHED_IDLE it imports with CPU time no rank
+    wants, so the pool can fill beside ranks that are still starting; its runner goes back to
+    the daemon's scheduling when it is handed a rank."""
+    _die_with_parent(parent_pid)
+    if idle_priority:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def _cwd() -> str:

@@ -5,8 +5,9 @@ with the environment every rank shares, in its own session, with the parent-deat
 with stdout and stderr already the pipes that become the rank's output. It imports the
 ``MODULE`` list, then the modules the daemon learnt from the job's ranks (the first line on its
 stdin, ``{"learnt": [...]}``, imported from installed locations only: the job's own code is never
-among them), says ``ready`` on ``REPLY_FD`` and blocks reading its stdin (costing no CPU).
-The daemon then writes one order, ``{"argv": [...], "env": {...}, "cwd": "..."}``, and the
+among them), says ``ready`` on ``REPLY_FD`` with what it imported and blocks reading its stdin
+(costing no CPU).
+The daemon then writes one order, ``{"argv": [...], "env": {...}, "cwd": "...", "nice": N}``, and the
 standby makes itself what ``argv`` would have started: the order's environment and working
 directory, ``sys.argv``/``sys.orig_argv``/``sys.path[0]`` as the interpreter sets them, the
 original ``__main__`` module emptied and reused, stdin on /dev/null, no descriptor but 0, 1 and 2
@@ -60,14 +61,16 @@ def main() -> None:
     if learnt is None:  # the daemon let this standby go (or died)
         os._exit(0)
     skipped = _import_learnt(learnt["learnt"])
-    lines.write(reply_fd, event="ready", failed=failed, skipped=skipped)
+    lines.write(reply_fd, event="ready", failed=failed, skipped=skipped, modules=list(sys.modules))
     order = orders.read()
     if order is None:  # the daemon let this standby go (or died): nothing ran, nothing to say
         os._exit(0)
     try:
         os.chdir(order["cwd"])
+        if order.get("nice") is not None:
+            _schedule_as_a_rank(order["nice"])
     except OSError as exc:  # a cold start would fail to spawn: let the daemon do that itself
-        lines.write(reply_fd, event="refused", reason=f"cwd: {exc}")
+        lines.write(reply_fd, event="refused", reason=f"{exc.filename or 'priority'}: {exc}")
         os._exit(0)
     os.environ.clear()
     os.environ.update(order["env"])
@@ -88,6 +91,14 @@ def main() -> None:
         raise
     except BaseException as exc:
         _uncaught(exc)
+
+
+def _schedule_as_a_rank(nice: int) -> None:
+    """Leave SCHED_IDLE, the standby's, for the scheduling a cold rank gets: every thread
+    (torch's import may have started some), at the daemon's ``nice``."""
+    for tid in map(int, os.listdir("/proc/self/task")):
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
 def _import_learnt(names: list[str]) -> list[str]:
