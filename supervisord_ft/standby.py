@@ -63,6 +63,7 @@ SETTLE_AFTER = 10.0  # a group that reports no step is taken as started after th
 SETTLE_LOOK = 0.25  # s between two reads of the launched ranks' CPU time while they start
 SETTLED_CPU = 0.2  # of one core, the launched ranks together: below it they wait, not start
 ASK_TIMEOUT = 0.5  # a rank's channel answers its module list in milliseconds
+REPLY_LIMIT = 4 << 20  # a ready line names every module the standby holds: ~100 KiB for Lightning
 
 
 class State(enum.Enum):
@@ -342,7 +343,7 @@ class StandbyLauncher:
                 os.close(fd)
         assert proc.stdin is not None
         proc.stdin.write(json.dumps({"learnt": self.learnt}).encode() + b"\n")
-        replies, pipe = await _stream(reply_r)
+        replies, pipe = await _stream(reply_r, REPLY_LIMIT)
         standby = Standby(proc, (out[0], err[0]), replies, pipe, self.log)
         standby.learnt = len(self.learnt)
         standby.log.info("standby_state", **{"from": None, "to": State.STARTING.value},
