@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV): torch 2.13.0 is the large part (see README, Install)"
 	$(PY) -m pip install --upgrade --progress-bar on pip
-	$(PY) -m pip install --progress-bar on $(PIP_INDEX) -c constraints.txt -e '.[test,report]'
+	$(PY) -m pip install --progress-bar on $(PIP_INDEX) -c constraints.txt -e '.[test,report,frameworks]'
 	touch $(STAMP)
 
 demo: $(STAMP)

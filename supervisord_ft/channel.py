@@ -30,8 +30,8 @@ FR_BUFFER = "TORCH_FR_BUFFER_SIZE"
 FR_ENTRIES = "20"
 MAX_ANSWER = 4 << 20  # a stack dump of thousands of threads fits; beyond it is cut and said
 AF_UNIX_MAX = 107  # sun_path holds 108 bytes, the last a NUL
-# The handler that lists a rank's imported modules (supervisord_ft_standby.channel.MODULES).
-MODULES = "sft_modules"
+# Beside a rank's socket, the list of modules it imported (supervisord_ft_standby.channel.MODULES).
+MODULES = ".modules"
 EXIT_ASK_TIMEOUT = 0.5  # the server answers a ping in milliseconds, even while Python spins
 
 

@@ -17,7 +17,7 @@ it delayed a first step by 3 s).
 
 What a standby imports is ``preload`` and, unless ``preload`` was set or ``learn_preload`` is off,
 what the job's ranks imported from the standard library and installed packages, asked of them
-through their channels (:data:`channel.MODULES`) each time the pool fills: a Lightning or HF job
+through the lists their channels keep (:data:`channel.MODULES`) each time the pool fills: a Lightning or HF job
 is warm with no configuration. The learnt modules are dropped, for good, when a standby that
 imported them holds more than ``standby_memory`` MiB.
 
@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import channel, envvars, orphans, procfs
+from . import blocking, channel, envvars, orphans, procfs
 from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
                       _die_with_parent, _pipe, _stream, forward_if_caught, signal_group)
 
@@ -62,7 +62,7 @@ ACTIVATE_TIMEOUT = 2.0  # an idle standby answers its order in milliseconds; pas
 SETTLE_AFTER = 10.0  # a group that reports no step is taken as started after this long
 SETTLE_LOOK = 0.25  # s between two reads of the launched ranks' CPU time while they start
 SETTLED_CPU = 0.2  # of one core, the launched ranks together: below it they wait, not start
-ASK_TIMEOUT = 0.5  # a rank's channel answers its module list in milliseconds
+READ_TIMEOUT = 1.0  # the ranks' module lists are small files in a local directory
 REPLY_LIMIT = 4 << 20  # a ready line names every module the standby holds: ~100 KiB for Lightning
 
 
@@ -266,15 +266,15 @@ class StandbyLauncher:
     async def _learn(self) -> None:
         """Add what the live ranks imported beyond what is known to :attr:`learnt`."""
         self._channels = {pid: path for pid, path in self._channels.items() if procfs.alive(pid)}
-        answers = await asyncio.gather(*(channel.ask(path, channel.MODULES, ASK_TIMEOUT)
-                                         for path in self._channels.values()), return_exceptions=True)
+        paths = [path + channel.MODULES for path in self._channels.values()]
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                lists = await blocking.in_thread(lambda: [_read_list(p) for p in paths], "standby-learn")
+        except TimeoutError:
+            return
         known, new = {*self.preload, *self.learnt, *self.imported}, []
-        for answer in answers:
-            try:
-                names = json.loads(answer.body) if isinstance(answer, channel.Answer) else []
-            except ValueError:  # not a list of names: nothing learnt from this rank
-                continue
-            for name in names if isinstance(names, list) else ():
+        for names in lists:
+            for name in names:
                 if isinstance(name, str) and name not in known and _module_name(name):
                     known.add(name)
                     new.append(name)
@@ -454,6 +454,16 @@ def _is_python(argv: Sequence[str]) -> bool:
     if len(argv) < 2 or not Path(argv[0]).name.startswith("python"):
         return False
     return (argv[1] == "-m" and len(argv) >= 3) or not argv[1].startswith("-")
+
+
+def _read_list(path: str) -> list[Any]:
+    """A rank's module list; empty while it has none (not written yet, not a Python rank)."""
+    try:
+        with open(path, "rb") as fh:
+            names = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    return names if isinstance(names, list) else []
 
 
 def _module_name(name: str) -> bool:

@@ -7,8 +7,11 @@ The daemon names the socket in ``SUPERVISORD_FT_CHANNEL``; :func:`install` opens
 ``torch.distributed`` is imported (at once if it already is, as in a warm standby), so a script
 that never imports it, or a rank that is not Python, simply has no channel.
 
-It also answers :data:`MODULES` (the modules the rank imported from installed packages, in import
-order), from which the daemon learns what the next standbys should import.
+Beside the socket, a thread of ours keeps ``<socket>.modules`` up to date: the modules the rank
+imported from the standard library and installed packages, in import order, from which the
+daemon learns what the next standbys should import. (Not a handler of the server's: torch's
+registry would hold a Python function past the interpreter's end, and its destructor, taking
+the GIL then, aborts the process at exit: "FATAL: exception not rethrown".)
 
 A user's own ``_WorkerServer`` (another path) and a ``TORCH_FR_BUFFER_SIZE`` of their own keep
 working: this module only opens one more socket, and the daemon only sets the variable when it
@@ -23,10 +26,13 @@ import json
 import os
 import sys
 import sysconfig
+import threading
+import time
 from typing import Any
 
 CHANNEL = "SUPERVISORD_FT_CHANNEL"
-MODULES = "sft_modules"  # the handler's name; the daemon's supervisord_ft.channel.MODULES
+MODULES = ".modules"  # the suffix of the module list's file (supervisord_ft.channel.MODULES)
+MODULES_EVERY = 0.25  # seconds between two looks at sys.modules (a len() unless it grew)
 _NEVER = {"__main__", "__mp_main__", "sitecustomize", "usercustomize"}  # not the job's to replay
 _TRIGGER = "torch.distributed"
 _server: Any = None
@@ -64,24 +70,35 @@ def _open(path: str) -> None:
         os.close(null)
     import ctypes
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(_server))
-    try:
-        from torch._C._distributed_c10d import _register_handler
-        _register_handler(MODULES, _modules)
-    except Exception:  # an older torch: nothing is learnt, the standbys import `preload` only
-        pass
+    threading.Thread(target=_keep_module_list, args=(path + MODULES,), daemon=True,
+                     name="supervisord-ft-modules").start()
 
 
-def _modules(_request: Any, response: Any) -> None:
+def _keep_module_list(path: str) -> None:
+    """Rewrite ``path`` (atomically) whenever ``sys.modules`` has grown; gone with the process."""
+    written = 0
+    while True:
+        if len(sys.modules) != written:
+            written = len(sys.modules)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            try:
+                with open(tmp, "w") as fh:
+                    json.dump(_installed_modules(), fh)
+                os.replace(tmp, path)
+            except OSError:  # the daemon's directory is gone: nothing more to tell it
+                return
+        time.sleep(MODULES_EVERY)
+
+
+def _installed_modules() -> list[str]:
     """The names of the modules imported from the standard library and installed packages, in
     the order they were imported; never the job's own code (it may change between attempts)."""
     roots = tuple({os.path.join(sysconfig.get_path(k), "")
                    for k in ("stdlib", "platstdlib", "purelib", "platlib")})
-    names = [name for name, module in list(sys.modules.items())
-             if isinstance(getattr(module, "__file__", None), str)
-             and module.__file__.startswith(roots) and name not in _NEVER
-             and not name.lstrip("_").startswith("supervisord_ft")]
-    response.set_content(json.dumps(names), "application/json")
-    response.set_status(200)
+    return [name for name, module in list(sys.modules.items())
+            if isinstance(getattr(module, "__file__", None), str)
+            and module.__file__.startswith(roots) and name not in _NEVER
+            and not name.lstrip("_").startswith("supervisord_ft")]
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

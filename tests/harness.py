@@ -207,6 +207,20 @@ class Daemon:
                 os.killpg(pid, signal.SIGKILL)
 
 
+def idle(d: Daemon, learnt: int | None = None) -> set[int]:
+    """The daemon's idle standbys (those that import ``learnt`` learnt modules)."""
+    gone = {e["standby_pid"] for e in d.named("standby_state") if e["to"] in ("dead", "handed_out")}
+    chosen = {e["standby_pid"] for e in d.named("standby_state", to="starting")
+              if learnt is None or e["learnt"] == learnt}
+    return {e["standby_pid"] for e in d.named("standby_state", to="idle")} - gone & chosen
+
+
+async def pool_ready(d: Daemon, n: int = 2, learnt: int | None = None, timeout: float = 60) -> set[int]:
+    """Wait until ``n`` standbys (that import ``learnt`` learnt modules) are idle at once."""
+    await d.wait_for(lambda e: e["event"] == "standby_state" and len(idle(d, learnt)) >= n, timeout)
+    return idle(d, learnt)
+
+
 def listening(pid: int) -> set[tuple[str, int]]:
     """(address, port) of every IPv4/IPv6 TCP socket ``pid`` listens on, from /proc (the tables
     of ``pid``'s own network namespace)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import FAKE_WORKER, ROOT, Daemon, pid_alive
+from harness import FAKE_WORKER, ROOT, Daemon, idle, pid_alive, pool_ready
 from supervisord_ft import procfs
 from supervisord_ft.config import Config
 from supervisord_ft.errors import EXIT_NO_REQUEUE
@@ -35,20 +35,6 @@ except FileNotFoundError:
 """
 
 FAST = ["--standby", "--preload", "json,ctypes", "--restart-backoff", "0", "--grace-period", "5"]
-
-
-def idle(d: Daemon, learnt: int | None = None) -> set[int]:
-    """The idle standbys (those that import ``learnt`` learnt modules)."""
-    gone = {e["standby_pid"] for e in d.named("standby_state") if e["to"] in ("dead", "handed_out")}
-    chosen = {e["standby_pid"] for e in d.named("standby_state", to="starting")
-              if learnt is None or e["learnt"] == learnt}
-    return {e["standby_pid"] for e in d.named("standby_state", to="idle")} - gone & chosen
-
-
-async def pool_ready(d: Daemon, n: int = 2, learnt: int | None = None) -> set[int]:
-    """Wait until ``n`` standbys (that import ``learnt`` learnt modules) are idle at once."""
-    await d.wait_for(lambda e: e["event"] == "standby_state" and len(idle(d, learnt)) >= n)
-    return idle(d, learnt)
 
 
 async def start_gated(daemon, tmp_path: Path, command: list[str], *args: str, within: str | None = None,
@@ -375,7 +361,8 @@ async def test_thread_counts_a_script_sets_before_importing_torch_apply_warm_as_
 LEARNER = """
 import os, sys
 print("had:", "xml.dom.minidom" in sys.modules, "mylib" in sys.modules, flush=True)
-import torch.distributed, xml.dom.minidom, mylib
+import xml.dom.minidom, mylib
+import torch.distributed  # the channel opens: its first module list has them (the next: 0.25 s on)
 """ + GATED
 DEFAULT_PRELOAD = ",".join(Config.preload)
 

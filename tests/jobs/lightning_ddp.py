@@ -9,7 +9,8 @@ prints is Lightning's own; this script prints nothing.
 With ``--save-every M`` Lightning's ``ModelCheckpoint`` saves ``step=<N>.ckpt`` into
 ``$SUPERVISORD_FT_CHECKPOINT_DIR`` every M steps and the job resumes from the newest;
 ``--crash-after N``: rank 1 raises N steps after the step it resumed from, and a warning is the
-last line its stderr gets (printed at exit, after the traceback).
+last line its stderr gets (printed at exit, after the traceback); ``--crash-when PATH``: on the
+first attempt, rank 1 raises at the first step once PATH exists.
 
     torchrun --nproc-per-node 2 tests/jobs/lightning_ddp.py --steps 200
 """
@@ -33,11 +34,13 @@ BATCH = 16
 
 
 class LinearRegression(L.LightningModule):
-    def __init__(self, step_time: float, crash_after: int | None = None) -> None:
+    def __init__(self, step_time: float, crash_after: int | None = None,
+                 crash_when: Path | None = None) -> None:
         super().__init__()
         self.layer = nn.Linear(8, 1)
         self.step_time = step_time
         self.crash_after = crash_after
+        self.crash_when = crash_when
         self.resumed_at = 0
 
     def on_train_start(self) -> None:
@@ -48,6 +51,9 @@ class LinearRegression(L.LightningModule):
                 and self.global_step == self.resumed_at + self.crash_after):
             atexit.register(print, "UserWarning: `Trainer.some_flag` is deprecated", file=sys.stderr)
             raise RuntimeError(f"crashed {self.crash_after} steps after resuming from step {self.resumed_at}")
+        if (self.crash_when is not None and self.global_rank == 1 and self.crash_when.exists()
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+            raise RuntimeError(f"crashed at step {self.global_step}")
         x, y = batch
         loss = nn.functional.mse_loss(self.layer(x), y)
         if self.step_time > 0:
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=2, help="processes per node; WORLD_SIZE under a launcher")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--crash-after", type=int, default=None)
+    p.add_argument("--crash-when", type=Path, default=None)
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(LinearRegression(args.step_time, args.crash_after), train_dataloaders=synthetic_data(),
+    trainer.fit(LinearRegression(args.step_time, args.crash_after, args.crash_when), train_dataloaders=synthetic_data(),
                 ckpt_path=resume)
     return 0
 
