@@ -38,6 +38,9 @@ _dumps = encoder(default=str)
 _stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
 EVENTS_BUFFER_BYTES = 16 << 20  # events waiting for a stalled file system before they are lost
 WRITE_BATCH_LINES = 4096  # queued lines written at once, whole or (a failed write) not at all
+# A logging call's key that keeps its event off stdout (a worker stream redirected to a file, or
+# a local rank filtered out); events.jsonl and the views still get it, without the key.
+OFF_STDOUT = "off_stdout"
 
 
 def now() -> str:
@@ -106,8 +109,8 @@ class EventsFile:
     def __init__(self, path: Path, max_bytes: int = EVENTS_BUFFER_BYTES) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._at_line_start = _ends_a_line(path)  # a predecessor killed mid-write left no newline
+        # A predecessor killed mid-write may have left no newline at the end.
+        self._file = LineFile(append_only(path), _ends_a_line(path))
         self._cond = threading.Condition()
         # (a line, or the lines lost for want of room before it; its event's timestamp)
         self._queue: deque[tuple[bytes | Loss, str]] = deque()
@@ -161,7 +164,7 @@ class EventsFile:
             self._cond.notify()
         self._thread.join(timeout)
         if not self._thread.is_alive():  # else stuck in a write: the descriptor stays its own
-            os.close(self._fd)
+            os.close(self._file.fd)
 
     def _lose(self, reason: str, timestamp: str) -> None:
         """(Holding the lock.) One more line the file refused; the first of a run is said at once."""
@@ -198,11 +201,11 @@ class EventsFile:
             for loss in (refused, item if isinstance(item, Loss) else None):
                 if loss is not None:
                     gap = self._notice("log_gap", **loss.fields())
-                    if self._write((_dumps(gap) + "\n").encode()) is None:
+                    if self._file.write((_dumps(gap) + "\n").encode()) is None:
                         said.append(gap)
                     else:
                         self._unsaid(loss)
-            error = self._write(item) if isinstance(item, bytes) else None
+            error = self._file.write(item) if isinstance(item, bytes) else None
             with self._cond:
                 self._news += said
                 if error is not None:
@@ -219,14 +222,28 @@ class EventsFile:
                 loss.last = self._loss.last
             self._loss = loss
 
-    def _write(self, data: bytes) -> OSError | None:
+def append_only(path: Path) -> int:
+    """A descriptor that appends to ``path``, created if missing; not inherited by workers."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+class LineFile:
+    """A descriptor that takes whole lines or nothing: a disk that fills up mid-write takes part
+    of it (a short write) and then fails; that part is cut off again, so no reader meets half a
+    line (should even the cut fail, the next write starts on a fresh line)."""
+
+    def __init__(self, fd: int, at_line_start: bool = True) -> None:
+        self.fd = fd
+        self._at_line_start = at_line_start
+
+    def write(self, data: bytes) -> OSError | None:
         """Write ``data`` whole; the error when it could not be, with any part written cut off."""
         if not self._at_line_start:
             data = b"\n" + data
         view, written = memoryview(data), 0
         try:
             while written < len(data):
-                written += os.write(self._fd, view[written:])
+                written += os.write(self.fd, view[written:])
         except OSError as exc:
             if written:
                 self._cut(written, data[written - 1:written] == b"\n")
@@ -236,7 +253,7 @@ class EventsFile:
 
     def _cut(self, written: int, ends_a_line: bool) -> None:
         try:
-            os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - written)
+            os.ftruncate(self.fd, os.lseek(self.fd, 0, os.SEEK_END) - written)
         except OSError:
             self._at_line_start = ends_a_line
 
@@ -282,8 +299,9 @@ class _Renderer:
         self._stdout_closed_said = False
 
     def __call__(self, _logger: Any, _name: str, ev: dict[str, Any]) -> Any:
+        to_stdout = not ev.pop(OFF_STDOUT, False)
         self.emit({"timestamp": ev.pop("timestamp"), "level": ev.pop("level"),
-                   "event": ev.pop("event"), **ev})
+                   "event": ev.pop("event"), **ev}, to_stdout=to_stdout)
         raise structlog.DropEvent
 
     def emit(self, event: dict[str, Any], to_file: bool = True, to_stdout: bool = True) -> None:

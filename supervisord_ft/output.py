@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .logs import OFF_STDOUT
+
 MAX_BACKLOG_BYTES = 16 << 20
 # What a queued line costs beyond its bytes (bytes object, tuple, deque slot): counted against
 # MAX_BACKLOG_BYTES, or a flood of short lines would hold several times the budget.
@@ -76,6 +78,7 @@ RESERVED = frozenset({
     # multi-node: the context every event gets, and the rendezvous' own events
     "node_rank", "round", "endpoint", "rdzv_id", "local_addr", "nnodes", "local_world_size",
     "world_size", "rank_offset", "votes",
+    OFF_STDOUT,  # the logging call's: an event kept off the daemon's stdout
 })
 
 
@@ -87,6 +90,7 @@ class Source:
     attempt: int
     stream: str  # "stdout" or "stderr"
     log: Any = field(compare=False, hash=False)  # bound with rank, restart and attempt
+    shown: bool = field(default=True, compare=False, hash=False)  # False: off the daemon's stdout
 
 
 class LineSplitter:
@@ -351,6 +355,8 @@ def _find(chunk: bytes, byte: bytes, start: int) -> int:
 def _emit(source: Source, raw: bytes, truncated: bool, level: str) -> dict[str, Any] | None:
     """Log one line at ``level``; return the worker's own fields when it was a JSON object."""
     log, stream = getattr(source.log, level), source.stream
+    if not source.shown:
+        log = functools.partial(log, **{OFF_STDOUT: True})
     text = raw.decode("utf-8", "replace")
     if text.startswith("{") and not truncated and (obj := _json_object(text)) is not None:
         log("worker_output", stream=stream, **_renamed(obj))
