@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import structlog
 
 from .jsonline import encoder
 from .stdio import EXIT_DRAIN_TIMEOUT
+from .writer import LineFile, WriterThread, append_only
 
 Subscriber = Callable[[dict[str, Any]], None]
 EVENTS_FILE = "events.jsonl"  # in the run dir
@@ -93,7 +93,7 @@ class Stdout(Protocol):
     def close(self) -> int: ...  # the lines never written
 
 
-class EventsFile:
+class EventsFile(WriterThread):
     """``events.jsonl``, written by a thread of its own through a bounded buffer.
 
     A file system that stops taking writes (a dead NFS server, a frozen or failing disk) holds
@@ -107,20 +107,18 @@ class EventsFile:
     """
 
     def __init__(self, path: Path, max_bytes: int = EVENTS_BUFFER_BYTES) -> None:
+        super().__init__("events-writer")
         self.path = path
         self.max_bytes = max_bytes
         # A predecessor killed mid-write may have left no newline at the end.
         self._file = LineFile(append_only(path), _ends_a_line(path))
-        self._cond = threading.Condition()
         # (a line, or the lines lost for want of room before it; its event's timestamp)
         self._queue: deque[tuple[bytes | Loss, str]] = deque()
         self._bytes = 0
         self._full: Loss | None = None  # lines lost for want of room since the last one queued
         self._loss: Loss | None = None  # lines the file refused since the last one written
         self._news: list[dict[str, Any]] = []  # notices for the loop to show
-        self._closing = False
         self._writing = 0  # lines taken from the queue and being written
-        self._thread = threading.Thread(target=self._run, name="events-writer", daemon=True)
         self._thread.start()
 
     def append(self, line: str, timestamp: str) -> None:
@@ -159,11 +157,7 @@ class EventsFile:
 
     def close(self, timeout: float = EXIT_DRAIN_TIMEOUT) -> None:
         """Let the thread write what is queued, for up to ``timeout``; then stop it."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout)
-        if not self._thread.is_alive():  # else stuck in a write: the descriptor stays its own
+        if self._stop(timeout):  # else stuck in a write: the descriptor stays its own
             os.close(self._file.fd)
 
     def _lose(self, reason: str, timestamp: str) -> None:
@@ -179,9 +173,7 @@ class EventsFile:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
+                if not self._wait():
                     return
                 item, first = self._queue.popleft()
                 stamps = [first]
@@ -221,41 +213,6 @@ class EventsFile:
                 loss.lines += self._loss.lines
                 loss.last = self._loss.last
             self._loss = loss
-
-def append_only(path: Path) -> int:
-    """A descriptor that appends to ``path``, created if missing; not inherited by workers."""
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-
-class LineFile:
-    """A descriptor that takes whole lines or nothing: a disk that fills up mid-write takes part
-    of it (a short write) and then fails; that part is cut off again, so no reader meets half a
-    line (should even the cut fail, the next write starts on a fresh line)."""
-
-    def __init__(self, fd: int, at_line_start: bool = True) -> None:
-        self.fd = fd
-        self._at_line_start = at_line_start
-
-    def write(self, data: bytes) -> OSError | None:
-        """Write ``data`` whole; the error when it could not be, with any part written cut off."""
-        if not self._at_line_start:
-            data = b"\n" + data
-        view, written = memoryview(data), 0
-        try:
-            while written < len(data):
-                written += os.write(self.fd, view[written:])
-        except OSError as exc:
-            if written:
-                self._cut(written, data[written - 1:written] == b"\n")
-            return exc
-        self._at_line_start = True
-        return None
-
-    def _cut(self, written: int, ends_a_line: bool) -> None:
-        try:
-            os.ftruncate(self.fd, os.lseek(self.fd, 0, os.SEEK_END) - written)
-        except OSError:
-            self._at_line_start = ends_a_line
 
 
 def _ends_a_line(path: Path) -> bool:

@@ -78,7 +78,8 @@ RESERVED = frozenset({
     # multi-node: the context every event gets, and the rendezvous' own events
     "node_rank", "round", "endpoint", "rdzv_id", "local_addr", "nnodes", "local_world_size",
     "world_size", "rank_offset", "votes",
-    OFF_STDOUT,  # the logging call's: an event kept off the daemon's stdout
+    # per-rank log files: the attempt's folder; the logging call's key for an event kept off stdout
+    "logs", OFF_STDOUT,
 })
 
 

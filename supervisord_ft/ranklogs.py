@@ -33,25 +33,25 @@ import contextlib
 import os
 import re
 import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import blocking
-from .logs import EVENTS_BUFFER_BYTES, LineFile, append_only
+from .logs import EVENTS_BUFFER_BYTES
 from .rendezvous import RankInfo
 from .stdio import EXIT_DRAIN_TIMEOUT
+from .writer import LineFile, WriterThread, append_only
 
 if TYPE_CHECKING:
     from .config import Config
 
 STD = {"stdout": 1, "stderr": 2}  # torchrun's ``Std`` flags: 0 none, 1, 2, 3 both
 ERROR_FILE = "error.json"
-# Seconds an attempt's folders may take to be made; past it the attempt launches without files
-# (a stalled file system must not hold the launch).
-FOLDERS_WAIT = 5.0
+# Seconds an attempt's folders may take to be made (milliseconds, normally); past it the attempt
+# launches without files: a stalled file system must not hold the launch.
+FOLDERS_WAIT = 1.0
 BUFFER_BYTES = EVENTS_BUFFER_BYTES  # lines waiting for a stalled file system before they are lost
 
 
@@ -97,19 +97,17 @@ class _File:
     failed: bool = False  # by the thread: everything later for it is dropped
 
 
-class _Writer:
+class _Writer(WriterThread):
     """The thread that owns every file's descriptor, and the bounded queue that feeds it."""
 
     def __init__(self, max_bytes: int) -> None:
+        super().__init__("rank-logs-writer")
         self.max_bytes = max_bytes
         self._loop = asyncio.get_running_loop()
         self._pending: dict[_File, bytearray] = {}  # the loop's, until its turn ends
         self._pending_bytes = 0
-        self._cond = threading.Condition()
         self._queue: list[tuple[_File, bytes | None]] = []  # None: close it
         self._queued = 0  # bytes queued or being written
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="rank-logs-writer", daemon=True)
         self._thread.start()
 
     def put(self, file: _File, line: bytes) -> None:
@@ -139,17 +137,12 @@ class _Writer:
     def close(self, timeout: float = EXIT_DRAIN_TIMEOUT) -> None:
         """Let the thread write what is queued, for up to ``timeout``; then stop it."""
         self.hand_over()
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout)
+        self._stop(timeout)
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
+                if not self._wait():
                     return
                 batch, self._queue = self._queue, []
             for file, data in _coalesced(batch):

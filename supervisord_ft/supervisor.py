@@ -304,15 +304,18 @@ class Supervisor:
         a.listing = asyncio.ensure_future(self._list_checkpoints())
         a.errors = await self._error_dir(a)
         if self.rank_logs is not None:
-            a.logs = await self.rank_logs.open(a.restart, a.ranks, self.log.bind(restart=a.restart, attempt=a.id))
+            a.logs = await self.rank_logs.open(a.restart, a.ranks,
+                                               self.log.bind(restart=a.restart, attempt=a.id))
         self.log.info("launching", restart=a.restart, attempt=a.id, master_addr=a.endpoint.addr,
                       master_port=a.endpoint.port, agent_store=a.endpoint.agent_store, num_workers=len(a.ranks),
                       resume_from=str(a.resume_from.path) if a.resume_from else None,
+                      logs=str(a.logs.folder) if a.logs else None,
                       **daemon_usage())
         argv = self._argv(a)
         try:
             for rank in a.ranks:
-                spec = WorkerSpec(rank, argv, self._env(a, rank), Routing.of(self.cfg, rank.local_rank).shown)
+                spec = WorkerSpec(rank, argv, self._env(a, rank),
+                                  Routing.of(self.cfg, rank.local_rank).shown)
                 log = self.log.bind(rank=rank.rank, restart=a.restart, attempt=a.id)
                 worker = await spawn(spec, a.id, self.launcher, self.router, log)
                 a.workers.append(worker)

@@ -16,7 +16,7 @@ from harness import FAKE_WORKER, MemoryStdout, read_events
 from supervisord_ft.cli import load_config
 from supervisord_ft.errors import ConfigError
 from supervisord_ft.logs import Log
-from supervisord_ft.ranklogs import RankLogs
+from supervisord_ft.ranklogs import RankLogs, Routing
 from supervisord_ft.rendezvous import RankInfo
 
 STEPS = [*FAKE_WORKER, "--steps", "3"]
@@ -147,3 +147,37 @@ def test_torchruns_short_flags_and_toml_keys_are_accepted(tmp_path):
     toml.write_text('log_dir = "l"\nredirects = "0:1,1:3"\nlocal_ranks_filter = "0"\n')
     c = load_config(["run", "--config", str(toml), "-t", "2"])
     assert (c.log_dir, c.redirects, c.tee, c.local_ranks_filter) == (Path("l"), "0:1,1:3", "2", "0")
+
+
+TORCHRUN_WORDS = [
+    ["-r", "3"],
+    ["--tee", "1", "--redirects", "2"],
+    ["-r", "0:1,2:3", "-t", "1:2,2:1"],
+    ["-t", "3", "--local-ranks-filter", "0,2"],
+    ["-r", "1", "--local_ranks_filter", "1"],
+    ["--local-ranks-filter", "2"],
+]
+
+
+@pytest.mark.parametrize("words", TORCHRUN_WORDS, ids=" ".join)
+def test_each_stream_goes_where_torchrun_sends_it(words, tmp_path, monkeypatch):
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # config_from_args would set it in os.environ
+    argv = ["--nproc-per-node", "3", "--log-dir", str(tmp_path / "torch"), *words, "job.py"]
+    theirs = config_from_args(get_args_parser().parse_args(argv))[0].logs_specs
+    assert isinstance(theirs, DefaultLogsSpecs)
+    envs = {r: {"TORCHELASTIC_RUN_ID": "job", "TORCHELASTIC_RESTART_COUNT": "2"} for r in range(3)}
+    dest = theirs.reify(envs)
+    cfg = load_config(argv, torchrun_form=True)
+    for r in range(3):
+        ours = Routing.of(cfg, r)
+        for stream, files, tees in (("stdout", dest.stdouts, dest.tee_stdouts),
+                                    ("stderr", dest.stderrs, dest.tee_stderrs)):
+            to_file = files[r] not in ("", os.devnull)
+            assert to_file == (stream in ours.to_file), (r, stream)
+            assert (files[r] == "" or r in tees) == (stream in ours.shown), (r, stream)
+            if to_file:
+                assert Path(files[r]).relative_to(Path(files[r]).parents[2]) == Path(f"attempt_2/{r}/{stream}.log")
+        assert Path(envs[r]["TORCHELASTIC_ERROR_FILE"]).parts[-3:] == ("attempt_2", str(r), "error.json")
