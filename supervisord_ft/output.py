@@ -205,7 +205,7 @@ class Pipe(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._on_bytes is not None:
-            self._on_bytes(self._source)
+            self._on_bytes(self._source, data)
         self._lines.feed(data)
         if self._writer_gone and self._unread() == 0:
             self.read_out.set()
@@ -264,7 +264,8 @@ class Pipe(asyncio.Protocol):
 class OutputRouter:
     """Owns the backlog and the emitter.
 
-    ``on_bytes(source)`` runs for every chunk read (liveness); ``on_line(source, raw)`` for
+    ``on_bytes(source, data)`` runs for every chunk read (liveness, and the bytes as the worker
+    wrote them for its log files); ``on_line(source, raw)`` for
     every line kept, dropped from the backlog or not; ``on_json(source, fields)`` in the emitter
     for every line that is a JSON object, with the worker's keys as it wrote them.
     """
@@ -272,7 +273,7 @@ class OutputRouter:
     def __init__(self, max_line_bytes: int, on_line: Callable[[Source, bytes], None] | None = None,
                  on_json: Callable[[Source, dict[str, Any]], None] | None = None,
                  max_backlog_bytes: int = MAX_BACKLOG_BYTES,
-                 on_bytes: Callable[[Source], None] | None = None) -> None:
+                 on_bytes: Callable[[Source, bytes], None] | None = None) -> None:
         self.max_line = max_line_bytes
         self.max_backlog = max_backlog_bytes
         self.on_bytes = on_bytes

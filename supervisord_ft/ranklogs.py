@@ -11,19 +11,19 @@ line, which supervision (liveness, tracebacks, causes) and the offline readers d
 
 Where this differs from torchrun, deliberately:
 
-- A file gets the lines as the daemon keeps them, each ended by ``\\n``: a redraw ended by a lone
-  ``\\r`` is thinned to one a second and a line over ``max_line_bytes`` is cut, as in the events.
-  Lines are taken before the output backlog, so a line a flood costs the events is still in
-  its file.
 - A relaunch that spends no restart (a new multi-node round) appends to the folder of its
   restart count; torchrun deletes that folder first.
 - A folder or file that cannot be made or written (a full disk, no permission) is said once per
-  attempt (``rank_logs_failed``) and its lines are dropped; supervision goes on.
+  attempt (``rank_logs_failed``) and its output is dropped; supervision goes on.
 
-The loop only appends a line to its file's buffer; once per turn of the loop the buffers go to
-one writer thread through a queue bounded in bytes (a stalled file system holds that thread only,
-and lines past the bound are dropped and said), which writes each file's lines in one system
-call, whole or not at all (:class:`.logs.LineFile`).
+As torchrun's (it hands the rank the file itself), a file holds the bytes the rank wrote, as they
+were read from its pipe: before they are cut into lines, so a progress bar's every redraw and a
+line of any length are there, and lines a flood costs the events (``worker_output_dropped``) are
+not lost from it. A chunk costs the loop a list append (measured: a per-line hand-over slowed the
+pipes' reading enough to block a flooding rank); once per turn of the loop what was read goes to
+one writer thread through a queue bounded in bytes (a stalled file system holds that thread only;
+output past the bound is dropped and said), which writes each file's share in one system call,
+whole or not at all (:class:`.writer.LineFile`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ ERROR_FILE = "error.json"
 # Seconds an attempt's folders may take to be made (milliseconds, normally); past it the attempt
 # launches without files: a stalled file system must not hold the launch.
 FOLDERS_WAIT = 1.0
-BUFFER_BYTES = EVENTS_BUFFER_BYTES  # lines waiting for a stalled file system before they are lost
+BUFFER_BYTES = EVENTS_BUFFER_BYTES  # output waiting for a stalled file system before it is lost
 
 
 def parse_std(value: str) -> int | dict[int, int]:
@@ -104,30 +104,28 @@ class _Writer(WriterThread):
         super().__init__("rank-logs-writer")
         self.max_bytes = max_bytes
         self._loop = asyncio.get_running_loop()
-        self._pending: dict[_File, bytearray] = {}  # the loop's, until its turn ends
+        self._pending: dict[_File, list[bytes]] = {}  # the loop's, until its turn ends
         self._pending_bytes = 0
         self._queue: list[tuple[_File, bytes | None]] = []  # None: close it
         self._queued = 0  # bytes queued or being written
         self._thread.start()
 
-    def put(self, file: _File, line: bytes) -> None:
-        """Buffer ``line`` for ``file``; past the bound it is dropped, and said."""
-        if self._queued + self._pending_bytes + len(line) >= self.max_bytes:
+    def put(self, file: _File, data: bytes) -> None:
+        """Buffer ``data`` for ``file``; past the bound it is dropped, and said."""
+        if self._queued + self._pending_bytes + len(data) > self.max_bytes:
             file.owner.failed(file.path, f"no write completed while {self.max_bytes >> 20} MiB "
-                                         f"of lines waited (a stalled file system)")
+                                         f"of output waited (a stalled file system)")
             return
         if not self._pending:
             self._loop.call_soon(self.hand_over)
-        buffer = self._pending.setdefault(file, bytearray())
-        buffer += line
-        buffer += b"\n"
-        self._pending_bytes += len(line) + 1
+        self._pending.setdefault(file, []).append(data)
+        self._pending_bytes += len(data)
 
     def hand_over(self, then: Sequence[tuple[_File, bytes | None]] = ()) -> None:
         """Queue what is buffered for the thread, then ``then``: ``(file, b"")`` opens it (the
         file exists, lines or not), ``(file, None)`` closes it."""
         with self._cond:
-            self._queue += ((f, bytes(data)) for f, data in self._pending.items())
+            self._queue += ((f, b"".join(chunks)) for f, chunks in self._pending.items())
             self._queue += then
             self._queued += self._pending_bytes
             self._cond.notify()
@@ -204,18 +202,19 @@ class AttemptLogs:
         """The rank's ``TORCHELASTIC_ERROR_FILE``, where torchrun puts it."""
         return self.folder / str(self._local[rank]) / ERROR_FILE
 
-    def write(self, rank: int, stream: str, line: bytes) -> None:
+    def write(self, rank: int, stream: str, data: bytes) -> None:
+        """``data``, as read from the rank's ``stream``, for its file (if the stream has one)."""
         if not self._closed and (file := self._files.get((rank, stream))) is not None:
-            self._writer.put(file, line)
+            self._writer.put(file, data)
 
     def close(self) -> None:
-        """The attempt's workers are gone: its files are closed once their lines are written."""
+        """The attempt's workers are gone: its files are closed once what they got is written."""
         if not self._closed:
             self._closed = True
             self._writer.hand_over([(file, None) for file in self._files.values()])
 
     def failed(self, path: Path, reason: str) -> None:
-        """Said once per attempt; the lines for that file are dropped from then on."""
+        """Said once per attempt; the output for that file is dropped from then on."""
         if not self._said:
             self._said = True
             self._log.warning("rank_logs_failed", path=str(path), reason=reason)

@@ -125,16 +125,14 @@ class Supervisor:
         a = self.attempt
         return a if a is not None and source.attempt == a.id else None
 
-    def _on_bytes(self, source: Source) -> None:
+    def _on_bytes(self, source: Source, data: bytes) -> None:
         if (a := self._current(source)) is not None:
             a.watchdog.output(source.rank)
+            if a.logs is not None:
+                a.logs.write(source.rank, source.stream, data)
 
     def _on_line(self, source: Source, raw: bytes) -> None:
-        if (a := self._current(source)) is None:
-            return
-        if a.logs is not None:
-            a.logs.write(source.rank, source.stream, raw)
-        if source.stream == "stderr":
+        if (a := self._current(source)) is not None and source.stream == "stderr":
             a.line(source.rank, raw)
 
     def _on_json(self, source: Source, fields: dict[str, Any]) -> None:

@@ -61,6 +61,15 @@ async def test_tee_and_the_local_ranks_filter_choose_what_stdout_shows(daemon, t
     assert {e["rank"] for e in logged if e["event"] == "worker_output"} == {0, 1, 2}
 
 
+async def test_the_files_hold_the_bytes_the_rank_wrote_even_what_the_events_cut(daemon, tmp_path):
+    d = await daemon("--num-workers", "1", "--log-dir", "logs", "-t", "3", "--max-line-bytes", "1024",
+                     command=[*STEPS, "--long-line", "5000", "--binary"])
+    assert await d.finish() == 0
+    out = (job_folder(tmp_path, d.events[0]["run_id"]) / "attempt_0" / "0" / "stdout.log").read_bytes()
+    assert out.startswith(b"x" * 5000 + b"\nafter long line\nbad \xff\xfe utf8 \x00 nul\n{not json\n")
+    assert len(d.named("worker_output", truncated=True)) == 1  # teed: on stdout too, cut there
+
+
 async def test_a_crash_relaunch_writes_attempt_1_and_the_failure_is_still_explained(daemon, tmp_path):
     d = await daemon("--num-workers", "2", "--log-dir", "logs", "-r", "2", "--jit-checkpoint-timeout", "0",
                      command=[*STEPS, "--fail-rank", "1", "--fail-at-step", "1"])
@@ -116,9 +125,9 @@ async def test_a_file_that_refuses_writes_is_said_once_per_attempt_and_its_lines
     files = await rank_logs.open(0, [RankInfo(0, 0, 2, 2), RankInfo(1, 1, 2, 2)], log.logger.bind(attempt=0))
     assert files is not None
     for n in range(3):
-        files.write(0, "stdout", b"lost %d" % n)
-        files.write(1, "stdout", b"kept %d" % n)
-        files.write(1, "stderr", b"not redirected")
+        files.write(0, "stdout", b"lost %d\n" % n)
+        files.write(1, "stdout", b"kept %d\n" % n)
+        files.write(1, "stderr", b"not redirected\n")
     files.close()
     rank_logs.close()
     await asyncio.sleep(0)  # the writer's word reaches the loop
