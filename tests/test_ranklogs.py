@@ -115,10 +115,16 @@ async def test_a_log_dir_that_cannot_be_made_is_said_once_and_the_run_goes_on(da
     assert len([e for e in read_events(d.events_file) if e["event"] == "worker_output"]) == 6
 
 
-async def test_a_file_that_refuses_writes_is_said_once_per_attempt_and_its_lines_dropped(tmp_path):
+def in_process(tmp_path: Path, **options) -> tuple[MemoryStdout, Log, RankLogs]:
+    """The daemon's log (on a memory stdout) and a RankLogs of ``-r 1`` in ``tmp_path``."""
     sink = MemoryStdout()
     log = Log(None, sink)
-    rank_logs = RankLogs(load_config(["run", "--log-dir", str(tmp_path), "-r", "1"]), "job", log.logger)
+    return sink, log, RankLogs(load_config(["run", "--log-dir", str(tmp_path), "-r", "1"]), "job",
+                               log.logger, **options)
+
+
+async def test_a_file_that_refuses_writes_is_said_once_per_attempt_and_its_output_dropped(tmp_path):
+    sink, log, rank_logs = in_process(tmp_path)
     rank_logs.job = tmp_path / "job"
     (tmp_path / "job" / "attempt_0" / "0").mkdir(parents=True)
     os.symlink("/dev/full", tmp_path / "job" / "attempt_0" / "0" / "stdout.log")  # ENOSPC on every write
@@ -135,6 +141,18 @@ async def test_a_file_that_refuses_writes_is_said_once_per_attempt_and_its_lines
         ("rank_logs_failed", str(tmp_path / "job" / "attempt_0" / "0" / "stdout.log"))]
     assert (tmp_path / "job" / "attempt_0" / "1" / "stdout.log").read_text() == "kept 0\nkept 1\nkept 2\n"
     assert not (tmp_path / "job" / "attempt_0" / "1" / "stderr.log").exists()
+
+
+async def test_output_a_stalled_file_system_has_no_room_for_is_dropped_and_said_once(tmp_path):
+    sink, log, rank_logs = in_process(tmp_path, max_bytes=10)
+    files = await rank_logs.open(0, [RankInfo(0, 0, 1, 1)], log.logger)
+    assert files is not None
+    for data in (b"fits\n", b"over the bound\n", b"and this\n"):
+        files.write(0, "stdout", data)
+    rank_logs.close()
+    (said,) = sink.events()
+    assert said["event"] == "rank_logs_failed" and "stalled file system" in said["reason"]
+    assert (files.folder / "0" / "stdout.log").read_bytes() == b"fits\n"
 
 
 @pytest.mark.parametrize("argv, error", [
