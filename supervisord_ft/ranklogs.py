@@ -226,11 +226,10 @@ class RankLogs:
 
     cfg: Config
     job_id: str  # the workers' TORCHELASTIC_RUN_ID, the job folder's prefix as in torchrun
-    log: Any
     max_bytes: int = BUFFER_BYTES
-    job: Path | None = None
-    _writer: _Writer | None = field(default=None, repr=False)
-    _last: AttemptLogs | None = field(default=None, repr=False)  # the latest attempt's files
+    job: Path | None = field(default=None, init=False)  # <log_dir>/<job_id>_<random>, once made
+    _writer: _Writer | None = field(default=None, init=False, repr=False)
+    _last: AttemptLogs | None = field(default=None, init=False, repr=False)  # the latest attempt's files
 
     async def open(self, restart: int, ranks: Sequence[RankInfo], log: Any) -> AttemptLogs | None:
         """Make ``attempt_<restart>/<local rank>/`` (bounded by FOLDERS_WAIT, off the loop); None,

@@ -71,8 +71,8 @@ class Supervisor:
                                      if cfg.standby else SubprocessLauncher())
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
         # torchrun's per-rank files, in a job folder named after the workers' TORCHELASTIC_RUN_ID.
-        self.rank_logs = RankLogs(cfg, cfg.rdzv_id if self.rendezvous.multi_node else self.run_id,
-                                  log) if cfg.log_dir is not None else None
+        self.rank_logs = RankLogs(cfg, cfg.rdzv_id if self.rendezvous.multi_node else self.run_id) \
+            if cfg.log_dir is not None else None
         self.fsm = StateMachine(on_change=self._log_transition)
         self.policy = RestartPolicy(cfg.max_restarts, cfg.restart_window, cfg.restart_backoff,
                                     cfg.restart_backoff_max, cfg.no_retry_exit_codes,

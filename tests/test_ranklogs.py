@@ -120,7 +120,7 @@ def in_process(tmp_path: Path, **options) -> tuple[MemoryStdout, Log, RankLogs]:
     sink = MemoryStdout()
     log = Log(None, sink)
     return sink, log, RankLogs(load_config(["run", "--log-dir", str(tmp_path), "-r", "1"]), "job",
-                               log.logger, **options)
+                               **options)
 
 
 async def test_a_file_that_refuses_writes_is_said_once_per_attempt_and_its_output_dropped(tmp_path):
