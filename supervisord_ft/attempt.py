@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .causes import Cause
 from .checkpoints import Checkpoint, Listing
+from .ranklogs import AttemptLogs
 from .rendezvous import Endpoint, News, RankInfo
 from .restarts import Failure
 from .watchdog import Watchdog
@@ -100,6 +101,7 @@ class Attempt:
     launched_wall: float = field(default_factory=time.time)  # for error files' stamps
     listing: asyncio.Future[Listing] | None = None  # the checkpoint directory, listed at launch
     errors: Path | None = None  # the folder of its ranks' torchrun error files
+    logs: AttemptLogs | None = None  # its ranks' files in log_dir
     high_step: int | None = None  # the highest step any rank of this attempt reported
     oom_kills: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank: (cgroup, kills)
     # The recovery from this attempt's failure: seconds to notice it, when each phase ended.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from . import builtin_job, torchrun
+from . import builtin_job, ranklogs, torchrun
 from .errors import ConfigError
 
 LOG_FORMATS = ("auto", "json", "console")
@@ -57,6 +57,7 @@ class Option:
     choices: tuple[str, ...] = ()
     builtin_job: bool = False  # applies only to the built-in `python -m supervisord_ft_worker` job
     alias: str | None = None  # torchrun's name for it: another flag and TOML key
+    short: str | None = None  # torchrun's one-letter flag for it (``-r``)
 
     @property
     def default(self) -> Any:
@@ -77,8 +78,8 @@ class Option:
     @property
     def flags(self) -> list[str]:
         names = [self.name] + ([self.alias] if self.alias else [])
-        return list(dict.fromkeys(f"--{spelling}" for name in names
-                                  for spelling in (name.replace("_", "-"), name)))
+        return ([f"-{self.short}"] if self.short else []) + list(dict.fromkeys(
+            f"--{spelling}" for name in names for spelling in (name.replace("_", "-"), name)))
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -180,6 +181,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("local_addr", str, "multi-node: this node's address as the others reach it (the "
            "round's workers' store listens there when this node is group rank 0; off: its "
            "fully qualified host name, as torchrun)"),
+    Option("log_dir", Path, "per-rank log files in torchrun's layout: `<run id>_<random>/"
+           "attempt_<restart>/<local rank>/` holds `stdout.log` and `stderr.log` for the streams "
+           "`redirects` or `tee` name, and `error.json` (the rank's `TORCHELASTIC_ERROR_FILE`); "
+           "a directory that cannot be written is said once per attempt and supervision goes on"),
+    Option("redirects", str, "torchrun's `--redirects`: streams that go to their file in "
+           "`log_dir` and no longer to the daemon's stdout (`events.jsonl` keeps every line): "
+           "`0` none, `1` stdout, `2` stderr, `3` both, or per local rank as `0:1,1:2`",
+           short="r"),
+    Option("tee", str, "torchrun's `--tee`: streams that go to their file in `log_dir` and to "
+           "the daemon's stdout too (format as `redirects`)", short="t"),
+    Option("local_ranks_filter", str, "torchrun's `--local-ranks-filter`: only these local "
+           "ranks' output on the daemon's stdout, as `0,1,2` (their files and `events.jsonl` "
+           "keep every rank's)"),
     Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
     Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
     Option("checkpoint_interval", int, "built-in job: checkpoint every N global steps", minimum=1,
@@ -233,6 +247,10 @@ class Config:
     rdzv_backend: str = "c10d"
     rdzv_conf: str | None = None
     local_addr: str | None = None
+    log_dir: Path | None = None
+    redirects: str = "0"
+    tee: str = "0"
+    local_ranks_filter: str | None = None
     # torch._dynamo too: building any torch.optim optimizer imports it, about 1 s on its own.
     preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim", "torch._dynamo")
     learn_preload: bool = True
@@ -418,6 +436,7 @@ def build(toml: Mapping[str, Any], cli: Mapping[str, str], command: list[str] | 
     if cfg.metrics_port and cfg.metrics_port == cfg.master_port:
         raise ConfigError(f"metrics_port: {cfg.metrics_port} is also master_port")
     cfg = _check_nodes(cfg)
+    _check_rank_logs(cfg)
     ranks = cfg.num_workers * cfg.node_range[1]
     if cfg.crash_rank >= ranks:
         raise ConfigError(f"crash_rank: must be < num_workers ({cfg.num_workers})"
@@ -456,6 +475,23 @@ def _check_nodes(cfg: Config) -> Config:
     return cfg
 
 
+def _check_rank_logs(cfg: Config) -> None:
+    """``redirects``, ``tee`` and ``local_ranks_filter`` in torchrun's formats."""
+    for key in ("redirects", "tee"):
+        value = getattr(cfg, key)
+        try:
+            streams = ranklogs.parse_std(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected 0, 1, 2 or 3, or LOCAL_RANK:0-3 pairs as 0:1,1:2 "
+                              f"(torchrun's format), got {value!r}") from None
+        if cfg.log_dir is None and any(streams.values() if isinstance(streams, dict) else (streams,)):
+            raise ConfigError(f"{key}: {value!r} sends output to files, but no log_dir is given")
+    if cfg.local_ranks_filter is not None and not all(
+            r.strip().isdigit() for r in cfg.local_ranks_filter.split(",")):
+        raise ConfigError(f"local_ranks_filter: expected local ranks as 0,1,2, got "
+                          f"{cfg.local_ranks_filter!r}")
+
+
 def ensure_writable_dir(key: str, path: Path) -> None:
     """Create ``path`` if needed and check that files can be created in it."""
     try:
@@ -483,7 +519,8 @@ def reference_table() -> str:
             shown = f"`{default}`"
         else:
             shown = str(default)
-        rows.append(f"| `{opt.name}` | {shown} | {opt.help}{opt.bound} |")
+        key = f"`{opt.name}`" + (f" (`-{opt.short}`)" if opt.short else "")
+        rows.append(f"| {key} | {shown} | {opt.help}{opt.bound} |")
     rows.append("| `command` | (built-in job) | TOML only (on the command line: torchrun's "
                 "`SCRIPT [ARG ...]`, or any command after `--`): the command each rank runs, a "
                 "list of strings |")

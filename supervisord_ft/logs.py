@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import structlog
 
 from .jsonline import encoder
 from .stdio import EXIT_DRAIN_TIMEOUT
+from .writer import LineFile, WriterThread, append_only
 
 Subscriber = Callable[[dict[str, Any]], None]
 EVENTS_FILE = "events.jsonl"  # in the run dir
@@ -38,6 +38,9 @@ _dumps = encoder(default=str)
 _stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
 EVENTS_BUFFER_BYTES = 16 << 20  # events waiting for a stalled file system before they are lost
 WRITE_BATCH_LINES = 4096  # queued lines written at once, whole or (a failed write) not at all
+# A logging call's key that keeps its event off stdout (a worker stream redirected to a file, or
+# a local rank filtered out); events.jsonl and the views still get it, without the key.
+OFF_STDOUT = "off_stdout"
 
 
 def now() -> str:
@@ -90,7 +93,7 @@ class Stdout(Protocol):
     def close(self) -> int: ...  # the lines never written
 
 
-class EventsFile:
+class EventsFile(WriterThread):
     """``events.jsonl``, written by a thread of its own through a bounded buffer.
 
     A file system that stops taking writes (a dead NFS server, a frozen or failing disk) holds
@@ -104,20 +107,18 @@ class EventsFile:
     """
 
     def __init__(self, path: Path, max_bytes: int = EVENTS_BUFFER_BYTES) -> None:
+        super().__init__("events-writer")
         self.path = path
         self.max_bytes = max_bytes
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._at_line_start = _ends_a_line(path)  # a predecessor killed mid-write left no newline
-        self._cond = threading.Condition()
+        # A predecessor killed mid-write may have left no newline at the end.
+        self._file = LineFile(append_only(path), _ends_a_line(path))
         # (a line, or the lines lost for want of room before it; its event's timestamp)
         self._queue: deque[tuple[bytes | Loss, str]] = deque()
         self._bytes = 0
         self._full: Loss | None = None  # lines lost for want of room since the last one queued
         self._loss: Loss | None = None  # lines the file refused since the last one written
         self._news: list[dict[str, Any]] = []  # notices for the loop to show
-        self._closing = False
         self._writing = 0  # lines taken from the queue and being written
-        self._thread = threading.Thread(target=self._run, name="events-writer", daemon=True)
         self._thread.start()
 
     def append(self, line: str, timestamp: str) -> None:
@@ -156,12 +157,8 @@ class EventsFile:
 
     def close(self, timeout: float = EXIT_DRAIN_TIMEOUT) -> None:
         """Let the thread write what is queued, for up to ``timeout``; then stop it."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout)
-        if not self._thread.is_alive():  # else stuck in a write: the descriptor stays its own
-            os.close(self._fd)
+        if self._stop(timeout):  # else stuck in a write: the descriptor stays its own
+            os.close(self._file.fd)
 
     def _lose(self, reason: str, timestamp: str) -> None:
         """(Holding the lock.) One more line the file refused; the first of a run is said at once."""
@@ -176,9 +173,7 @@ class EventsFile:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
+                if not self._wait():
                     return
                 item, first = self._queue.popleft()
                 stamps = [first]
@@ -198,11 +193,11 @@ class EventsFile:
             for loss in (refused, item if isinstance(item, Loss) else None):
                 if loss is not None:
                     gap = self._notice("log_gap", **loss.fields())
-                    if self._write((_dumps(gap) + "\n").encode()) is None:
+                    if self._file.write((_dumps(gap) + "\n").encode()) is None:
                         said.append(gap)
                     else:
                         self._unsaid(loss)
-            error = self._write(item) if isinstance(item, bytes) else None
+            error = self._file.write(item) if isinstance(item, bytes) else None
             with self._cond:
                 self._news += said
                 if error is not None:
@@ -218,27 +213,6 @@ class EventsFile:
                 loss.lines += self._loss.lines
                 loss.last = self._loss.last
             self._loss = loss
-
-    def _write(self, data: bytes) -> OSError | None:
-        """Write ``data`` whole; the error when it could not be, with any part written cut off."""
-        if not self._at_line_start:
-            data = b"\n" + data
-        view, written = memoryview(data), 0
-        try:
-            while written < len(data):
-                written += os.write(self._fd, view[written:])
-        except OSError as exc:
-            if written:
-                self._cut(written, data[written - 1:written] == b"\n")
-            return exc
-        self._at_line_start = True
-        return None
-
-    def _cut(self, written: int, ends_a_line: bool) -> None:
-        try:
-            os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - written)
-        except OSError:
-            self._at_line_start = ends_a_line
 
 
 def _ends_a_line(path: Path) -> bool:
@@ -282,8 +256,9 @@ class _Renderer:
         self._stdout_closed_said = False
 
     def __call__(self, _logger: Any, _name: str, ev: dict[str, Any]) -> Any:
+        to_stdout = not ev.pop(OFF_STDOUT, False)
         self.emit({"timestamp": ev.pop("timestamp"), "level": ev.pop("level"),
-                   "event": ev.pop("event"), **ev})
+                   "event": ev.pop("event"), **ev}, to_stdout=to_stdout)
         raise structlog.DropEvent
 
     def emit(self, event: dict[str, Any], to_file: bool = True, to_stdout: bool = True) -> None:

@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .logs import OFF_STDOUT
+
 MAX_BACKLOG_BYTES = 16 << 20
 # What a queued line costs beyond its bytes (bytes object, tuple, deque slot): counted against
 # MAX_BACKLOG_BYTES, or a flood of short lines would hold several times the budget.
@@ -76,6 +78,8 @@ RESERVED = frozenset({
     # multi-node: the context every event gets, and the rendezvous' own events
     "node_rank", "round", "endpoint", "rdzv_id", "local_addr", "nnodes", "local_world_size",
     "world_size", "rank_offset", "votes",
+    # per-rank log files: the attempt's folder; the logging call's key for an event kept off stdout
+    "logs", OFF_STDOUT,
 })
 
 
@@ -87,6 +91,7 @@ class Source:
     attempt: int
     stream: str  # "stdout" or "stderr"
     log: Any = field(compare=False, hash=False)  # bound with rank, restart and attempt
+    shown: bool = field(default=True, compare=False, hash=False)  # False: off the daemon's stdout
 
 
 class LineSplitter:
@@ -200,7 +205,7 @@ class Pipe(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._on_bytes is not None:
-            self._on_bytes(self._source)
+            self._on_bytes(self._source, data)
         self._lines.feed(data)
         if self._writer_gone and self._unread() == 0:
             self.read_out.set()
@@ -259,7 +264,8 @@ class Pipe(asyncio.Protocol):
 class OutputRouter:
     """Owns the backlog and the emitter.
 
-    ``on_bytes(source)`` runs for every chunk read (liveness); ``on_line(source, raw)`` for
+    ``on_bytes(source, data)`` runs for every chunk read (liveness, and the bytes as the worker
+    wrote them for its log files); ``on_line(source, raw)`` for
     every line kept, dropped from the backlog or not; ``on_json(source, fields)`` in the emitter
     for every line that is a JSON object, with the worker's keys as it wrote them.
     """
@@ -267,7 +273,7 @@ class OutputRouter:
     def __init__(self, max_line_bytes: int, on_line: Callable[[Source, bytes], None] | None = None,
                  on_json: Callable[[Source, dict[str, Any]], None] | None = None,
                  max_backlog_bytes: int = MAX_BACKLOG_BYTES,
-                 on_bytes: Callable[[Source], None] | None = None) -> None:
+                 on_bytes: Callable[[Source, bytes], None] | None = None) -> None:
         self.max_line = max_line_bytes
         self.max_backlog = max_backlog_bytes
         self.on_bytes = on_bytes
@@ -351,6 +357,8 @@ def _find(chunk: bytes, byte: bytes, start: int) -> int:
 def _emit(source: Source, raw: bytes, truncated: bool, level: str) -> dict[str, Any] | None:
     """Log one line at ``level``; return the worker's own fields when it was a JSON object."""
     log, stream = getattr(source.log, level), source.stream
+    if not source.shown:
+        log = functools.partial(log, **{OFF_STDOUT: True})
     text = raw.decode("utf-8", "replace")
     if text.startswith("{") and not truncated and (obj := _json_object(text)) is not None:
         log("worker_output", stream=stream, **_renamed(obj))

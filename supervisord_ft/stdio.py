@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 import select
 import sys
-import threading
 from collections import deque
+
+from .writer import WriterThread
 
 STDOUT_BUFFER_BYTES = 4 << 20
 # What the daemon waits at exit for a slow reader to take the buffered lines; then they are lost
@@ -46,7 +47,7 @@ def reopen_closed() -> None:
         sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
 
 
-class StdoutWriter:
+class StdoutWriter(WriterThread):
     """Lines for a descriptor, queued by the event loop and written by a thread.
 
     :meth:`write` never blocks: it returns False (the line is dropped) when ``max_bytes`` are
@@ -55,15 +56,13 @@ class StdoutWriter:
     """
 
     def __init__(self, fd: int = 1, max_bytes: int = STDOUT_BUFFER_BYTES) -> None:
+        super().__init__(f"fd{fd}-writer")
         self.fd = fd
         self.max_bytes = max_bytes
         self.gone: str | None = None  # why writes stopped, once they have
         self._queue: deque[bytes] = deque()
         self._bytes = 0  # queued or being written
         self._lines = 0
-        self._closing = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=f"fd{fd}-writer", daemon=True)
         self._thread.start()
 
     def isatty(self) -> bool:
@@ -85,19 +84,14 @@ class StdoutWriter:
 
     def close(self, timeout: float = EXIT_DRAIN_TIMEOUT) -> int:
         """Let the thread write what is queued for up to ``timeout``; return the lines left over."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout)
+        self._stop(timeout)
         with self._cond:
             return 0 if self.gone is not None else self._lines
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
+                if not self._wait():
                     return
                 lines, batch = len(self._queue), b"".join(self._queue)
                 self._queue.clear()

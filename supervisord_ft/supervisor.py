@@ -30,6 +30,7 @@ from .errors import (EXIT_DONE, EXIT_FAILED, EXIT_NO_REQUEUE, EXIT_SIGNAL_BASE, 
 from .fsm import State, StateMachine
 from .output import OutputRouter, Source
 from .progress import Looker
+from .ranklogs import RankLogs, Routing
 from .rendezvous import LocalRendezvous, News, RankInfo, Rendezvous, RendezvousFailed
 from .restarts import Failure, RestartPolicy
 from .standby import StandbyLauncher
@@ -69,6 +70,9 @@ class Supervisor:
                                                      learn, cfg.standby_memory)
                                      if cfg.standby else SubprocessLauncher())
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
+        # torchrun's per-rank files, in a job folder named after the workers' TORCHELASTIC_RUN_ID.
+        self.rank_logs = RankLogs(cfg, cfg.rdzv_id if self.rendezvous.multi_node else self.run_id) \
+            if cfg.log_dir is not None else None
         self.fsm = StateMachine(on_change=self._log_transition)
         self.policy = RestartPolicy(cfg.max_restarts, cfg.restart_window, cfg.restart_backoff,
                                     cfg.restart_backoff_max, cfg.no_retry_exit_codes,
@@ -121,9 +125,11 @@ class Supervisor:
         a = self.attempt
         return a if a is not None and source.attempt == a.id else None
 
-    def _on_bytes(self, source: Source) -> None:
+    def _on_bytes(self, source: Source, data: bytes) -> None:
         if (a := self._current(source)) is not None:
             a.watchdog.output(source.rank)
+            if a.logs is not None:
+                a.logs.write(source.rank, source.stream, data)
 
     def _on_line(self, source: Source, raw: bytes) -> None:
         if (a := self._current(source)) is not None and source.stream == "stderr":
@@ -210,6 +216,8 @@ class Supervisor:
             ticker.cancel()
             emitter.cancel()
             self.router.flush()
+            if self.rank_logs is not None:
+                self.rank_logs.close()
         code = EXIT_CODES.get(self.fsm.state, EXIT_SIGNAL_BASE + (self.stop_signal or 0))
         if self.fsm.state is State.FAILED and not self._requeue:
             code = EXIT_NO_REQUEUE
@@ -293,14 +301,19 @@ class Supervisor:
         # Off the loop and off the relaunch's path: read when the attempt fails (_progressed).
         a.listing = asyncio.ensure_future(self._list_checkpoints())
         a.errors = await self._error_dir(a)
+        if self.rank_logs is not None:
+            a.logs = await self.rank_logs.open(a.restart, a.ranks,
+                                               self.log.bind(restart=a.restart, attempt=a.id))
         self.log.info("launching", restart=a.restart, attempt=a.id, master_addr=a.endpoint.addr,
                       master_port=a.endpoint.port, agent_store=a.endpoint.agent_store, num_workers=len(a.ranks),
                       resume_from=str(a.resume_from.path) if a.resume_from else None,
+                      logs=str(a.logs.folder) if a.logs else None,
                       **daemon_usage())
         argv = self._argv(a)
         try:
             for rank in a.ranks:
-                spec = WorkerSpec(rank, argv, self._env(a, rank))
+                spec = WorkerSpec(rank, argv, self._env(a, rank),
+                                  Routing.of(self.cfg, rank.local_rank).shown)
                 log = self.log.bind(rank=rank.rank, restart=a.restart, attempt=a.id)
                 worker = await spawn(spec, a.id, self.launcher, self.router, log)
                 a.workers.append(worker)
@@ -331,6 +344,9 @@ class Supervisor:
 
     @staticmethod
     def _error_file(a: Attempt, rank: int) -> Path | None:
+        """Where torchrun puts it when there is a log dir, else beside the attempt's diagnosis."""
+        if a.logs is not None:
+            return a.logs.error_file(rank)
         return a.errors / f"rank-{rank}.error.json" if a.errors is not None else None
 
     def _attempt_dir(self, a: Attempt) -> Path:
@@ -553,6 +569,8 @@ class Supervisor:
             a.torn_down = {r: a.stderr[r].snapshot() if r in a.stderr else () for r in a.alive()}
         report = await stop(a.workers, self.cfg.grace_period, self._kill_now)
         a.marks["teardown"] = time.monotonic()
+        if a.logs is not None:  # every line of the workers is in now
+            a.logs.close()
         for w in sorted((w for w in a.workers if not w.alive), key=lambda w: w.exited_at or 0):
             self._report_exit(a, w)  # those that exited since the failure, and those signalled
         self.log.info("teardown", why=why, attempt=a.id, seconds=round(report.seconds, 3),

@@ -40,6 +40,8 @@ class WorkerSpec:
     rank: RankInfo
     argv: tuple[str, ...]
     env: Mapping[str, str]
+    # Its streams whose lines go to the daemon's stdout (not redirected to a file, not filtered).
+    shown: frozenset[str] = frozenset({"stdout", "stderr"})
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -202,7 +204,8 @@ async def spawn(spec: WorkerSpec, attempt: int, launcher: Launcher, router: Outp
     pipes: list[Pipe] = []
     try:
         for stream, fd in zip(("stdout", "stderr"), started.output):
-            pipes.append(await router.connect(Source(spec.rank.rank, attempt, stream, log), fd))
+            source = Source(spec.rank.rank, attempt, stream, log, stream in spec.shown)
+            pipes.append(await router.connect(source, fd))
     except BaseException:
         for fd in started.output[len(pipes) + 1:]:  # connect closed the one it failed on
             os.close(fd)

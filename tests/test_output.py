@@ -209,7 +209,7 @@ def test_redraws_are_logged_at_most_once_per_interval_per_pipe():
 @pytest.mark.parametrize("chunks", [[b"no newline " * 10], [b"\r10%", b"\r20%", b"\r30%"]])
 async def test_every_chunk_counts_as_liveness_line_or_not(chunks):
     seen: list[Source] = []
-    router = OutputRouter(1 << 16, on_bytes=seen.append)
+    router = OutputRouter(1 << 16, on_bytes=lambda source, data: seen.append(source))
     pipe = Pipe(router, Source(0, 0, "stderr", None), -1)
     for n, chunk in enumerate(chunks, 1):
         pipe.data_received(chunk)
