@@ -35,7 +35,8 @@ SAME_WORDS = [
     ["--nproc-per-node", "cpu", SCRIPT],
     ["--shutdown-timeout", "7", SCRIPT],
     ["--monitor-interval", "1", "--start-method", "fork", "--event-log-handler", "null",
-     "--duplicate-stdout-filters", "a,b", SCRIPT],
+     "--duplicate-stdout-filters", "a,b", "--signals-to-handle", "SIGTERM,SIGUSR1", "--node-rank", "0",
+     SCRIPT],
 ]
 
 
@@ -79,7 +80,8 @@ def test_python_exec_picks_the_interpreter_as_torchruns_does(monkeypatch):
     (["run", "--no-python"], "no_python: applies to a SCRIPT given as torchrun's, not to the built-in job"),
     (["--standalone", "--nnodes", "2", "--rdzv-endpoint", "h:1", SCRIPT],
      "standalone: one node with its own rendezvous, but nnodes is 2"),
-    (["--nnodes", "2", "--rdzv-backend", "static", "--node-rank", "1", SCRIPT], "usage:"),
+    (["--nnodes", "2", "--rdzv-backend", "static", "--node-rank", "1", SCRIPT],
+     "rdzv_backend: static: nodes meet through c10d here"),
     (["--nnodes", "2", "--rdzv-backend", "static", "--rdzv-endpoint", "h:1", SCRIPT],
      "rdzv_backend: static: nodes meet through c10d here"),
     (["--nproc-per-node", "many", SCRIPT], "num_workers (from command line): expected int, got 'many'"),
