@@ -194,6 +194,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("local_ranks_filter", str, "torchrun's `--local-ranks-filter`: only these local "
            "ranks' output on the daemon's stdout, as `0,1,2` (their files and `events.jsonl` "
            "keep every rank's)"),
+    Option("role", str, "the workers' role name (`ROLE_NAME`), as torchrun's `--role`"),
     Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
     Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
     Option("checkpoint_interval", int, "built-in job: checkpoint every N global steps", minimum=1,
@@ -255,6 +256,7 @@ class Config:
     preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim", "torch._dynamo")
     learn_preload: bool = True
     standby_memory: int = 2048
+    role: str = "default"
     epochs: int = builtin_job.EPOCHS
     steps: int = builtin_job.STEPS_PER_EPOCH
     checkpoint_interval: int = builtin_job.CHECKPOINT_INTERVAL

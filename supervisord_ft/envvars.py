@@ -58,12 +58,13 @@ PER_RANK = tuple(v for v in ALL if v != UNBUFFERED)
 def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run_id: str,
              restart: int, max_restarts: int, checkpoint_dir: Path, keep_checkpoints: int,
              resume_from: Path | None, rdzv_id: str | None = None,
-             channel: str | None = None, error_file: Path | None = None) -> dict[str, str]:
+             channel: str | None = None, error_file: Path | None = None,
+             role: str = ROLE) -> dict[str, str]:
     """``base`` with every variable above set for ``rank`` (and a stale RESUME_FROM removed)."""
     env = dict(base)
     env.update({
         RANK: str(rank.rank), LOCAL_RANK: str(rank.local_rank), GROUP_RANK: str(rank.node_rank),
-        GROUP_WORLD_SIZE: str(rank.nnodes), ROLE_RANK: str(rank.rank), ROLE_NAME: ROLE,
+        GROUP_WORLD_SIZE: str(rank.nnodes), ROLE_RANK: str(rank.rank), ROLE_NAME: role,
         ROLE_WORLD_SIZE: str(rank.world_size), WORLD_SIZE: str(rank.world_size),
         LOCAL_WORLD_SIZE: str(rank.local_world_size),
         MASTER_ADDR: endpoint.addr, MASTER_PORT: str(endpoint.port),
