@@ -20,7 +20,8 @@ from pathlib import Path
 from collections.abc import Awaitable
 from typing import Any
 
-from . import blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, runlog, tasks
+from . import (blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, retention,
+               runlog, tasks)
 from .attempt import Attempt, Recovery, first_to_fail
 from .causes import Cause, Explanation
 from .channel import FR_BUFFER, FR_ENTRIES, Sockets
@@ -47,7 +48,7 @@ MAX_FREE_STORE_ROUNDS = 3
 ERROR_DIR_WAIT = 1.0  # making a folder takes milliseconds; past this the run dir is stalled
 EXIT_FLUSH_LINES = 1000  # about 10-20 ms of rendering
 # A checkpoint directory on storage that hangs must not hold a recovery: past this, an
-# attempt's progress is taken as unknown (so as progress).
+# attempt's progress is taken as unknown (so as progress). Nor the end: the last prune is left.
 LISTING_TIMEOUT = 5.0
 CADENCE_FILE = "cadence.json"  # the job's learnt rhythm, for the hang limit of the next run
 # A terminal or ssh session closing (HUP), Ctrl+\ (QUIT), Ctrl+C (INT), systemd/SLURM/Kubernetes
@@ -71,6 +72,7 @@ class Supervisor:
         self.policy = RestartPolicy(cfg.max_restarts, cfg.restart_window, cfg.restart_backoff,
                                     cfg.restart_backoff_max, cfg.no_retry_exit_codes,
                                     cfg.max_stalled_attempts)
+        self.retention = retention.Retention(cfg.checkpoint_dir, cfg.keep_checkpoints, log)
         self.router = OutputRouter(cfg.max_line_bytes, on_line=self._on_line, on_json=self._on_json,
                                    on_bytes=self._on_bytes)
         self.attempt: Attempt | None = None  # the current (or last) launch attempt
@@ -178,6 +180,7 @@ class Supervisor:
         self.log.info("supervisor_start", pid=os.getpid(), host=socket.gethostname(),
                       python=sys.executable, loop=type(loop).__module__.split(".")[0],
                       config=as_dict(self.cfg))
+        await self.retention.start()
         steps = {
             State.LAUNCHING: self._launch,
             State.RUNNING: self._watch,
@@ -199,6 +202,7 @@ class Supervisor:
             await orphans.sweep(self.workers, self.log)  # at every end, nothing a worker started lives on
             await orphans.forget(self.cfg.run_dir)
             await self.launcher.close()
+            self.retention.close()
             await self.rendezvous.close(self.fsm.state.value, self._end_reason, self.stop_signal)
             if self.sockets is not None:
                 self.sockets.close()
@@ -285,6 +289,7 @@ class Supervisor:
             self._stop(self._stop_reason())
             return
         self.attempt = a
+        self.retention.follow(a.resume_from.path if a.resume_from else None, tidy=a.ranks[0].node_rank == 0)
         # Off the loop and off the relaunch's path: read when the attempt fails (_progressed).
         a.listing = asyncio.ensure_future(self._list_checkpoints())
         a.errors = await self._error_dir(a)
@@ -377,12 +382,8 @@ class Supervisor:
             return None
         self.log.info("checkpoint_selected", path=str(found.newest.path), step=found.newest.step,
                       mtime=checkpoints.mtime(found.newest.path))
-        try:
-            for path in checkpoints.prune(ckdir, self.cfg.keep_checkpoints,
-                                          protect=[found.newest.path]) if tidy else ():
-                self.log.info("checkpoint_pruned", path=str(path))
-        except OSError as exc:  # old files stay; nothing is lost
-            self.log.warning("checkpoint_prune_failed", reason=str(exc))
+        if tidy:
+            retention.prune(ckdir, self.cfg.keep_checkpoints, [found.newest.path], self.log)
         return found.newest
 
     def _argv(self, a: Attempt) -> tuple[str, ...]:
@@ -479,6 +480,7 @@ class Supervisor:
         finally:
             for task in waiters:
                 task.cancel()
+        await self.retention.finish(LISTING_TIMEOUT)
         self.fsm.transition(State.DONE, "all workers exited 0")
 
     def _heard(self, a: Attempt, news: News) -> None:

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from harness import FAKE_WORKER, matching, pid_alive, read_events
+from supervisord_ft import checkpoints
 
 LONG = ["--steps", "2000", "--step-time", "0.01"]  # runs ~20 s unless stopped
 
@@ -178,6 +179,23 @@ async def test_workers_get_the_torchrun_environment_and_a_fresh_port_per_attempt
     assert env["SUPERVISORD_FT_CHECKPOINT_DIR"] == str(tmp_path / "ckpt")
     assert "SUPERVISORD_FT_RESUME_FROM" not in env  # no checkpoint exists: a fresh start
     assert envs[(0, 1)]["MASTER_PORT"] == env["MASTER_PORT"] != envs[(0, 0)]["MASTER_PORT"]
+
+
+async def test_old_checkpoints_go_as_new_ones_appear_but_never_the_one_resumed_from(daemon, tmp_path):
+    # rank 0 saves every step, as a script that writes straight to the final name and says nothing
+    d = await daemon("--num-workers", "2", "--keep-checkpoints", "2", "--jit-checkpoint-timeout", "0",
+                     command=[*FAKE_WORKER, "--steps", "8", "--step-time", "0.1", "--save-every", "1",
+                              "--fail-rank", "1", "--fail-at-step", "3"])
+    assert await d.finish() == 0
+    resumed = d.named("checkpoint_selected")[-1]
+    step = resumed["step"]
+    assert checkpoints.steps(tmp_path / "ckpt") == [step + 8, step + 7]
+    index = {id(e): i for i, e in enumerate(d.events)}
+    pruned = d.named("checkpoint_pruned")
+    last_exit = max(index[id(e)] for e in d.named("worker_exited", restart=1))
+    assert any(index[id(e)] < last_exit for e in pruned)  # while the attempt ran
+    gone = [index[id(e)] for e in pruned if e["path"] == resumed["path"]]
+    assert len(gone) == 1 and gone[0] > last_exit  # at DONE, not while it could be needed
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT])
