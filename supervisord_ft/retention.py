@@ -129,14 +129,20 @@ class Retention:
 
 
 def _watch(directory: Path) -> int:
-    fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    if _libc.inotify_add_watch(fd, os.fsencode(directory), _MASK) < 0:
-        err = ctypes.get_errno()
+    fd = _checked(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    try:
+        _checked(_libc.inotify_add_watch(fd, os.fsencode(directory), _MASK))
+    except OSError:
         os.close(fd)
-        raise OSError(err, os.strerror(err))
+        raise
     return fd
+
+
+def _checked(result: int) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
 
 
 def _read(fd: int) -> bytes:
