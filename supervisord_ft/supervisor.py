@@ -53,7 +53,7 @@ LISTING_TIMEOUT = 5.0
 CADENCE_FILE = "cadence.json"  # the job's learnt rhythm, for the hang limit of the next run
 # A terminal or ssh session closing (HUP), Ctrl+\ (QUIT), Ctrl+C (INT), systemd/SLURM/Kubernetes
 # (TERM): each is a graceful stop, exit 128 + n.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+STOP_SIGNALS = tuple(signal.Signals[name] for name in envvars.STOP_SIGNALS.split(","))
 # SLURM's pre-timeout warning, a preStop hook: passed on to the ranks that handle them.
 FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
@@ -180,6 +180,8 @@ class Supervisor:
         self.log.info("supervisor_start", pid=os.getpid(), host=socket.gethostname(),
                       python=sys.executable, loop=type(loop).__module__.split(".")[0],
                       config=as_dict(self.cfg))
+        if envvars.sets_omp_threads(self._launcher_env(), self.cfg.num_workers):
+            self.log.warning("warning", message=envvars.OMP_WARNING)
         await self.retention.start()
         steps = {
             State.LAUNCHING: self._launch,
@@ -399,8 +401,12 @@ class Supervisor:
                                 resume_from=a.resume_from.path if a.resume_from else None,
                                 crash=crash, jit_checkpoint=c.jit_checkpoint_timeout > 0)
 
+    def _launcher_env(self) -> dict[str, str]:
+        """What the ranks' environment is built on: the daemon's, then ``env`` from the config."""
+        return {**os.environ, **self.cfg.env}
+
     def _env(self, a: Attempt, rank: RankInfo) -> dict[str, str]:
-        base = {**os.environ, **self.cfg.env}
+        base = self._launcher_env()
         if self.sockets is not None:  # the job's own size wins
             base.setdefault(FR_BUFFER, FR_ENTRIES)
         return envvars.for_rank(base, rank, a.endpoint,
