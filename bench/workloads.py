@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LIGHT_WORKER = Path(__file__).resolve().with_name("light_worker.py")
+JOBS = Path(__file__).resolve().with_name("jobs")
 
 
 @dataclass(frozen=True)
@@ -62,5 +63,16 @@ class LightJob:
         return Program((str(LIGHT_WORKER),), self.args)
 
 
-Job = TrainJob | LightJob
+@dataclass(frozen=True)
+class ForeignJob:
+    """A script of ``bench/jobs/`` written as users write theirs, taking ``--checkpoint-dir``."""
+
+    script: str
+    args: tuple[str, ...] = ()
+
+    def program(self, checkpoint_dir: Path) -> Program:
+        return Program((str(JOBS / self.script),), (*self.args, "--checkpoint-dir", str(checkpoint_dir)))
+
+
+Job = TrainJob | LightJob | ForeignJob
 PYTHON = sys.executable

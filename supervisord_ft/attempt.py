@@ -91,6 +91,7 @@ class Attempt:
     failed_at: float | None = None
     stderr: dict[int, Tail] = field(default_factory=dict)
     hung: list[int] = field(default_factory=list)  # the ranks declared hung, if that ended it
+    exit_waited: set[int] = field(default_factory=set)  # silent ranks given one more limit to exit
     reported: set[int] = field(default_factory=set)  # ranks whose exit was logged
     # Ranks alive when a recovery's teardown signalled them, with their stderr's lines as they
     # were then (what a rank said after the signal, a SignalException, is not its own failure).

@@ -30,10 +30,18 @@ FR_BUFFER = "TORCH_FR_BUFFER_SIZE"
 FR_ENTRIES = "20"
 MAX_ANSWER = 4 << 20  # a stack dump of thousands of threads fits; beyond it is cut and said
 AF_UNIX_MAX = 107  # sun_path holds 108 bytes, the last a NUL
+# The handler that lists a rank's imported modules (supervisord_ft_standby.channel.MODULES).
+MODULES = "sft_modules"
+EXIT_ASK_TIMEOUT = 0.5  # the server answers a ping in milliseconds, even while Python spins
 
 
 class ChannelError(Exception):
-    """What could not be got from a rank, in a few words (``no socket``, ``no answer in 0.5 s``)."""
+    """What could not be got from a rank, in a few words (``no socket``, ``no answer in 0.5 s``);
+    ``status``: the HTTP status of an answer that was not 200."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ async def ask(path: str, handler: str, timeout: float) -> Answer:
             want = MAX_ANSWER if length is None else min(length, MAX_ANSWER)
             body = await _read_up_to(reader, want)
             if status != 200:
-                raise ChannelError(f"HTTP {status}: {body[:200].decode('utf-8', 'replace')!r}")
+                raise ChannelError(f"HTTP {status}: {body[:200].decode('utf-8', 'replace')!r}", status)
             truncated = (length or 0) > MAX_ANSWER or (length is None and len(body) == MAX_ANSWER)
             if length is not None and not truncated and len(body) < length:
                 raise ChannelError(f"answer cut short ({len(body)} of {length} bytes)")
@@ -109,6 +117,16 @@ async def ask(path: str, handler: str, timeout: float) -> Answer:
     finally:
         if writer is not None:
             writer.close()
+
+
+async def exiting(path: str) -> bool:
+    """Whether the rank serving ``path`` is past torch's static destructors: its server still
+    answers, but every handler is gone (404), so the interpreter is in its last steps of exit."""
+    try:
+        await ask(path, "ping", EXIT_ASK_TIMEOUT)
+    except ChannelError as exc:
+        return exc.status == 404
+    return False
 
 
 def _head(head: bytes) -> tuple[int, int | None]:

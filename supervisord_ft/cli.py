@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, dirlock, orphans, report, status
+from . import __version__, dirlock, orphans, report, status, torchrun
 from .config import (OPTIONS, Config, build, ensure_appendable, ensure_fd_budget, ensure_writable_dir,
                      read_toml)
 from .console import ConsoleView
@@ -46,19 +46,13 @@ def parser() -> argparse.ArgumentParser:
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = top.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
-    run = sub.add_parser(
+    _run_arguments(sub.add_parser(
         "run", help="run a training job under supervision",
-        usage="supervisord-ft run [--config FILE] [options] [-- COMMAND [ARG ...]]",
-        description="Run the built-in training job, or COMMAND (a torchrun-style script) after "
-                    "`--`, as a supervised group of workers.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--config", type=Path, help="TOML run config")
-    for opt in OPTIONS:
-        how: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if opt.kind is bool else {
-            "metavar": opt.kind.__name__.upper() if not opt.choices else "{" + ",".join(opt.choices) + "}"}
-        run.add_argument(*opt.flags, dest=opt.name, default=argparse.SUPPRESS, **how,
-                         help=f"{opt.help.replace('`', '')} "
-                              f"(default: {opt.shown_default}){opt.bound}")
+        usage="supervisord-ft run [--config FILE] [options] [SCRIPT [ARG ...] | -- COMMAND [ARG ...]]",
+        description="Run the built-in training job, or a training script as torchrun would "
+                    "(SCRIPT [ARG ...], with torchrun's options), or any COMMAND after `--`, as a "
+                    "supervised group of workers.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
     for name, help_, description in READERS:
         view = sub.add_parser(name, help=help_, description=description)
         view.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's run_dir")
@@ -69,6 +63,47 @@ def parser() -> argparse.ArgumentParser:
         "--output", type=Path, metavar="HTML", help="where to write the report (default: "
         f"RUN_DIR/{report.HTML}); the PNG is written beside it")
     return top
+
+
+def torchrun_parser() -> argparse.ArgumentParser:
+    """``torchrun-ft``: ``supervisord-ft run`` under torchrun's name, with torchrun's defaults."""
+    return _run_arguments(_Parser(
+        prog="torchrun-ft", usage="torchrun-ft [options] SCRIPT [ARG ...]",
+        description="supervisord-ft run with torchrun's defaults (one rank, no restart): "
+                    "`torchrun ARGS` and `torchrun-ft ARGS` run the same job, the second one "
+                    "supervised.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def _run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    run.add_argument("--config", type=Path, help="TOML run config")
+    for opt in OPTIONS:
+        how: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if opt.kind is bool else {
+            "metavar": opt.kind.__name__.upper() if not opt.choices else "{" + ",".join(opt.choices) + "}"}
+        run.add_argument(*opt.flags, dest=opt.name, default=argparse.SUPPRESS, **how,
+                         help=f"{opt.help.replace('`', '')} "
+                              f"(default: {opt.shown_default}){opt.bound}")
+    form = run.add_argument_group("torchrun's command forms (with SCRIPT)")
+    form.add_argument("-m", "--module", action="store_true",
+                      help="SCRIPT is a module, run as `python -m SCRIPT`")
+    form.add_argument("--no-python", "--no_python", dest="no_python", action="store_true",
+                      help="run SCRIPT itself, not with python")
+    form.add_argument("--run-path", "--run_path", dest="run_path", action="store_true",
+                      help="run the script path with python (torchrun: runpy.run_path); wins "
+                           "over -m and --no-python")
+    form.add_argument("--standalone", action="store_true",
+                      help="one node, its own local rendezvous: what a run without nnodes does")
+    form.add_argument("script", nargs=argparse.REMAINDER, metavar="SCRIPT [ARG ...]",
+                      help="the training script and its arguments, as torchrun's")
+    ignored = run.add_argument_group("torchrun's options that mean nothing here (accepted, "
+                                     "and said once in torchrun_option_ignored)")
+    for opt in torchrun.IGNORED:
+        ignored.add_argument(*opt.flags, dest=_ignored_dest(opt), default=argparse.SUPPRESS,
+                             metavar="VALUE", help=opt.why)
+    return run
+
+
+def _ignored_dest(opt: torchrun.Ignored) -> str:
+    return "ignored:" + opt.flags[0]
 
 
 # The offline readers of a run dir: exit 0, or 2 with one line when RUN_DIR holds no run.
@@ -96,19 +131,41 @@ def _read(ns: argparse.Namespace) -> int:
     return code
 
 
-def load_config(argv: Sequence[str]) -> Config:
+def load_config(argv: Sequence[str], torchrun_form: bool = False) -> Config:
+    """``argv``: ``run ...`` of ``supervisord-ft``, or ``torchrun-ft``'s whole argv."""
+    parse = (torchrun_parser() if torchrun_form else parser()).parse_args
     argv = list(argv)
+    ns: dict[str, Any] = {}
     command: list[str] | None = None
-    if "--" in argv:
+    if "--" in argv:  # `-- COMMAND`, unless the `--` is among a SCRIPT's own arguments
         cut = argv.index("--")
-        argv, command = argv[:cut], argv[cut + 1:]
-        if not command:
-            raise ConfigError("command: nothing after `--`")
-    ns = vars(parser().parse_args(argv))
-    ns.pop("subcommand")
+        ns = vars(parse(argv[:cut]))
+        if not ns["script"]:
+            command = argv[cut + 1:]
+            if not command:
+                raise ConfigError("command: nothing after `--`")
+    if command is None:
+        ns = vars(parse(argv))
+    ns.pop("subcommand", None)
+    script = ns.pop("script")
+    forms = {name: ns.pop(name) for name in ("module", "no_python", "run_path", "standalone")}
+    if script:
+        command = torchrun.command(script, module=forms["module"], no_python=forms["no_python"],
+                                   run_path=forms["run_path"])
+    elif torchrun_form:
+        raise ConfigError("usage: the following arguments are required: SCRIPT (see --help)")
+    elif given := [name for name in ("module", "no_python", "run_path") if forms[name]]:
+        raise ConfigError(f"{given[0]}: applies to a SCRIPT given as torchrun's, not to "
+                          f"{'a command after `--`' if command else 'the built-in job'}")
+    ignored = tuple((opt.flags[0], ns.pop(_ignored_dest(opt))) for opt in torchrun.IGNORED
+                    if _ignored_dest(opt) in ns)
     config_path = ns.pop("config", None)
     toml = read_toml(config_path) if config_path else {}
-    return build(toml, ns, command, config_path)
+    cfg = build(toml, ns, command, config_path, torchrun.DEFAULTS if torchrun_form else None,
+                ignored)
+    if forms["standalone"] and cfg.multi_node:
+        raise ConfigError(f"standalone: one node with its own rendezvous, but nnodes is {cfg.nnodes}")
+    return cfg
 
 
 async def _run(cfg: Config) -> int:
@@ -161,13 +218,13 @@ def _runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, torchrun_form: bool = False) -> int:
     reopen_closed()  # before anything opens a descriptor that could take the number 0, 1 or 2
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] and argv[0] in {name for name, *_ in READERS}:
+        if not torchrun_form and argv[:1] and argv[0] in {name for name, *_ in READERS}:
             return _read(parser().parse_args(argv))
-        cfg = load_config(argv)
+        cfg = load_config(argv, torchrun_form)
         with _runner() as runner:
             return runner.run(_run(cfg))
     except SupervisorError as exc:
@@ -177,6 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print("supervisord-ft: internal error (a bug, please report it)", file=sys.stderr)
         return SupervisorError.exit_code
+
+
+def torchrun_main(argv: Sequence[str] | None = None) -> int:
+    """The ``torchrun-ft`` command."""
+    return main(argv, torchrun_form=True)
 
 
 if __name__ == "__main__":

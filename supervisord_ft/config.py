@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from . import builtin_job
+from . import builtin_job, torchrun
 from .errors import ConfigError
 
 LOG_FORMATS = ("auto", "json", "console")
@@ -32,7 +32,8 @@ FDS_BASE, FDS_PER_WORKER = 64, 3
 
 # torchrun's defaults and the settings its c10d rendezvous reads (`--rdzv-conf`).
 DEFAULT_RDZV_PORT = 29400
-RDZV_BACKENDS = ("c10d",)
+# static: torchrun's default; on one node it is the same as c10d (multi-node: see _check_nodes).
+RDZV_BACKENDS = ("c10d", "static")
 RDZV_CONF_KEYS = ("join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout",
                   "keep_alive_interval", "keep_alive_max_attempt", "read_timeout", "is_host")
 
@@ -82,14 +83,16 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("num_workers", int, "worker processes (ranks) in the group, on this node (torchrun's "
-           "`nproc_per_node`, also accepted); each costs the daemon a "
+           "`nproc_per_node`, also accepted, with its `auto`, `cpu` and `gpu`); each costs the daemon a "
            "process and 2 pipe descriptors, so the soft `ulimit -n` is raised as far as needed and "
            "a hard limit too low is refused at start-up", minimum=1, maximum=MAX_WORKERS,
            alias="nproc_per_node"),
     Option("max_restarts", int, "relaunches allowed; the next failure ends the run FAILED", minimum=0),
     Option("checkpoint_dir", Path, "where `checkpoint_step_<N>.pt` files live"),
     Option("run_dir", Path, "where `events.jsonl` is written (appended to)"),
-    Option("grace_period", float, "seconds between SIGTERM and SIGKILL at teardown", minimum=0),
+    Option("grace_period", float, "seconds between SIGTERM and SIGKILL at teardown (torchrun's "
+           "`shutdown_timeout`, also accepted)", minimum=0,
+           alias="shutdown_timeout"),
     Option("show_steps", bool, "console format: also print every step report (always in "
            "`events.jsonl`)"),
     Option("log_format", str, "stdout format: `json`, `console`, or `auto` (console on a terminal, else json); "
@@ -155,7 +158,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("standby", bool, "keep a warm standby interpreter per rank that has imported `preload`, "
            "so a relaunched Python rank skips its imports (`false`: every rank starts cold)"),
     Option("preload", Names, "modules a standby imports before it is handed a rank (a TOML list, "
-           "or `torch,numpy` on the command line)"),
+           "or `torch,numpy` on the command line); set to anything but its default, it is all "
+           "a standby imports"),
+    Option("learn_preload", bool, "with `preload` at its default, a standby also imports what "
+           "the job's ranks imported from the standard library and installed packages (never the "
+           "job's own code), learnt through their channels, so a Lightning or HF job is warm "
+           "with no configuration"),
+    Option("standby_memory", int, "MiB a standby may hold once it imported the learnt modules; "
+           "above it they are dropped and standbys import `preload` only", minimum=64),
     Option("nnodes", str, "multi-node: `N` or `MIN:MAX` nodes, one daemon each, as torchrun's "
            "`--nnodes`; with more than one, the nodes meet through the c10d rendezvous (off or 1: "
            "this node alone)"),
@@ -163,7 +173,8 @@ OPTIONS: tuple[Option, ...] = (
            f"{DEFAULT_RDZV_PORT} if left out), hosted by the node whose address it is"),
     Option("rdzv_id", str, "multi-node: the job's id, the same on every node "
            "(`TORCHELASTIC_RUN_ID` of the workers)"),
-    Option("rdzv_backend", str, "multi-node: the rendezvous backend", choices=RDZV_BACKENDS),
+    Option("rdzv_backend", str, "multi-node: the rendezvous backend (`static`, torchrun's "
+           "default, is accepted for one node, where it is the same)", choices=RDZV_BACKENDS),
     Option("rdzv_conf", str, "multi-node: torch's rendezvous settings as `key=value,...`: "
            + ", ".join(f"`{k}`" for k in RDZV_CONF_KEYS) + " (seconds; torch's defaults)"),
     Option("local_addr", str, "multi-node: this node's address as the others reach it (the "
@@ -224,6 +235,8 @@ class Config:
     local_addr: str | None = None
     # torch._dynamo too: building any torch.optim optimizer imports it, about 1 s on its own.
     preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim", "torch._dynamo")
+    learn_preload: bool = True
+    standby_memory: int = 2048
     epochs: int = builtin_job.EPOCHS
     steps: int = builtin_job.STEPS_PER_EPOCH
     checkpoint_interval: int = builtin_job.CHECKPOINT_INTERVAL
@@ -234,6 +247,8 @@ class Config:
     command: tuple[str, ...] = ()
     # Extra environment for every worker (TOML `[env]` table).
     env: Mapping[str, str] = field(default_factory=dict)
+    # torchrun options given that mean nothing here, (flag, value): said once at start-up.
+    ignored: tuple[tuple[str, str], ...] = ()
 
     @property
     def builtin_job(self) -> bool:
@@ -262,6 +277,8 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
     """Convert a TOML value or a command-line string to the option's type, or raise."""
     where = f"{opt.name} (from {source})"
     from_cli = isinstance(value, str) and source == "command line"
+    if opt.name == "num_workers" and value in torchrun.NPROC_WORDS:
+        value = torchrun.local_world_size(value)
     try:
         if opt.kind is bool:
             if not isinstance(value, bool):
@@ -368,10 +385,12 @@ def _env(value: Any, source: str) -> dict[str, str]:
 
 
 def build(toml: Mapping[str, Any], cli: Mapping[str, str], command: list[str] | None = None,
-          config_path: Path | None = None) -> Config:
-    """Merge and validate. ``cli`` holds only the options given on the command line."""
+          config_path: Path | None = None, defaults: Mapping[str, Any] | None = None,
+          ignored: tuple[tuple[str, str], ...] = ()) -> Config:
+    """Merge and validate. ``cli`` holds only the options given on the command line;
+    ``defaults`` replace Config's own (``torchrun-ft``'s are torchrun's)."""
     source = str(config_path) if config_path else "config"
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"ignored": ignored, **(defaults or {})}
     given: set[str] = set()
     for key, value in toml.items():
         if key == "command":
@@ -380,7 +399,7 @@ def build(toml: Mapping[str, Any], cli: Mapping[str, str], command: list[str] | 
             values["env"] = _env(value, source)
         elif key in BY_NAME or key in ALIASES:
             key = ALIASES.get(key, key)
-            if key in values:
+            if key in given:
                 raise ConfigError(f"{source}: {key} given twice (once as torchrun's name)")
             values[key] = _coerce(BY_NAME[key], value, source)
             given.add(key)
@@ -423,6 +442,9 @@ def _check_nodes(cfg: Config) -> Config:
             raise ConfigError(f"rdzv_conf: {key} must be a whole number of seconds > 0, got {value!r}")
     if not cfg.multi_node:
         return cfg
+    if cfg.rdzv_backend == "static":  # torchrun's --node-rank/--master-addr: fixed node ranks
+        raise ConfigError(f"rdzv_backend: static: nodes meet through c10d here (nnodes {cfg.nnodes}: "
+                          "give --rdzv-backend c10d --rdzv-endpoint HOST:PORT)")
     if cfg.rdzv_endpoint is None:
         raise ConfigError(f"rdzv_endpoint: required with nnodes {cfg.nnodes} (HOST:PORT of the "
                           "rendezvous store)")
@@ -462,8 +484,9 @@ def reference_table() -> str:
         else:
             shown = str(default)
         rows.append(f"| `{opt.name}` | {shown} | {opt.help}{opt.bound} |")
-    rows.append("| `command` | (built-in job) | TOML only (or after `--`): the command each rank "
-                "runs, a list of strings |")
+    rows.append("| `command` | (built-in job) | TOML only (on the command line: torchrun's "
+                "`SCRIPT [ARG ...]`, or any command after `--`): the command each rank runs, a "
+                "list of strings |")
     rows.append("| `[env]` | | TOML only: a table of extra environment variables for every worker "
                 "(names non-empty and without `=`, no NUL byte) |")
     return "\n".join(rows) + "\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ async def _one(rank: int, path: str | None, pid: int, outside: bool) -> RankRepo
 
 
 async def _pyspy(report: RankReport) -> None:
-    exe = shutil.which("py-spy")
+    # On PATH, or beside our interpreter: a venv's bin/ is not on PATH unless it was activated.
+    exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if exe is None:
         report.problems.append("py-spy: not installed")
         return

@@ -69,6 +69,10 @@ RESERVED = frozenset({
     "exited", "phases",
     # the store host lost after the ranks met; a background task's bug
     "action", "task", "failures",
+    # a torchrun option that means nothing here
+    "option", "value",
+    # the modules a standby learnt to import
+    "total", "packages", "learnt", "rss_mib",
     # multi-node: the context every event gets, and the rendezvous' own events
     "node_rank", "round", "endpoint", "rdzv_id", "local_addr", "nnodes", "local_world_size",
     "world_size", "rank_offset", "votes",

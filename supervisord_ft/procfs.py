@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,6 +50,19 @@ def alive(pid: int) -> bool:
     """True for a process that runs code; a zombie (exited, not yet reaped) counts as dead."""
     st = stat(pid)
     return st is not None and not st.zombie
+
+
+CAP_SYS_NICE = 23  # capabilities(7)
+
+
+def can_leave_idle_priority() -> bool:
+    """Whether a process of ours may go back from SCHED_IDLE to normal scheduling: with
+    CAP_SYS_NICE, or an RLIMIT_NICE that allows nice 0 (sched(7)); else only the way in is open."""
+    caps = status_field("self", "CapEff")
+    if caps is not None and int(caps, 16) >> CAP_SYS_NICE & 1:
+        return True
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    return soft == resource.RLIM_INFINITY or soft >= 20
 
 
 def processes() -> Iterator[Stat]:

@@ -6,12 +6,20 @@ BENCHMARKS.md). The pool keeps one standby interpreter per rank (``python -m sup
 torch-side half of this protocol, :mod:`supervisord_ft_standby.runner`), started ahead of need with the
 environment every rank shares and with the pipes that become the rank's stdout and stderr. On
 launch, a standby gets the rank's argv, environment and working directory as one JSON line and
-runs the script as a fresh ``python`` would. The pool fills, and refills after every hand-out,
-in the background once the launched group has settled: its first step or collective, its ranks
+runs the script as a fresh ``python`` would. Where a standby can leave ``SCHED_IDLE`` again
+(:func:`procfs.can_leave_idle_priority`), the pool fills at once, at the first launch and after
+every hand-out, at that priority: it takes no CPU a starting rank wants. Elsewhere it fills,
+and refills, once the launched group has settled: its first step or collective, its ranks
 together using less than :data:`SETTLED_CPU` of a core (they wait: on a peer, a store, a
 file), or at the latest :data:`SETTLE_AFTER` seconds after the launch. A standby importing torch
-beside ranks still starting takes the CPU their start-up needs (on 2 cores it delayed a first
-step by 3 s).
+at normal priority beside ranks still starting takes the CPU their start-up needs (on 2 cores
+it delayed a first step by 3 s).
+
+What a standby imports is ``preload`` and, unless ``preload`` was set or ``learn_preload`` is off,
+what the job's ranks imported from the standard library and installed packages, asked of them
+through their channels (:data:`channel.MODULES`) each time the pool fills: a Lightning or HF job
+is warm with no configuration. The learnt modules are dropped, for good, when a standby that
+imported them holds more than ``standby_memory`` MiB.
 
 Only ``PYTHON script.py ...`` and ``PYTHON -m module ...`` are served warm, with ``PYTHON`` the
 interpreter the first launch named and an environment equal to the standbys' in everything but
@@ -38,12 +46,13 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import envvars, orphans, procfs
+from . import channel, envvars, orphans, procfs
 from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
                       _die_with_parent, _pipe, _stream, forward_if_caught, signal_group)
 
@@ -53,6 +62,8 @@ ACTIVATE_TIMEOUT = 2.0  # an idle standby answers its order in milliseconds; pas
 SETTLE_AFTER = 10.0  # a group that reports no step is taken as started after this long
 SETTLE_LOOK = 0.25  # s between two reads of the launched ranks' CPU time while they start
 SETTLED_CPU = 0.2  # of one core, the launched ranks together: below it they wait, not start
+ASK_TIMEOUT = 0.5  # a rank's channel answers its module list in milliseconds
+REPLY_LIMIT = 4 << 20  # a ready line names every module the standby holds: ~100 KiB for Lightning
 
 
 class State(enum.Enum):
@@ -89,6 +100,7 @@ class Standby:
         self.exit = asyncio.ensure_future(proc.wait())
         orphans.HELPERS.add(proc.pid)
         self.log = log.bind(standby_pid=proc.pid)
+        self.learnt = 0  # how many of the pool's learnt modules it imports (a prefix of them)
 
     def transition(self, to: State, reason: str, *, planned: bool = False, **fields: Any) -> None:
         """``planned``: a death the daemon chose (the run ended), logged at info, not warning."""
@@ -113,9 +125,17 @@ class Standby:
 class StandbyLauncher:
     """A pool of ``size`` standbys in front of a :class:`SubprocessLauncher`."""
 
-    def __init__(self, size: int, preload: Sequence[str], log: Any, ready_timeout: float) -> None:
+    def __init__(self, size: int, preload: Sequence[str], log: Any, ready_timeout: float,
+                 learn: bool = False, memory_mib: int = 0) -> None:
         self.size = size
         self.preload = tuple(preload)
+        self.learnt: list[str] = []  # modules the ranks imported beyond ``preload``, in order
+        self.imported: set[str] = set()  # what ready standbys hold: a warm rank had it already
+        self.learning: str | None = None if learn else "off"  # why nothing more is learnt
+        self.memory_mib = memory_mib  # what a standby with the learnt modules may hold
+        self._channels: dict[int, str] = {}  # the launched ranks' channel sockets, by pid
+        # Standbys start at SCHED_IDLE, at once, when they can leave it when handed out.
+        self.idle_priority = procfs.can_leave_idle_priority()
         # A standby is a rank's start-up done ahead: one not ready within the ranks' own
         # ``startup_timeout`` (a preload whose import never returns) is killed.
         self.ready_timeout = ready_timeout
@@ -139,7 +159,7 @@ class StandbyLauncher:
             else:
                 try:
                     started = await self._hand_out(standby, spec)
-                    self._launched.append(started.pid)
+                    self._started(started, spec)
                     return started
                 except StandbyError as exc:
                     why_cold = str(exc)
@@ -147,7 +167,7 @@ class StandbyLauncher:
                     self._refill_later()
         self.log.info("standby_not_used", rank=spec.rank.rank, reason=why_cold)
         started = await self.cold.start(spec)
-        self._launched.append(started.pid)
+        self._started(started, spec)
         if self.python is None and self.disabled is None and _is_python(spec.argv):
             self.python, self.env = spec.argv[0], _shared(spec.env)
             self._refill_later()
@@ -155,6 +175,11 @@ class StandbyLauncher:
 
     def settled(self) -> None:
         self._refill()
+
+    def _started(self, started: Started, spec: WorkerSpec) -> None:
+        self._launched.append(started.pid)
+        if path := spec.env.get(envvars.CHANNEL):
+            self._channels[started.pid] = path
 
     async def close(self) -> None:
         for task in (self._settler, self._filler, *self._tasks):
@@ -182,14 +207,16 @@ class StandbyLauncher:
         return None
 
     def _take(self) -> Standby | None:
-        for s in self.standbys:
-            if s.state is State.IDLE:
-                return s
-        return None
+        """An idle standby, one that imports the most of what was learnt first."""
+        return max((s for s in self.standbys if s.state is State.IDLE), key=lambda s: s.learnt,
+                   default=None)
 
     def _refill_later(self) -> None:
         """Refill once the group settles: at :meth:`settled`, when the ranks started stop using
-        the CPU, at the latest after SETTLE_AFTER."""
+        the CPU, at the latest after SETTLE_AFTER; at idle priority, at once too (the settled
+        group's imports are learnt then)."""
+        if self.idle_priority:
+            self._refill()
         if self._settler is None or self._settler.done():
             self._settler = asyncio.create_task(self._settle(), name="standby-settle")
             self._track(self._settler)
@@ -223,7 +250,11 @@ class StandbyLauncher:
             self._track(self._filler)
 
     async def _fill(self) -> None:
-        while self.disabled is None and len(self._live()) < self.size:
+        """Start standbys until ``size`` import all that was learnt; older ones are retired as
+        the new ones get ready (:meth:`_trim`)."""
+        if self.learning is None:
+            await self._learn()
+        while self.disabled is None and len(self._current()) < self.size:
             try:
                 standby = await self._spawn()
             except OSError as exc:
@@ -232,8 +263,50 @@ class StandbyLauncher:
             self.standbys.append(standby)
             self._track(asyncio.create_task(self._watch(standby), name=f"standby-{standby.pid}"))
 
+    async def _learn(self) -> None:
+        """Add what the live ranks imported beyond what is known to :attr:`learnt`."""
+        self._channels = {pid: path for pid, path in self._channels.items() if procfs.alive(pid)}
+        answers = await asyncio.gather(*(channel.ask(path, channel.MODULES, ASK_TIMEOUT)
+                                         for path in self._channels.values()), return_exceptions=True)
+        known, new = {*self.preload, *self.learnt, *self.imported}, []
+        for answer in answers:
+            try:
+                names = json.loads(answer.body) if isinstance(answer, channel.Answer) else []
+            except ValueError:  # not a list of names: nothing learnt from this rank
+                continue
+            for name in names if isinstance(names, list) else ():
+                if isinstance(name, str) and name not in known and _module_name(name):
+                    known.add(name)
+                    new.append(name)
+        if new:
+            self.learnt += new
+            self.log.info("preload_learnt", modules=len(new), total=len(self.learnt),
+                          packages=sorted({top for n in new if not (top := n.split(".")[0])
+                                           .startswith("_") and top not in sys.stdlib_module_names}))
+
+    def _over_budget(self, s: Standby, rss_mib: int) -> None:
+        """``s`` imported the learnt modules and holds more than ``standby_memory``: they are
+        dropped (said once), and ``s`` is replaced by a standby without them."""
+        if self.learnt:
+            why = f"a standby that imported them holds {rss_mib} MiB (standby_memory: {self.memory_mib})"
+            self.log.warning("preload_learnt_dropped", modules=len(self.learnt), reason=why)
+            self.learnt, self.learning = [], why
+        s.transition(State.DEAD, "over standby_memory: replaced", planned=True)
+        self._refill()
+
     def _live(self) -> list[Standby]:
         return [s for s in self.standbys if s.state in (State.STARTING, State.IDLE)]
+
+    def _current(self) -> list[Standby]:
+        return [s for s in self._live() if s.learnt == len(self.learnt)]
+
+    def _trim(self) -> None:
+        """Beyond ``size`` ready standbys, retire those that import less than was learnt."""
+        idle = [s for s in self.standbys if s.state is State.IDLE]
+        stale = sorted((s for s in idle if s.learnt != len(self.learnt)), key=lambda s: s.learnt)
+        for s in stale[:max(0, len(idle) - self.size)]:
+            s.transition(State.DEAD, "retired: a standby with what was learnt since is ready",
+                         planned=True)
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
@@ -260,7 +333,7 @@ class StandbyLauncher:
                 self.python, "-m", "supervisord_ft_standby", str(reply_w), *self.preload,
                 stdin=asyncio.subprocess.PIPE, stdout=out[1], stderr=err[1], pass_fds=(reply_w,),
                 env=self.env, cwd=PACKAGE_ROOT, start_new_session=True,
-                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+                preexec_fn=functools.partial(_in_standby, os.getpid(), self.idle_priority))
         except BaseException:
             for fd in (out[0], err[0], reply_r):
                 os.close(fd)
@@ -268,10 +341,13 @@ class StandbyLauncher:
         finally:
             for fd in (out[1], err[1], reply_w):  # the child holds its copies
                 os.close(fd)
-        replies, pipe = await _stream(reply_r)
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps({"learnt": self.learnt}).encode() + b"\n")
+        replies, pipe = await _stream(reply_r, REPLY_LIMIT)
         standby = Standby(proc, (out[0], err[0]), replies, pipe, self.log)
+        standby.learnt = len(self.learnt)
         standby.log.info("standby_state", **{"from": None, "to": State.STARTING.value},
-                         reason="refill", preload=list(self.preload))
+                         reason="refill", preload=list(self.preload), learnt=len(self.learnt))
         return standby
 
     async def _watch(self, s: Standby) -> None:
@@ -295,7 +371,14 @@ class StandbyLauncher:
             return
         if ready["failed"]:
             s.log.warning("standby_preload_failed", modules=ready["failed"])
-        s.transition(State.IDLE, "ready", seconds=round(time.monotonic() - s.spawned_at, 3))
+        self.imported.update(m for m in ready.get("modules", ()) if isinstance(m, str))
+        rss_mib = int((procfs.status_field(s.pid, "VmRSS") or "0 kB").split()[0]) >> 10
+        if s.learnt and rss_mib > self.memory_mib:
+            self._over_budget(s, rss_mib)
+            return
+        s.transition(State.IDLE, "ready", seconds=round(time.monotonic() - s.spawned_at, 3),
+                     rss_mib=rss_mib, skipped=len(ready.get("skipped", ())))
+        self._trim()
         rc = await s.exit
         if s.state is State.IDLE:
             s.transition(State.DEAD, f"exited with {rc} while idle: replaced")
@@ -322,7 +405,8 @@ class StandbyLauncher:
         return why
 
     async def _hand_out(self, standby: Standby, spec: WorkerSpec) -> Started:
-        order = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": _cwd()}
+        order = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": _cwd(),
+                 "nice": os.getpriority(os.PRIO_PROCESS, 0) if self.idle_priority else None}
         assert standby.proc.stdin is not None
         try:
             standby.proc.stdin.write(json.dumps(order).encode() + b"\n")
@@ -346,6 +430,15 @@ class StandbyLauncher:
                        functools.partial(forward_if_caught, pid), output)
 
 
+def _in_standby(parent_pid: int, idle_priority: bool) -> None:
+    """Runs in a standby between fork and exec. At SCHED_IDLE it imports with CPU time no rank
+    wants, so the pool can fill beside ranks that are still starting; its runner goes back to
+    the daemon's scheduling when it is handed a rank."""
+    _die_with_parent(parent_pid)
+    if idle_priority:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def _cwd() -> str:
     """Where a cold rank would start: the daemon's working directory. Deleted under the running
     job (a scratch dir cleaned), it has no path, but a cold rank still starts in it; a standby
@@ -361,6 +454,10 @@ def _is_python(argv: Sequence[str]) -> bool:
     if len(argv) < 2 or not Path(argv[0]).name.startswith("python"):
         return False
     return (argv[1] == "-m" and len(argv) >= 3) or not argv[1].startswith("-")
+
+
+def _module_name(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
 
 
 def _shared(env: Mapping[str, str]) -> dict[str, str]:

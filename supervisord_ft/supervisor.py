@@ -21,10 +21,10 @@ from collections.abc import Awaitable
 from typing import Any
 
 from . import (blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, retention,
-               runlog, tasks)
+               runlog, tasks, torchrun)
 from .attempt import Attempt, Recovery, first_to_fail
 from .causes import Cause, Explanation
-from .channel import FR_BUFFER, FR_ENTRIES, Sockets
+from .channel import FR_BUFFER, FR_ENTRIES, Sockets, exiting
 from .config import Config, as_dict
 from .errors import (EXIT_DONE, EXIT_FAILED, EXIT_NO_REQUEUE, EXIT_SIGNAL_BASE, CheckpointDirsDiffer,
                      CheckpointError)
@@ -34,7 +34,7 @@ from .progress import Looker
 from .rendezvous import LocalRendezvous, News, RankInfo, Rendezvous, RendezvousFailed
 from .restarts import Failure, RestartPolicy
 from .standby import StandbyLauncher
-from .watchdog import Cadence, Watchdog
+from .watchdog import Cadence, Hang, Watchdog
 from .workers import Launcher, SubprocessLauncher, Worker, WorkerSpec, spawn, stop, wait_exits
 
 EXIT_CODES = {State.DONE: EXIT_DONE, State.FAILED: EXIT_FAILED}
@@ -65,7 +65,9 @@ class Supervisor:
         self.log = log
         # Given to the workers; the caller binds the same id on ``log`` (cli._run does).
         self.run_id = run_id or runlog.new_run_id()
-        self.launcher = launcher or (StandbyLauncher(cfg.num_workers, cfg.preload, log, cfg.startup_timeout)
+        learn = cfg.learn_preload and cfg.preload == Config.preload
+        self.launcher = launcher or (StandbyLauncher(cfg.num_workers, cfg.preload, log, cfg.startup_timeout,
+                                                     learn, cfg.standby_memory)
                                      if cfg.standby else SubprocessLauncher())
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
         self.fsm = StateMachine(on_change=self._log_transition)
@@ -180,6 +182,9 @@ class Supervisor:
         self.log.info("supervisor_start", pid=os.getpid(), host=socket.gethostname(),
                       python=sys.executable, loop=type(loop).__module__.split(".")[0],
                       config=as_dict(self.cfg))
+        for option, value in self.cfg.ignored:
+            self.log.warning("torchrun_option_ignored", option=option, value=value,
+                             why=torchrun.why_ignored(option))
         if envvars.sets_omp_threads(self._launcher_env(), self.cfg.num_workers):
             self.log.warning("warning", message=envvars.OMP_WARNING)
         await self.retention.start()
@@ -451,6 +456,11 @@ class Supervisor:
                     return
                 if hang_wait in done:
                     hung = hang_wait.result()
+                    if await self._exiting(a, hung):
+                        waiters.discard(hang_wait)
+                        hang_wait = asyncio.create_task(a.watchdog.expired(a.alive))
+                        waiters.add(hang_wait)
+                        continue
                     for h in hung:
                         self.log.bind(rank=h.rank, restart=a.restart, attempt=a.id).error(
                             "hang_detected", silent_for=round(h.silent_for, 3),
@@ -703,6 +713,23 @@ class Supervisor:
         if self._reports_steps or not (now.empty and then.empty):
             return False
         return None
+
+    async def _exiting(self, a: Attempt, hung: list[Hang]) -> bool:
+        """Every silent rank is in its interpreter's last steps of exit (torch's handlers are
+        gone: a finished job can spend seconds there on a loaded machine) and none was waited
+        for before: their clocks start again, once. A rank that then stays there is hung."""
+        if self.sockets is None or any(h.rank in a.exit_waited for h in hung):
+            return False
+        answers = await asyncio.gather(*(exiting(self.sockets.path(a.id, h.rank)) for h in hung))
+        if not all(answers):
+            return False
+        a.exit_waited.update(h.rank for h in hung)
+        for h in hung:
+            a.watchdog.output(h.rank)
+        self.log.warning("hang_deferred", attempt=a.id, ranks=[h.rank for h in hung],
+                         silent_for=round(max(h.silent_for for h in hung), 3),
+                         reason="exiting: torch's handlers are gone; one more limit to exit")
+        return True
 
     def _list_checkpoints(self) -> Awaitable[checkpoints.Listing]:
         return blocking.in_thread(lambda: checkpoints.listing(self.cfg.checkpoint_dir), "checkpoint-lister")

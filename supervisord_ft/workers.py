@@ -142,9 +142,10 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
-async def _stream(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+async def _stream(fd: int, limit: int = 1 << 16) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """``fd`` as a stream of lines of at most ``limit`` bytes."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=limit)
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
                                                 os.fdopen(fd, "rb", 0))
     return reader, transport

@@ -7,6 +7,9 @@ The daemon names the socket in ``SUPERVISORD_FT_CHANNEL``; :func:`install` opens
 ``torch.distributed`` is imported (at once if it already is, as in a warm standby), so a script
 that never imports it, or a rank that is not Python, simply has no channel.
 
+It also answers :data:`MODULES` (the modules the rank imported from installed packages, in import
+order), from which the daemon learns what the next standbys should import.
+
 A user's own ``_WorkerServer`` (another path) and a ``TORCH_FR_BUFFER_SIZE`` of their own keep
 working: this module only opens one more socket, and the daemon only sets the variable when it
 is unset. Self-contained (the cold bootstrap loads it by path, without our packages on sys.path).
@@ -16,11 +19,15 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import json
 import os
 import sys
+import sysconfig
 from typing import Any
 
 CHANNEL = "SUPERVISORD_FT_CHANNEL"
+MODULES = "sft_modules"  # the handler's name; the daemon's supervisord_ft.channel.MODULES
+_NEVER = {"__main__", "__mp_main__", "sitecustomize", "usercustomize"}  # not the job's to replay
 _TRIGGER = "torch.distributed"
 _server: Any = None
 
@@ -57,6 +64,24 @@ def _open(path: str) -> None:
         os.close(null)
     import ctypes
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(_server))
+    try:
+        from torch._C._distributed_c10d import _register_handler
+        _register_handler(MODULES, _modules)
+    except Exception:  # an older torch: nothing is learnt, the standbys import `preload` only
+        pass
+
+
+def _modules(_request: Any, response: Any) -> None:
+    """The names of the modules imported from the standard library and installed packages, in
+    the order they were imported; never the job's own code (it may change between attempts)."""
+    roots = tuple({os.path.join(sysconfig.get_path(k), "")
+                   for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    names = [name for name, module in list(sys.modules.items())
+             if isinstance(getattr(module, "__file__", None), str)
+             and module.__file__.startswith(roots) and name not in _NEVER
+             and not name.lstrip("_").startswith("supervisord_ft")]
+    response.set_content(json.dumps(names), "application/json")
+    response.set_status(200)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

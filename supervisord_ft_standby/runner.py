@@ -3,8 +3,11 @@
 Started by the daemon (``supervisord_ft.standby``) as ``python -m supervisord_ft_standby REPLY_FD MODULE...``
 with the environment every rank shares, in its own session, with the parent-death signal, and
 with stdout and stderr already the pipes that become the rank's output. It imports the
-``MODULE`` list, says ``ready`` on ``REPLY_FD`` and blocks reading its stdin (costing no CPU).
-The daemon then writes one order, ``{"argv": [...], "env": {...}, "cwd": "..."}``, and the
+``MODULE`` list, then the modules the daemon learnt from the job's ranks (the first line on its
+stdin, ``{"learnt": [...]}``, imported from installed locations only: the job's own code is never
+among them), says ``ready`` on ``REPLY_FD`` with what it imported and blocks reading its stdin
+(costing no CPU).
+The daemon then writes one order, ``{"argv": [...], "env": {...}, "cwd": "...", "nice": N}``, and the
 standby makes itself what ``argv`` would have started: the order's environment and working
 directory, ``sys.argv``/``sys.orig_argv``/``sys.path[0]`` as the interpreter sets them, the
 original ``__main__`` module emptied and reused, stdin on /dev/null, no descriptor but 0, 1 and 2
@@ -47,20 +50,27 @@ ACTIVATED_AT: float | None = None
 
 def main() -> None:
     reply_fd, preload = int(sys.argv[1]), sys.argv[2:]
+    orders = lines.Reader(0)
     failed = {}
     for name in preload:
         try:
             importlib.import_module(name)
         except Exception as exc:  # reported; the script will meet the same error when it imports it
             failed[name] = f"{type(exc).__name__}: {exc}"
-    lines.write(reply_fd, event="ready", failed=failed)
-    order = lines.Reader(0).read()
+    learnt = orders.read()
+    if learnt is None:  # the daemon let this standby go (or died)
+        os._exit(0)
+    skipped = _import_learnt(learnt["learnt"])
+    lines.write(reply_fd, event="ready", failed=failed, skipped=skipped, modules=list(sys.modules))
+    order = orders.read()
     if order is None:  # the daemon let this standby go (or died): nothing ran, nothing to say
         os._exit(0)
     try:
         os.chdir(order["cwd"])
+        if order.get("nice") is not None:
+            _schedule_as_a_rank(order["nice"])
     except OSError as exc:  # a cold start would fail to spawn: let the daemon do that itself
-        lines.write(reply_fd, event="refused", reason=f"cwd: {exc}")
+        lines.write(reply_fd, event="refused", reason=f"{exc.filename or 'priority'}: {exc}")
         os._exit(0)
     os.environ.clear()
     os.environ.update(order["env"])
@@ -81,6 +91,31 @@ def main() -> None:
         raise
     except BaseException as exc:
         _uncaught(exc)
+
+
+def _schedule_as_a_rank(nice: int) -> None:
+    """Leave SCHED_IDLE, the standby's, for the scheduling a cold rank gets: every thread
+    (torch's import may have started some), at the daemon's ``nice``."""
+    for tid in map(int, os.listdir("/proc/self/task")):
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+
+
+def _import_learnt(names: list[str]) -> list[str]:
+    """Import ``names`` as the job's ranks did, in their order; those that fail are returned.
+    This package's own directory (``sys.path[0]`` here) is off the path meanwhile: a name must
+    find the installed module the ranks had, never a folder of ours of the same name."""
+    ours = sys.path.pop(0)
+    skipped = []
+    try:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except BaseException:  # an import that needs what only a rank has: it will do it then
+                skipped.append(name)
+    finally:
+        sys.path.insert(0, ours)
+    return skipped
 
 
 def _run(argv: list[str]) -> None:

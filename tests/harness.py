@@ -95,12 +95,14 @@ class Daemon:
     @classmethod
     async def start(cls, workdir: Path, *args: str, command: list[str] | None = None,
                     stdout: int = asyncio.subprocess.PIPE, redirect: str = "",
-                    env: dict[str, str] | None = None, wrap: list[str] | None = None) -> "Daemon":
+                    env: dict[str, str] | None = None, wrap: list[str] | None = None,
+                    program: list[str] | None = None) -> "Daemon":
         """``stdout``: a descriptor instead of the pipe these methods read; ``redirect``: shell
         redirections applied to the daemon (e.g. ``>&-`` to start it with stdout closed);
         ``wrap``: a prefix that execs the daemon (``ip netns exec NS``);
-        ``env``: variables added to the daemon's environment."""
-        argv = [sys.executable, "-m", "supervisord_ft", "run", "--log-format", "json",
+        ``env``: variables added to the daemon's environment; ``program``: the daemon's command
+        instead of ``supervisord-ft run`` (``torchrun-ft``)."""
+        argv = [*(program or [sys.executable, "-m", "supervisord_ft", "run"]), "--log-format", "json",
                 "--checkpoint-dir", str(workdir / "ckpt"), "--run-dir", str(workdir / "run")]
         if command:  # a script's ranks start cold unless the test says otherwise: a pool and a
             argv += COLD  # store host would import torch beside a torch-free fake worker

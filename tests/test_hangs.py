@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness import Daemon
+from supervisord_ft.errors import EXIT_FAILED
 
 pytestmark = pytest.mark.e2e
 
@@ -127,3 +128,22 @@ async def test_a_lightning_ddp_job_runs_at_scaled_down_limits_and_ends_done(daem
     assert await d.finish(timeout=180) == 0
     no_hang(d)
     assert min(e["runtime"] for e in d.named("worker_exited")) > 15  # silent for longer than 6 s
+
+
+async def test_ranks_slow_to_exit_after_their_work_get_one_more_limit_and_one_stuck_there_is_hung(daemon):
+    """Past torch's exit handlers a rank's channel still answers, with every handler gone: it is
+    exiting. A 4.5 s exit at a 3 s limit ends DONE; an exit that never ends is a hang, declared
+    one limit later."""
+    job = str(Path(__file__).with_name("jobs") / "slow_exit.py")
+    runs = {stall: await daemon("--hang-timeout", "3", "--startup-timeout", "60", "--grace-period", "2",
+                                "--max-restarts", "0", "--num-workers", "2", within=stall,
+                                command=[sys.executable, job, "--exit-stall", stall])
+            for stall in ("4.5", "forever")}
+    slow, stuck = runs["4.5"], runs["forever"]
+    assert await slow.finish(timeout=90) == 0
+    assert [e["ranks"] for e in slow.named("hang_deferred")] == [[0, 1]]
+    no_hang(slow)
+    assert await stuck.finish(timeout=90) == EXIT_FAILED
+    deferred, declared = stuck.named("hang_deferred"), stuck.named("hang_detected")
+    assert len(deferred) == 1 and {e["rank"] for e in declared} == {0, 1}
+    assert declared[0]["timestamp"] > deferred[0]["timestamp"]

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from harness import FAKE_WORKER, ROOT, Daemon, pid_alive
+from supervisord_ft import procfs
+from supervisord_ft.config import Config
 from supervisord_ft.errors import EXIT_NO_REQUEUE
 from supervisord_ft.standby import SETTLE_AFTER
 
@@ -35,19 +37,22 @@ except FileNotFoundError:
 FAST = ["--standby", "--preload", "json,ctypes", "--restart-backoff", "0", "--grace-period", "5"]
 
 
-def idle(d: Daemon) -> set[int]:
+def idle(d: Daemon, learnt: int | None = None) -> set[int]:
+    """The idle standbys (those that import ``learnt`` learnt modules)."""
     gone = {e["standby_pid"] for e in d.named("standby_state") if e["to"] in ("dead", "handed_out")}
-    return {e["standby_pid"] for e in d.named("standby_state", to="idle")} - gone
+    chosen = {e["standby_pid"] for e in d.named("standby_state", to="starting")
+              if learnt is None or e["learnt"] == learnt}
+    return {e["standby_pid"] for e in d.named("standby_state", to="idle")} - gone & chosen
 
 
-async def pool_ready(d: Daemon, n: int = 2) -> set[int]:
-    """Wait until ``n`` standbys are idle at once; return their pids."""
-    await d.wait_for(lambda e: e["event"] == "standby_state" and len(idle(d)) >= n)
-    return idle(d)
+async def pool_ready(d: Daemon, n: int = 2, learnt: int | None = None) -> set[int]:
+    """Wait until ``n`` standbys (that import ``learnt`` learnt modules) are idle at once."""
+    await d.wait_for(lambda e: e["event"] == "standby_state" and len(idle(d, learnt)) >= n)
+    return idle(d, learnt)
 
 
 async def start_gated(daemon, tmp_path: Path, command: list[str], *args: str, within: str | None = None,
-                      **env: str) -> tuple[Daemon, int]:
+                      wrap: list[str] | None = None, **env: str) -> tuple[Daemon, int]:
     """Start a daemon whose first attempt waits for one byte on the FIFO ``PROBE_GO`` (the fd
     returned), so that the pool can fill first; ``env`` is the ranks' too."""
     go = tmp_path / "go"
@@ -56,7 +61,7 @@ async def start_gated(daemon, tmp_path: Path, command: list[str], *args: str, wi
     env["PROBE_GO"] = str(go)
     os.environ.update(env)
     try:
-        d = await daemon(*FAST, *args, command=command, within=within)
+        d = await daemon(*FAST, *args, command=command, within=within, wrap=wrap)
     finally:
         for name in env:
             del os.environ[name]
@@ -139,9 +144,15 @@ with open(os.environ["PROBE_GO"], "rb", buffering=0) as go:
 """
 
 
-async def test_the_pool_fills_once_the_ranks_stop_using_the_cpu_not_while_they_start(daemon, tmp_path):
+# Without CAP_SYS_NICE (and RLIMIT_NICE 0, the default) a standby could not leave SCHED_IDLE.
+NO_SYS_NICE = ["setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not installed")
+async def test_where_idle_priority_cannot_be_left_the_pool_fills_once_the_ranks_stop_using_the_cpu(
+        daemon, tmp_path):
     (tmp_path / "busy.py").write_text(BUSY_THEN_WAIT)
-    d, go = await start_gated(daemon, tmp_path, [sys.executable, "busy.py"])
+    d, go = await start_gated(daemon, tmp_path, [sys.executable, "busy.py"], wrap=NO_SYS_NICE)
     await pool_ready(d)
     os.write(go, b"gg")
     assert await d.finish() == 0
@@ -152,6 +163,31 @@ async def test_the_pool_fills_once_the_ranks_stop_using_the_cpu_not_while_they_s
     launched = datetime.fromisoformat(d.named("launching")[0]["timestamp"])
     filled = datetime.fromisoformat(d.events[first_standby]["timestamp"])
     assert (filled - launched).total_seconds() < SETTLE_AFTER  # nor only at the latest bound
+
+
+SCHEDULING = """
+import os, sys
+print("scheduled", sorted({(os.sched_getscheduler(int(t)), os.getpriority(os.PRIO_PROCESS, int(t)))
+                           for t in os.listdir("/proc/self/task")}), flush=True)
+""" + GATED
+
+
+@pytest.mark.skipif(not procfs.can_leave_idle_priority(), reason="no CAP_SYS_NICE: a standby "
+                    "could not leave SCHED_IDLE, so the pool waits for the ranks to settle")
+async def test_standbys_start_with_the_launch_at_idle_priority_and_a_warm_rank_is_scheduled_as_a_cold_one(
+        daemon, tmp_path):
+    (tmp_path / "sched.py").write_text(SCHEDULING)
+    d, go = await start_gated(daemon, tmp_path, [sys.executable, "sched.py"])
+    standbys = await pool_ready(d)
+    assert {os.sched_getscheduler(pid) for pid in standbys} == {os.SCHED_IDLE}
+    launched = datetime.fromisoformat(d.named("launching")[0]["timestamp"])
+    first = datetime.fromisoformat(d.named("standby_state", to="starting")[0]["timestamp"])
+    assert (first - launched).total_seconds() < 1.0  # with the launch, not once it settled
+    os.write(go, b"gg")
+    assert await d.finish() == 0
+    cold, warm = lines(d, 0, 0)[0], lines(d, 1, 0)[0]
+    assert cold == warm == f"scheduled [({os.SCHED_OTHER}, {os.getpriority(os.PRIO_PROCESS, 0)})]"
+    assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys
 
 
 async def test_a_script_in_a_standby_can_start_spawned_children(daemon, tmp_path):
@@ -335,3 +371,37 @@ async def test_thread_counts_a_script_sets_before_importing_torch_apply_warm_as_
     assert [e["line"] for e in d.named("worker_output", attempt=1, stream="stdout")] == cold
     expected = threads or os.cpu_count()
     assert cold == [f"threads {expected}"] * 2
+
+
+LEARNER = """
+import os, sys
+print("had:", "xml.dom.minidom" in sys.modules, "mylib" in sys.modules, flush=True)
+import torch.distributed, xml.dom.minidom, mylib
+""" + GATED
+DEFAULT_PRELOAD = ",".join(Config.preload)
+
+
+@pytest.mark.parametrize("memory", ["2048", "64"])
+async def test_standbys_learn_what_the_job_imported_but_never_its_own_code(daemon, tmp_path, memory):
+    """With ``preload`` at its default, the next standbys import what the ranks imported from the
+    standard library and installed packages, so the warm rank has it before its first line; a
+    module of the job's own is never among them. Standbys over ``standby_memory`` drop them."""
+    (tmp_path / "learner.py").write_text(LEARNER)
+    (tmp_path / "mylib.py").write_text("VALUE = 1\n")
+    d, go = await start_gated(daemon, tmp_path, [sys.executable, "learner.py"], "--preload",
+                              DEFAULT_PRELOAD, "--standby-memory", memory, "--max-restarts", "1")
+    learnt = await d.wait_for(lambda e: e["event"] == "preload_learnt")
+    assert "xml" not in learnt["packages"] and learnt["modules"] > 100  # stdlib: counted, not named
+    if memory == "64":  # the standbys with them hold more: replaced by standbys without them
+        await d.wait_for(lambda e: e["event"] == "preload_learnt_dropped")
+    await pool_ready(d, learnt=learnt["total"] if memory == "2048" else 0)
+    os.write(go, b"gg")  # a byte for each rank: attempt 0 (cold) ends with rank 1's exit 1
+    assert await d.finish() == 0
+    assert lines(d, 0, 0)[0] == "had: False False"
+    dropped = d.named("preload_learnt_dropped")
+    if memory == "64":
+        assert len(dropped) == 1 and "standby_memory: 64" in dropped[0]["reason"]
+        assert lines(d, 1, 0)[0] == "had: False False"
+    else:
+        assert dropped == [] and lines(d, 1, 0)[0] == "had: True False"
+    assert {e["rank"] for e in d.named("standby_state", to="handed_out")} == {0, 1}
