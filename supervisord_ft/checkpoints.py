@@ -342,6 +342,8 @@ def prune(directory: Path | str, keep: int, protect: Iterable[Path] = (),
     if written is not None and (identity := _identity(written)) is not None:
         _pruned_ok[written] = identity
     found, _ = _candidates(Path(directory))
+    if len(found) <= keep:
+        return []  # nothing could go: no file is read
     protected = {Path(p).resolve() for p in protect}
     intact = 0
     removed: list[Path] = []

@@ -103,7 +103,7 @@ OPTIONS: tuple[Option, ...] = (
            "seconds between periodic `status` events (failure detection is event-driven and "
            "does not depend on it)", minimum=0.01),
     Option("keep_checkpoints", int, "newest intact checkpoints kept; older ones are deleted once newer ones are "
-           "complete, never the one being resumed from",
+           "complete (as each appears, at recoveries and at DONE), never the one being resumed from",
            minimum=2),
     Option("master_addr", str, "rendezvous address (`MASTER_ADDR`); checked at start-up"),
     Option("master_port", int, "`MASTER_PORT`; 0 = a fresh free port on every launch; a fixed port must be "

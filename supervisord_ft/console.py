@@ -176,6 +176,9 @@ class ConsoleView:
             style = STATE_STYLE.get(e["state"], "")
             return [f"[{style}]{e['state']}[/]: exit {e['exit_code']}, {e['restarts']} restarts, "
                     f"step {run.step}"]
+        if name == "warning":  # a message in torchrun's words: one line, without its banner
+            text = " ".join(line.strip() for line in str(e.get("message")).splitlines() if line.strip(" *"))
+            return ["[yellow]warning[/]: " + _esc(text)]
         if name not in QUIET and e.get("level") in ("warning", "error"):
             return [f"[yellow]{name}[/] " + _esc(_fields(e))]
         if name in ("checkpoint_pruned", "signal_forwarded"):

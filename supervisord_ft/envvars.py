@@ -31,6 +31,22 @@ TORCHELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"
 # Where ``torch.distributed.elastic.multiprocessing.errors.record`` writes the rank's exception
 # (JSON: type, message, traceback, timestamp), one file per rank and attempt, as torchrun's agent.
 TORCHELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"
+# torchrun's default: the signals its agent stops on and passes to the ranks (a rank's own
+# torch.distributed.elastic launches read it). The daemon's stop signals are the same four.
+SIGNALS_TO_HANDLE = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+# NCCL's watchdog aborts a failed communicator (the rank then exits, and the group is relaunched)
+# rather than leaving its peers blocked: torchrun's "1" unless the launcher's environment says.
+NCCL_ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+# One OpenMP thread per rank when several share a node and nothing says otherwise, as torchrun
+# (read at torch's import, so the standbys are started with it: not PER_RANK).
+OMP_NUM_THREADS = "OMP_NUM_THREADS"
+OMP_WARNING = ("\n*****************************************\n"
+               "Setting OMP_NUM_THREADS environment variable for each process to be "
+               "1 in default, to avoid your system being overloaded, "
+               "please further tune the variable for optimal performance in "
+               "your application as needed. \n"
+               "*****************************************")  # torchrun's text, word for word
 # ours
 RUN_ID = "SUPERVISORD_FT_RUN_ID"  # the daemon invocation's run_id, as on every event it logs
 RESTART_COUNT = "SUPERVISORD_FT_RESTART_COUNT"
@@ -48,11 +64,17 @@ ROLE = "default"  # torchrun's role name when none is given
 ALL = (RANK, LOCAL_RANK, GROUP_RANK, GROUP_WORLD_SIZE, ROLE_RANK, ROLE_NAME, ROLE_WORLD_SIZE,
        WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
        TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, TORCHELASTIC_RUN_ID,
-       TORCHELASTIC_ERROR_FILE, RUN_ID,
+       TORCHELASTIC_ERROR_FILE, SIGNALS_TO_HANDLE, NCCL_ASYNC_ERROR_HANDLING, OMP_NUM_THREADS, RUN_ID,
        RESTART_COUNT, CHECKPOINT_DIR, RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED, USE_AGENT_STORE, CHANNEL)
-# The ones that differ between ranks or attempts (or runs). Everything else, PYTHONUNBUFFERED
-# included (it is read at interpreter start), is the same for every rank of every attempt.
-PER_RANK = tuple(v for v in ALL if v != UNBUFFERED)
+# The ones that differ between ranks or attempts (or runs). The rest, read at interpreter start
+# or torch's import, are the same for every rank of every attempt.
+PER_RANK = tuple(v for v in ALL if v not in (UNBUFFERED, SIGNALS_TO_HANDLE, NCCL_ASYNC_ERROR_HANDLING,
+                                             OMP_NUM_THREADS))
+
+
+def sets_omp_threads(base: Mapping[str, str], local_world_size: int) -> bool:
+    """Whether :func:`for_rank` sets OMP_NUM_THREADS=1 (torchrun's rule); the daemon says so once."""
+    return OMP_NUM_THREADS not in base and local_world_size > 1
 
 
 def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run_id: str,
@@ -71,8 +93,11 @@ def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run
         TORCHELASTIC_RESTART_COUNT: str(restart), TORCHELASTIC_MAX_RESTARTS: str(max_restarts),
         TORCHELASTIC_RUN_ID: rdzv_id or run_id, RUN_ID: run_id,
         RESTART_COUNT: str(restart), CHECKPOINT_DIR: str(checkpoint_dir.resolve()),
-        KEEP_CHECKPOINTS: str(keep_checkpoints), UNBUFFERED: "1",
+        KEEP_CHECKPOINTS: str(keep_checkpoints), UNBUFFERED: "1", SIGNALS_TO_HANDLE: STOP_SIGNALS,
     })
+    env.setdefault(NCCL_ASYNC_ERROR_HANDLING, "1")
+    if sets_omp_threads(base, rank.local_world_size):
+        env[OMP_NUM_THREADS] = "1"
     env.pop(RESUME_FROM, None)
     if resume_from is not None:
         env[RESUME_FROM] = str(resume_from.resolve())

@@ -20,7 +20,8 @@ from pathlib import Path
 from collections.abc import Awaitable
 from typing import Any
 
-from . import blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, runlog, tasks, torchrun
+from . import (blocking, builtin_job, causes, checkpoints, diagnosis, envvars, flight, orphans, procfs, retention,
+               runlog, tasks, torchrun)
 from .attempt import Attempt, Recovery, first_to_fail
 from .causes import Cause, Explanation
 from .channel import FR_BUFFER, FR_ENTRIES, Sockets, exiting
@@ -48,12 +49,12 @@ MAX_FREE_STORE_ROUNDS = 3
 ERROR_DIR_WAIT = 1.0  # making a folder takes milliseconds; past this the run dir is stalled
 EXIT_FLUSH_LINES = 1000  # about 10-20 ms of rendering
 # A checkpoint directory on storage that hangs must not hold a recovery: past this, an
-# attempt's progress is taken as unknown (so as progress).
+# attempt's progress is taken as unknown (so as progress). Nor the end: the last prune is left.
 LISTING_TIMEOUT = 5.0
 CADENCE_FILE = "cadence.json"  # the job's learnt rhythm, for the hang limit of the next run
 # A terminal or ssh session closing (HUP), Ctrl+\ (QUIT), Ctrl+C (INT), systemd/SLURM/Kubernetes
 # (TERM): each is a graceful stop, exit 128 + n.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+STOP_SIGNALS = tuple(signal.Signals[name] for name in envvars.STOP_SIGNALS.split(","))
 # SLURM's pre-timeout warning, a preStop hook: passed on to the ranks that handle them.
 FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
@@ -77,6 +78,7 @@ class Supervisor:
         self.policy = RestartPolicy(cfg.max_restarts, cfg.restart_window, cfg.restart_backoff,
                                     cfg.restart_backoff_max, cfg.no_retry_exit_codes,
                                     cfg.max_stalled_attempts)
+        self.retention = retention.Retention(cfg.checkpoint_dir, cfg.keep_checkpoints, log)
         self.router = OutputRouter(cfg.max_line_bytes, on_line=self._on_line, on_json=self._on_json,
                                    on_bytes=self._on_bytes)
         self.attempt: Attempt | None = None  # the current (or last) launch attempt
@@ -189,6 +191,9 @@ class Supervisor:
         for option, value in self.cfg.ignored:
             self.log.warning("torchrun_option_ignored", option=option, value=value,
                              why=torchrun.why_ignored(option))
+        if envvars.sets_omp_threads(self._launcher_env(), self.cfg.num_workers):
+            self.log.warning("warning", message=envvars.OMP_WARNING)
+        await self.retention.start()
         steps = {
             State.LAUNCHING: self._launch,
             State.RUNNING: self._watch,
@@ -210,6 +215,7 @@ class Supervisor:
             await orphans.sweep(self.workers, self.log)  # at every end, nothing a worker started lives on
             await orphans.forget(self.cfg.run_dir)
             await self.launcher.close()
+            self.retention.close()
             await self.rendezvous.close(self.fsm.state.value, self._end_reason, self.stop_signal)
             if self.sockets is not None:
                 self.sockets.close()
@@ -298,6 +304,7 @@ class Supervisor:
             self._stop(self._stop_reason())
             return
         self.attempt = a
+        self.retention.follow(a.resume_from.path if a.resume_from else None, tidy=a.ranks[0].node_rank == 0)
         # Off the loop and off the relaunch's path: read when the attempt fails (_progressed).
         a.listing = asyncio.ensure_future(self._list_checkpoints())
         a.errors = await self._error_dir(a)
@@ -398,12 +405,8 @@ class Supervisor:
             return None
         self.log.info("checkpoint_selected", path=str(found.newest.path), step=found.newest.step,
                       mtime=checkpoints.mtime(found.newest.path))
-        try:
-            for path in checkpoints.prune(ckdir, self.cfg.keep_checkpoints,
-                                          protect=[found.newest.path]) if tidy else ():
-                self.log.info("checkpoint_pruned", path=str(path))
-        except OSError as exc:  # old files stay; nothing is lost
-            self.log.warning("checkpoint_prune_failed", reason=str(exc))
+        if tidy:
+            retention.prune(ckdir, self.cfg.keep_checkpoints, [found.newest.path], self.log)
         return found.newest
 
     def _argv(self, a: Attempt) -> tuple[str, ...]:
@@ -419,8 +422,12 @@ class Supervisor:
                                 resume_from=a.resume_from.path if a.resume_from else None,
                                 crash=crash, jit_checkpoint=c.jit_checkpoint_timeout > 0)
 
+    def _launcher_env(self) -> dict[str, str]:
+        """What the ranks' environment is built on: the daemon's, then ``env`` from the config."""
+        return {**os.environ, **self.cfg.env}
+
     def _env(self, a: Attempt, rank: RankInfo) -> dict[str, str]:
-        base = {**os.environ, **self.cfg.env}
+        base = self._launcher_env()
         if self.sockets is not None:  # the job's own size wins
             base.setdefault(FR_BUFFER, FR_ENTRIES)
         return envvars.for_rank(base, rank, a.endpoint,
@@ -505,6 +512,7 @@ class Supervisor:
         finally:
             for task in waiters:
                 task.cancel()
+        await self.retention.finish(LISTING_TIMEOUT)
         self.fsm.transition(State.DONE, "all workers exited 0")
 
     def _heard(self, a: Attempt, news: News) -> None:

@@ -236,16 +236,24 @@ def test_prune_does_not_read_back_the_file_just_written_but_reads_it_once_change
 
 
 def test_prune_reads_each_unchanged_kept_file_once(tmp_path, monkeypatch):
-    for step in (10, 20, 30):
+    for step in (10, 20, 30, 40):
         save(tmp_path, step)
     reads = []
     real_verify = ck.verify
     monkeypatch.setattr(ck, "verify", lambda p: reads.append(p.name) or real_verify(p))
-    ck.prune(tmp_path, keep=3)
-    ck.prune(tmp_path, keep=3)
-    assert sorted(reads) == ["checkpoint_step_10.pt", "checkpoint_step_20.pt", "checkpoint_step_30.pt"]
-    corrupt_garbage(tmp_path / "checkpoint_step_30.pt")  # a changed file is read again, and fails
-    ck.prune(tmp_path, keep=2)
-    assert reads[-1] == "checkpoint_step_30.pt"
+    oldest = [tmp_path / "checkpoint_step_10.pt"]
+    ck.prune(tmp_path, keep=3, protect=oldest)
+    ck.prune(tmp_path, keep=3, protect=oldest)
+    assert sorted(reads) == ["checkpoint_step_20.pt", "checkpoint_step_30.pt", "checkpoint_step_40.pt"]
+    corrupt_garbage(tmp_path / "checkpoint_step_40.pt")  # a changed file is read again, and fails
+    ck.prune(tmp_path, keep=2, protect=oldest)
+    assert reads[-1] == "checkpoint_step_40.pt"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint_step_10.pt", "checkpoint_step_20.pt", "checkpoint_step_30.pt"]
+        "checkpoint_step_10.pt", "checkpoint_step_20.pt", "checkpoint_step_30.pt", "checkpoint_step_40.pt"]
+
+
+def test_prune_reads_nothing_while_no_file_could_go(tmp_path, monkeypatch):
+    for step in (10, 20):
+        save(tmp_path, step)
+    monkeypatch.setattr(ck, "verify", lambda p: pytest.fail(f"{p.name} read"))
+    assert ck.prune(tmp_path, keep=2) == []

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyte
 
 from harness import FAKE_WORKER, ROOT
+from supervisord_ft import envvars
 
 COLS, ROWS = 120, 40
 CRASHING = [*FAKE_WORKER, "--steps", "60", "--step-time", "0.02", "--fail-rank", "1",
@@ -208,6 +209,13 @@ def test_a_failure_diagnosis_a_rank_without_channel_and_a_learnt_limit_are_a_lin
         "rank 2 has no channel: never imported torch.distributed; judged by output, steps and I/O",
         "hang limit now 90.0 s (longest interval 0.0512 s in 10 samples, at most 600.0 s)",
         f"survivors of rank 1: ranks 0, 2 wait in all_reduce #412  stacks: {STACKS}"]
+
+
+def test_torchruns_warning_is_one_line_without_its_banner():
+    assert printed({"event": "warning", "level": "warning", "message": envvars.OMP_WARNING}) == [
+        "warning: Setting OMP_NUM_THREADS environment variable for each process to be 1 in default, to "
+        "avoid your system being overloaded, please further tune the variable for optimal performance "
+        "in your application as needed."]
 
 
 def test_events_with_fields_missing_still_print_and_the_next_attempts_hang_is_said_again():

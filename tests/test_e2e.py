@@ -63,6 +63,14 @@ async def test_with_jit_checkpoint_timeout_0_a_crash_resumes_from_the_periodic_c
     assert final_sha(d) == reference_sha
 
 
+async def test_keep_checkpoints_holds_at_done_the_file_resumed_from_included(daemon, tmp_path):
+    # the ranks of the relaunch keep the file they resumed from; the daemon prunes it at DONE
+    d = await daemon(*COMMON, *SIZES, "--crash-at-step", "23", "--crash-rank", "1", "--keep-checkpoints", "2")
+    assert await d.finish(timeout=120) == 0
+    assert checkpoints.steps(tmp_path / "ckpt") == [60, 55]
+    assert d.named("checkpoint_pruned")[-1]["path"] == d.named("checkpoint_selected")[-1]["path"]
+
+
 async def test_sigusr1_makes_every_rank_checkpoint_at_the_next_step_and_training_goes_on(daemon, reference_sha):
     # no periodic save before the last step: any earlier save is the requested one
     d = await daemon(*COMMON, command=[*WORKER, "--step_time", "0.05", "--checkpoint_interval", "1000"])

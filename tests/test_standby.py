@@ -344,8 +344,9 @@ async def test_thread_counts_a_script_sets_before_importing_torch_apply_warm_as_
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one core: 1 thread is torch's default too, warm and cold cannot differ")
     (tmp_path / "train.py").write_text(SETS_THREADS.format(before=before, after=after))
+    # the launcher's own count (cores): torchrun's 1 for several ranks, ours too, would hide the script's
     d, fd = await start_gated(daemon, tmp_path, [sys.executable, "train.py"], "--preload", "torch",
-                              within=".")
+                              within=".", OMP_NUM_THREADS=str(os.cpu_count()))
     standbys = await pool_ready(d)
     os.write(fd, b"gg")  # attempt 0 (cold) fails; attempt 1 runs in the standbys
     assert await d.finish() == 0

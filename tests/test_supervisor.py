@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from harness import FAKE_WORKER, matching, pid_alive, read_events
+from harness import FAKE_WORKER, ROOT, matching, pid_alive, read_events
+from supervisord_ft import checkpoints, envvars
+
+JOBS = ROOT / "tests" / "jobs"
 
 LONG = ["--steps", "2000", "--step-time", "0.01"]  # runs ~20 s unless stopped
 
@@ -178,6 +185,59 @@ async def test_workers_get_the_torchrun_environment_and_a_fresh_port_per_attempt
     assert env["SUPERVISORD_FT_CHECKPOINT_DIR"] == str(tmp_path / "ckpt")
     assert "SUPERVISORD_FT_RESUME_FROM" not in env  # no checkpoint exists: a fresh start
     assert envs[(0, 1)]["MASTER_PORT"] == env["MASTER_PORT"] != envs[(0, 0)]["MASTER_PORT"]
+
+
+async def test_old_checkpoints_go_as_new_ones_appear_but_never_the_one_resumed_from(daemon, tmp_path):
+    # rank 0 saves every step, as a script that writes straight to the final name and says nothing
+    d = await daemon("--num-workers", "2", "--keep-checkpoints", "2", "--jit-checkpoint-timeout", "0",
+                     command=[*FAKE_WORKER, "--steps", "8", "--step-time", "0.1", "--save-every", "1",
+                              "--fail-rank", "1", "--fail-at-step", "3"])
+    assert await d.finish() == 0
+    resumed = d.named("checkpoint_selected")[-1]
+    step = resumed["step"]
+    assert checkpoints.steps(tmp_path / "ckpt") == [step + 8, step + 7]
+    index = {id(e): i for i, e in enumerate(d.events)}
+    pruned = d.named("checkpoint_pruned")
+    last_exit = max(index[id(e)] for e in d.named("worker_exited", restart=1))
+    assert any(index[id(e)] < last_exit for e in pruned)  # while the attempt ran
+    gone = [index[id(e)] for e in pruned if e["path"] == resumed["path"]]
+    assert len(gone) == 1 and gone[0] > last_exit  # at DONE, not while it could be needed
+
+
+# The variables a rank may see differently under the daemon than under torchrun, each with why.
+NOT_TORCHRUNS = {
+    "PYTHONUNBUFFERED": "ours: set instead of torchrun's `python -u` (the command is the job's own)",
+    "MASTER_ADDR": "`master_addr`, 127.0.0.1 as torchrun's --master-addr (--standalone says localhost)",
+    "MASTER_PORT": "a free port each launch picks",
+    "TORCHELASTIC_RUN_ID": "each invocation's own id (torchrun --standalone: a fresh uuid)",
+    "TORCHELASTIC_ERROR_FILE": "each launcher's own folder for the ranks' error files",
+    "TORCH_FR_BUFFER_SIZE": "ours: the flight recorder the channel reads (the job's own size wins)",
+}
+
+
+async def test_a_rank_gets_torchruns_environment_variable_for_variable(daemon, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # both launchers then set it
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    script = str(JOBS / "dump_env.py")
+    theirs, ours = tmp_path / "torchrun", tmp_path / "ours"
+    theirs.mkdir(), ours.mkdir()
+    torchrun = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+        script, str(theirs), cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(60):
+        _, err = await torchrun.communicate()
+    assert torchrun.returncode == 0, err.decode()[-2000:]
+    d = await daemon("--num-workers", "2", "--max-restarts", "0", "--standby", "--store-host",
+                     command=[sys.executable, script, str(ours)])
+    assert await d.finish() == 0
+    assert [e["message"] for e in d.named("warning")] == [envvars.OMP_WARNING]
+    for rank in (0, 1):
+        a, b = (json.loads((folder / f"rank-{rank}.json").read_text()) for folder in (theirs, ours))
+        mine = {k for k in b if k.startswith("SUPERVISORD_FT_")}
+        assert a.keys() ^ b.keys() <= mine | NOT_TORCHRUNS.keys()
+        assert {k: b[k] for k in a.keys() & b.keys() if a[k] != b[k]}.keys() <= NOT_TORCHRUNS.keys()
+        assert b["OMP_NUM_THREADS"] == "1" and b["TORCHELASTIC_SIGNALS_TO_HANDLE"] == envvars.STOP_SIGNALS
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT])
