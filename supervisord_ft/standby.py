@@ -53,11 +53,10 @@ from pathlib import Path
 from typing import Any
 
 from . import blocking, channel, envvars, orphans, procfs
+from .helpers import import_root
 from .workers import (KILL_TIMEOUT, Started, SubprocessLauncher, WorkerSpec,
                       _die_with_parent, _pipe, _stream, forward_if_caught, signal_group)
 
-# ``python -m supervisord_ft_standby`` runs from here, so the package is found whatever the job's sys.path.
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 ACTIVATE_TIMEOUT = 2.0  # an idle standby answers its order in milliseconds; past this it is hung
 SETTLE_AFTER = 10.0  # a group that reports no step is taken as started after this long
 SETTLE_LOOK = 0.25  # s between two reads of the launched ranks' CPU time while they start
@@ -332,7 +331,7 @@ class StandbyLauncher:
             proc = await asyncio.create_subprocess_exec(
                 self.python, "-m", "supervisord_ft_standby", str(reply_w), *self.preload,
                 stdin=asyncio.subprocess.PIPE, stdout=out[1], stderr=err[1], pass_fds=(reply_w,),
-                env=self.env, cwd=PACKAGE_ROOT, start_new_session=True,
+                env=self.env, cwd=import_root(), start_new_session=True,
                 preexec_fn=functools.partial(_in_standby, os.getpid(), self.idle_priority))
         except BaseException:
             for fd in (out[0], err[0], reply_r):

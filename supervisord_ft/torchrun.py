@@ -10,7 +10,9 @@ command with torchrun's name and defaults, so a job script changes one word.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,14 +57,14 @@ def command(script_args: Sequence[str], *, module: bool, no_python: bool,
             run_path: bool) -> list[str]:
     """The job's argv for torchrun's ``script [args]`` and its -m/--no-python/--run-path.
 
-    Python is ``$PYTHON_EXEC`` or this interpreter, as torchrun's. torchrun passes ``-u``; the
+    Python is :func:`job_python`. torchrun passes ``-u``; the
     ranks get ``PYTHONUNBUFFERED=1`` instead (the same, and for a script's own children too).
     ``--run-path`` runs the script in a fresh interpreter as a plain ``python script.py`` does
     (torchrun: ``runpy.run_path`` in a spawned one) and wins over ``-m`` and ``--no-python``, as
     torchrun's.
     """
     script, *args = script_args
-    python = os.environ.get("PYTHON_EXEC") or sys.executable
+    python = job_python()
     if run_path:
         return [python, script, *args]
     if not no_python:
@@ -70,6 +72,17 @@ def command(script_args: Sequence[str], *, module: bool, no_python: bool,
     if module:
         raise ConfigError("module: don't use both --no-python and -m/--module (as torchrun)")
     return [script, *args]
+
+
+def job_python() -> str:
+    """``$PYTHON_EXEC``, as torchrun's; else this interpreter if torch is installed for it (the
+    daemon in the training environment, torchrun's case); else the ``python3`` on ``PATH``: the
+    daemon installed apart (pipx, a venv of its own) runs the job with the environment's."""
+    if python := os.environ.get("PYTHON_EXEC"):
+        return python
+    if importlib.util.find_spec("torch") is not None:
+        return sys.executable
+    return shutil.which("python3") or shutil.which("python") or sys.executable
 
 
 def local_world_size(word: str) -> int:
