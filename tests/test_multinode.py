@@ -317,7 +317,9 @@ async def test_checkpoint_dirs_that_are_not_shared_end_the_run_saying_so_and_set
     assert await c.finish(timeout=120) == [3, 3]
     for d in c.nodes:
         reason = d.named("state_changed", to="FAILED")[0]["reason"]
-        assert "no checkpoint step that every node holds (newest by node: [20, 30])" in reason
+        # by group rank, which the rendezvous gives in the order the nodes join
+        assert any(f"no checkpoint step that every node holds (newest by node: {votes})" in reason
+                   for votes in ("[20, 30]", "[30, 20]")), reason
         assert d.named("checkpoint_set_aside") == [] and d.named("worker_started") == []
     assert sorted(p.name for p in (tmp_path / "ck1").iterdir()) == ["checkpoint_step_30.pt"]
 
