@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import flight
 
-# The vocabulary, documented once (the README's table is built from it).
+# The vocabulary, documented once (docs/recovery.md's table is checked against it).
 CAUSES: tuple[tuple[str, str], ...] = (
     ("exception", "a Python exception escaped the rank (read from its error file or its traceback "
                   "on stderr)"),

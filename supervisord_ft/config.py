@@ -1,7 +1,7 @@
 """Run configuration: one frozen dataclass, built once from defaults < TOML file < command line.
 
 Every option is declared once in :data:`OPTIONS`; the TOML reader, the command-line parser,
-``--help`` and the README's reference all come from that table. All validation happens in
+``--help`` and the reference (docs/reference.md) all come from that table. All validation happens in
 :func:`build`, and every error names the offending key and value.
 """
 
@@ -72,7 +72,7 @@ class Option:
 
     @property
     def bound(self) -> str:
-        """The upper bound as --help and the README show it after the text."""
+        """The upper bound as --help and docs/reference.md show it after the text."""
         return "" if self.maximum is None else f" (at most {self.maximum})"
 
     @property
@@ -507,7 +507,7 @@ def ensure_writable_dir(key: str, path: Path) -> None:
 
 
 def reference_table() -> str:
-    """The README's table of options, generated here so that it cannot drift from the code."""
+    """docs/reference.md's table of options, generated here so that it cannot drift from the code."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for opt in OPTIONS:
         default = opt.default

@@ -1,7 +1,7 @@
 """The daemon's error hierarchy and its exit codes, each named once.
 
 Errors are mapped to exit codes at the edge (``cli``); :data:`EXIT_CODES` is the one table that
-``--help``, the README and the loop's final state all read.
+``--help``, docs/reference.md and the loop's final state all read.
 """
 
 EXIT_DONE = 0

@@ -223,7 +223,7 @@ section.diagnosis pre {{ margin: 0; font-size: 13px; white-space: pre-wrap; }}
 <p class="note">Times are seconds since the run's first event. Detection: from the failure (the
 failing exit, or a hung rank's last output) to the loop's transition to RECOVERING. Downtime: from
 the failure to the next attempt's first step. Steps redone: the failed attempt's highest step minus
-the step the next attempt resumed from. Cause: the failure's explained root cause (README, "Why an
+the step the next attempt resumed from. Cause: the failure's explained root cause (docs/recovery.md, "Why an
 attempt failed"). Recovery phases: where the time from the failure to the next attempt's first
 progress went, as the daemon measured it. Goodput: useful steps (final step minus the step the run
 started from) per second of wall time (first launch to last event), against the fault-free rate,

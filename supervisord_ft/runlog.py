@@ -370,7 +370,7 @@ class Checkpoint:
 
 @dataclass
 class Goodput:
-    """Useful steps per second against the fault-free rate (README, "Goodput")."""
+    """Useful steps per second against the fault-free rate (docs/operations.md, "Status and report": goodput)."""
 
     useful_steps: int  # final step - the step the run started from
     wall_seconds: float  # first launch -> last event

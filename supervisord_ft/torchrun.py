@@ -47,7 +47,7 @@ IGNORED: tuple[Ignored, ...] = (
             "every line is in events.jsonl: filter it with jq"),
     Ignored(("--signals-to-handle", "--signals_to_handle"),
             "SIGTERM, SIGINT, SIGHUP and SIGQUIT stop the run gracefully and SIGUSR1 and SIGUSR2 go "
-            "on to the ranks that handle them, whatever is given (README, Signals)"),
+            "on to the ranks that handle them, whatever is given (docs/reference.md, Signals)"),
     Ignored(("--node-rank", "--node_rank"),
             "a node's rank is given by the c10d rendezvous (no static multi-node rendezvous here)"),
 )

@@ -20,7 +20,7 @@ exception prints through ``sys.excepthook`` with the standby's own frames remove
 
 What a script can still tell: the modules already in ``sys.modules``, ``/proc/self/cmdline``,
 the process start time, and any environment variable read at interpreter start or import time
-(those are the shared environment, which the daemon only hands over unchanged; see the README).
+(those are the shared environment, which the daemon only hands over unchanged; see docs/recovery.md).
 """
 
 from __future__ import annotations

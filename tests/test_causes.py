@@ -191,6 +191,6 @@ def test_with_only_knock_ons_the_stalled_live_rank_is_the_root_else_none_is():
 
 
 def test_the_readme_documents_every_cause():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "recovery.md").read_text()
     for name, meaning in CAUSES:
         assert f"| `{name}` | {meaning} |" in readme, name

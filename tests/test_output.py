@@ -152,13 +152,13 @@ def _events_the_daemon_logs() -> set[str]:
 
 
 def test_the_readme_json_log_table_has_a_row_for_every_event_the_daemon_logs_and_no_other():
-    section = (ROOT / "README.md").read_text().split("\n## The JSON log\n")[1].split("\n## ")[0]
+    section = (ROOT / "docs" / "reference.md").read_text().split("\n## The JSON log\n")[1].split("\n## ")[0]
     documented = {name for row in section.splitlines() if row.startswith("| `")
                   for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
     logged = _events_the_daemon_logs()
     assert {"worker_output", "rendezvous_retry", "log_gap", "state_changed"} <= logged
-    assert logged - documented == set(), "events the README's table lacks"
-    assert documented - logged == set(), "README rows of events nobody logs"
+    assert logged - documented == set(), "events the JSON log table (docs/reference.md) lacks"
+    assert documented - logged == set(), "rows of events nobody logs"
 
 
 def test_reserved_covers_every_field_of_the_daemons_events_and_every_logging_parameter():

@@ -18,6 +18,12 @@ from torch.nn.parallel import DistributedDataParallel
 RESTART = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def say(**fields: object) -> None:
+    """One line in one write: under torchrun (``python -u``) ranks share one stdout, and print()
+    writes the text and its newline apart, so another rank's line can land between them."""
+    os.write(1, (json.dumps(fields) + "\n").encode())
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint-dir")  # the bench's, unused: a relaunch starts over
@@ -32,7 +38,7 @@ def main() -> int:
     x = torch.randn(16, 8)
     for step in range(args.steps):
         if RESTART == 0 and rank == 1 and step == args.crash_at:
-            print(json.dumps({"event": "crash", "time": time.time()}), flush=True)
+            say(event="crash", time=time.time())
             raise RuntimeError("injected crash")
         loss = model(x).pow(2).mean()
         opt.zero_grad()
@@ -40,7 +46,7 @@ def main() -> int:
         opt.step()
         time.sleep(args.step_time)
         if rank == 0:
-            print(json.dumps({"event": "tick", "time": time.time(), "restart": RESTART}), flush=True)
+            say(event="tick", time=time.time(), restart=RESTART)
     return 0
 
 

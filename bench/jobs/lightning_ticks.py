@@ -19,6 +19,12 @@ from torch.utils.data import DataLoader, TensorDataset
 RESTART = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def say(**fields: object) -> None:
+    """One line in one write: under torchrun (``python -u``) ranks share one stdout, and print()
+    writes the text and its newline apart, so another rank's line can land between them."""
+    os.write(1, (json.dumps(fields) + "\n").encode())
+
+
 class Model(L.LightningModule):
     def __init__(self, crash_at: int, step_time: float) -> None:
         super().__init__()
@@ -27,7 +33,7 @@ class Model(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         if RESTART == 0 and self.global_rank == 1 and self.global_step == self.crash_at:
-            print(json.dumps({"event": "crash", "time": time.time()}), flush=True)
+            say(event="crash", time=time.time())
             raise RuntimeError("injected crash")
         time.sleep(self.step_time)
         x, y = batch
@@ -35,7 +41,7 @@ class Model(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.global_rank == 0:
-            print(json.dumps({"event": "tick", "time": time.time(), "restart": RESTART}), flush=True)
+            say(event="tick", time=time.time(), restart=RESTART)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
