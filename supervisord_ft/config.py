@@ -195,6 +195,9 @@ OPTIONS: tuple[Option, ...] = (
            "ranks' output on the daemon's stdout, as `0,1,2` (their files and `events.jsonl` "
            "keep every rank's)"),
     Option("role", str, "the workers' role name (`ROLE_NAME`), as torchrun's `--role`"),
+    Option("virtual_local_rank", bool, "torchrun's `--virtual-local-rank`: `LOCAL_RANK` is 0 for "
+           "every rank and `CUDA_VISIBLE_DEVICES` names the rank's own device (its local rank's "
+           "entry of the daemon's `CUDA_VISIBLE_DEVICES`, else the local rank)"),
     Option("epochs", int, "built-in job: epochs", minimum=1, builtin_job=True),
     Option("steps", int, "built-in job: steps per epoch", minimum=1, builtin_job=True),
     Option("checkpoint_interval", int, "built-in job: checkpoint every N global steps", minimum=1,
@@ -257,6 +260,7 @@ class Config:
     learn_preload: bool = True
     standby_memory: int = 2048
     role: str = "default"
+    virtual_local_rank: bool = False
     epochs: int = builtin_job.EPOCHS
     steps: int = builtin_job.STEPS_PER_EPOCH
     checkpoint_interval: int = builtin_job.CHECKPOINT_INTERVAL
@@ -435,6 +439,10 @@ def build(toml: Mapping[str, Any], cli: Mapping[str, str], command: list[str] | 
         job_keys = sorted(k for k in given if BY_NAME[k].builtin_job)
         if job_keys:
             raise ConfigError(f"{job_keys[0]}: applies only to the built-in job, but a command was given")
+    visible = cfg.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if cfg.virtual_local_rank and visible is not None and len(visible.split(",")) < cfg.num_workers:
+        raise ConfigError(f"virtual_local_rank: CUDA_VISIBLE_DEVICES={visible!r} names fewer devices "
+                          f"than num_workers ({cfg.num_workers})")
     if cfg.metrics_port and cfg.metrics_port == cfg.master_port:
         raise ConfigError(f"metrics_port: {cfg.metrics_port} is also master_port")
     cfg = _check_nodes(cfg)

@@ -41,6 +41,7 @@ NCCL_ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 # One OpenMP thread per rank when several share a node and nothing says otherwise, as torchrun
 # (read at torch's import, so the standbys are started with it: not PER_RANK).
 OMP_NUM_THREADS = "OMP_NUM_THREADS"
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"  # set only with virtual_local_rank, as torchrun
 OMP_WARNING = ("\n*****************************************\n"
                "Setting OMP_NUM_THREADS environment variable for each process to be "
                "1 in default, to avoid your system being overloaded, "
@@ -81,8 +82,13 @@ def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run
              restart: int, max_restarts: int, checkpoint_dir: Path, keep_checkpoints: int,
              resume_from: Path | None, rdzv_id: str | None = None,
              channel: str | None = None, error_file: Path | None = None,
-             role: str = ROLE) -> dict[str, str]:
-    """``base`` with every variable above set for ``rank`` (and a stale RESUME_FROM removed)."""
+             role: str = ROLE, virtual_local_rank: bool = False) -> dict[str, str]:
+    """``base`` with every variable above set for ``rank`` (and a stale RESUME_FROM removed).
+
+    ``virtual_local_rank`` (torchrun's ``--virtual-local-rank``): LOCAL_RANK is 0 for every
+    rank, and CUDA_VISIBLE_DEVICES names the rank's own device alone: the local rank's entry of
+    ``base``'s list (checked by :func:`config.build`), else the local rank. Such a rank runs warm
+    only where it matches the standbys' (which took the first launch's rank 0's)."""
     env = dict(base)
     env.update({
         RANK: str(rank.rank), LOCAL_RANK: str(rank.local_rank), GROUP_RANK: str(rank.node_rank),
@@ -95,6 +101,11 @@ def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run
         RESTART_COUNT: str(restart), CHECKPOINT_DIR: str(checkpoint_dir.resolve()),
         KEEP_CHECKPOINTS: str(keep_checkpoints), UNBUFFERED: "1", SIGNALS_TO_HANDLE: STOP_SIGNALS,
     })
+    if virtual_local_rank:
+        visible = base.get(CUDA_VISIBLE_DEVICES)
+        env[LOCAL_RANK] = "0"
+        env[CUDA_VISIBLE_DEVICES] = (visible.split(",")[rank.local_rank].strip() if visible is not None
+                                     else str(rank.local_rank))
     env.setdefault(NCCL_ASYNC_ERROR_HANDLING, "1")
     if sets_omp_threads(base, rank.local_world_size):
         env[OMP_NUM_THREADS] = "1"

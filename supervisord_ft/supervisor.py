@@ -438,7 +438,8 @@ class Supervisor:
                                 resume_from=a.resume_from.path if a.resume_from else None,
                                 rdzv_id=self.cfg.rdzv_id if self.rendezvous.multi_node else None,
                                 channel=self.sockets.path(a.id, rank.rank) if self.sockets else None,
-                                error_file=self._error_file(a, rank.rank), role=self.cfg.role)
+                                error_file=self._error_file(a, rank.rank), role=self.cfg.role,
+                                virtual_local_rank=self.cfg.virtual_local_rank)
 
     # -- RUNNING --------------------------------------------------------------------------------
     async def _watch(self) -> None:

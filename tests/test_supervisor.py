@@ -215,7 +215,11 @@ NOT_TORCHRUNS = {
 }
 
 
-async def test_a_rank_gets_torchruns_environment_variable_for_variable(daemon, tmp_path, monkeypatch):
+@pytest.mark.parametrize("virtual", [False, True], ids=["", "virtual-local-rank"])
+async def test_a_rank_gets_torchruns_environment_variable_for_variable(daemon, tmp_path, monkeypatch, virtual):
+    flags = ["--virtual-local-rank"] if virtual else []
+    if virtual:  # each rank then sees its own entry alone, as LOCAL_RANK 0
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # both launchers then set it
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
     script = str(JOBS / "dump_env.py")
@@ -223,12 +227,12 @@ async def test_a_rank_gets_torchruns_environment_variable_for_variable(daemon, t
     theirs.mkdir(), ours.mkdir()
     torchrun = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
-        script, str(theirs), cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        *flags, script, str(theirs), cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     async with asyncio.timeout(60):
         _, err = await torchrun.communicate()
     assert torchrun.returncode == 0, err.decode()[-2000:]
-    d = await daemon("--num-workers", "2", "--max-restarts", "0", "--standby", "--store-host",
+    d = await daemon("--num-workers", "2", "--max-restarts", "0", "--standby", "--store-host", *flags,
                      command=[sys.executable, script, str(ours)])
     assert await d.finish() == 0
     assert [e["message"] for e in d.named("warning")] == [envvars.OMP_WARNING]
@@ -238,6 +242,8 @@ async def test_a_rank_gets_torchruns_environment_variable_for_variable(daemon, t
         assert a.keys() ^ b.keys() <= mine | NOT_TORCHRUNS.keys()
         assert {k: b[k] for k in a.keys() & b.keys() if a[k] != b[k]}.keys() <= NOT_TORCHRUNS.keys()
         assert b["OMP_NUM_THREADS"] == "1" and b["TORCHELASTIC_SIGNALS_TO_HANDLE"] == envvars.STOP_SIGNALS
+        if virtual:
+            assert (b["LOCAL_RANK"], b["CUDA_VISIBLE_DEVICES"]) == ("0", "3,5".split(",")[rank])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT])

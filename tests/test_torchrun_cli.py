@@ -33,7 +33,7 @@ SAME_WORDS = [
      "--rdzv-id", "job", SCRIPT],
     ["--rdzv_backend=static", "--master-addr", "127.0.0.1", "--master-port", "29511", SCRIPT],
     ["--nproc-per-node", "cpu", SCRIPT],
-    ["--shutdown-timeout", "7", "--role", "trainer", SCRIPT],
+    ["--shutdown-timeout", "7", "--role", "trainer", "--virtual-local-rank", SCRIPT],
     ["--monitor-interval", "1", "--start-method", "fork", "--event-log-handler", "null",
      "--duplicate-stdout-filters", "a,b", "--signals-to-handle", "SIGTERM,SIGUSR1", "--node-rank", "0",
      SCRIPT],
@@ -56,6 +56,7 @@ def test_a_torchrun_command_line_means_what_it_means_to_torchrun(argv, monkeypat
     assert ours.max_restarts == theirs.max_restarts
     assert ours.grace_period == theirs.shutdown_timeout
     assert ours.role == theirs.role
+    assert ours.virtual_local_rank == theirs.virtual_local_rank
     if "--master-port" in argv:
         assert (ours.master_addr, ours.master_port) == ("127.0.0.1", 29511)
 
