@@ -150,8 +150,13 @@ class EventsFile(WriterThread):
         return news
 
     def drain(self, timeout: float = EXIT_DRAIN_TIMEOUT) -> int:
-        """Wait up to ``timeout`` for what is queued to be written; the lines still unwritten."""
+        """Wait up to ``timeout`` for what is queued to be written; the lines still unwritten.
+        Lines lost for want of room with no line after them are said at the end by their gap."""
         with self._cond:
+            if self._full is not None:
+                self._queue.append((self._full, self._full.last))
+                self._full = None
+                self._cond.notify()
             self._cond.wait_for(lambda: not self._queue and not self._writing, timeout)
             return len(self._queue) + self._writing
 

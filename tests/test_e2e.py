@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from harness import ROOT, Daemon, pid_alive
+from harness import ROOT, Daemon, pid_alive, pool_ready
 from supervisord_ft import checkpoints
 
 pytestmark = pytest.mark.e2e
@@ -58,8 +58,11 @@ async def test_a_crash_costs_no_step_the_survivor_saves_just_in_time_and_weights
 async def test_with_jit_checkpoint_timeout_0_a_crash_resumes_from_the_periodic_checkpoint(daemon, reference_sha):
     d = await daemon(*COMMON, *SIZES, "--crash-at-step", "23", "--crash-rank", "1", "--jit-checkpoint-timeout", "0")
     assert await d.finish(timeout=120) == 0
-    assert d.named("checkpoint_selected")[-1]["step"] == 20
-    assert steps_seen(d, 1)[0] == 21  # 3 steps redone
+    # The newest periodic one: 20, or 15 when the background save of 20 had not finished by the
+    # teardown (a loaded machine: rank 0's writer behind), never the crash's step 23.
+    resumed = d.named("checkpoint_selected")[-1]["step"]
+    assert resumed in (15, 20)
+    assert steps_seen(d, 1)[0] == resumed + 1  # the steps since redone
     assert final_sha(d) == reference_sha
 
 
@@ -187,13 +190,16 @@ async def test_the_example_script_recovers_warm_through_the_standby_pool_and_the
     attempt has its own store, and the resume starts at the survivor's just-in-time checkpoint."""
     d = await daemon(*COMMON, "--standby", "--store-host",
                      command=[sys.executable, str(ROOT / "examples" / "minimal_train.py"), "--steps", "10000000"])
-    await d.wait_for(lambda e: e["event"] == "standby_state" and len(d.named("standby_state", to="idle")) == 2,
-                     timeout=120)
-    standbys = {e["standby_pid"] for e in d.named("standby_state", to="idle")}
+    # Training, with a pool that holds what the ranks imported (it starts with the launch, and is
+    # replaced by one with the learnt modules once the group settled).
+    await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == 0, timeout=120)
+    learnt = await d.wait_for(lambda e: e["event"] == "preload_learnt", timeout=120)
+    await pool_ready(d, learnt=learnt["total"], timeout=120)
     os.kill(d.named("worker_started", rank=1)[0]["pid"], signal.SIGKILL)
     await d.wait_for(lambda e: e["event"] == "recovered")
     await d.wait_for(lambda e: e.get("worker_event") == "step" and e["rank"] == 0 and e["restart"] == 1)
-    assert {e["pid"] for e in d.named("worker_started", attempt=1)} == standbys
+    handed = {e["standby_pid"] for e in d.named("standby_state", to="handed_out")}
+    assert {e["pid"] for e in d.named("worker_started", attempt=1)} == handed and len(handed) == 2
     assert [e["attempt"] for e in d.named("store_ready")] == [0, 1]
     assert len({e["port"] for e in d.named("store_ready")}) == 2
     assert d.named("checkpoint_selected")[-1]["step"] == max(steps_seen(d, 0))

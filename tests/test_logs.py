@@ -24,3 +24,17 @@ def test_subscribers_see_every_event_as_written_and_a_raising_view_is_dropped(tm
     assert seen == written
     assert [e["event"] for e in seen] == ["first", "second"] and seen[0]["rank"] == 1
     assert capsys.readouterr().err.count("dropped after it raised") == 1
+
+
+def test_lines_lost_for_want_of_room_with_no_line_after_them_are_said_at_the_end(tmp_path):
+    """A flood's last lines, lost to a full buffer with nothing logged after them, are still
+    counted in the file: by a log_gap at its end (was: never said)."""
+    events = EventsFile(tmp_path / "events.jsonl", max_bytes=10_000)
+    for i in range(20_000):
+        events.append(json.dumps({"event": "x", "i": i}) + "\n", f"t{i}")
+    assert events.drain() == 0
+    events.close()
+    lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    gaps = [e for e in lines if e["event"] == "log_gap"]
+    assert len(lines) - len(gaps) + sum(g["lines"] for g in gaps) == 20_000
+    assert lines[-1]["event"] == "log_gap" and lines[-1]["last_lost"] == "t19999"

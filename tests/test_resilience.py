@@ -196,8 +196,10 @@ async def test_flooding_workers_are_never_blocked_and_the_daemon_stays_responsiv
     assert missed <= sum(e["lines"] for e in matching(logged, "stdout_dropped"))
     status = matching(logged, "status")
     assert len(status) >= 10  # the daemon's own events kept flowing during the flood
-    # 41 MB measured alone; peaks near 300 MB were seen inside a loaded full-suite run
-    assert max(e["daemon_max_rss_kb"] for e in status) < 512 * 1024
+    # Bounded, not small: 41 MB measured alone; inside a loaded full-suite run peaks near 300 MB
+    # were seen, and once 535 MB (the 16 MiB bounds of the backlog, the file's and stdout's
+    # queues, each held as Python objects, while the writers lag). A leak grows past any of these.
+    assert max(e["daemon_max_rss_kb"] for e in status) < 1024 * 1024
 
 
 def seconds(event: dict) -> float:

@@ -147,10 +147,16 @@ async def test_floods_long_lines_and_binary_output_do_not_break_the_daemon(daemo
                               "--binary", "--steps", "0"])
     assert await d.finish(timeout=120) == 0
     logged = read_events(d.events_file)  # stdout may drop what this test reads too slowly
+    # Every flood line is logged, or counted: dropped from the backlog (by rank), or lost to the
+    # file's full buffer on a loaded machine (log_gap, all ranks' lines together).
+    missing = 0
     for rank in (0, 1):
         out = matching(logged, "worker_output", rank=rank)
         dropped = sum(e["lines"] for e in matching(logged, "worker_output_dropped", rank=rank))
-        assert sum(1 for e in out if e.get("line", "").startswith("flood line")) + dropped == flood
+        missing += flood - sum(1 for e in out if e.get("line", "").startswith("flood line")) - dropped
+    assert 0 <= missing <= sum(e["lines"] for e in matching(logged, "log_gap"))
+    for rank in (0, 1):
+        out = matching(logged, "worker_output", rank=rank)
         cut = [e for e in out if e.get("truncated")]
         assert len(cut) == 1 and cut[0]["line"] == "x" * 4096
         assert any(e.get("line") == "after long line" for e in out)
