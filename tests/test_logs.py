@@ -32,9 +32,11 @@ def test_lines_lost_for_want_of_room_with_no_line_after_them_are_said_at_the_end
     events = EventsFile(tmp_path / "events.jsonl", max_bytes=10_000)
     for i in range(20_000):
         events.append(json.dumps({"event": "x", "i": i}) + "\n", f"t{i}")
+    # The last: larger than the whole buffer, so lost however fast the writer is.
+    events.append(json.dumps({"event": "x", "pad": "p" * 20_000}) + "\n", "last")
     assert events.drain() == 0
     events.close()
     lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     gaps = [e for e in lines if e["event"] == "log_gap"]
-    assert len(lines) - len(gaps) + sum(g["lines"] for g in gaps) == 20_000
-    assert lines[-1]["event"] == "log_gap" and lines[-1]["last_lost"] == "t19999"
+    assert len(lines) - len(gaps) + sum(g["lines"] for g in gaps) == 20_001
+    assert lines[-1]["event"] == "log_gap" and lines[-1]["last_lost"] == "last"
