@@ -161,6 +161,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("preload", Names, "modules a standby imports before it is handed a rank (a TOML list, "
            "or `torch,numpy` on the command line); set to anything but its default, it is all "
            "a standby imports"),
+    Option("standby_early", bool, "where a standby can leave SCHED_IDLE again (CAP_SYS_NICE), "
+           "start the pool with the first launch and right after every hand-out at SCHED_IDLE, so "
+           "an early crash is warm too (off: the pool fills once the launched group settles; on, "
+           "a multi-node test's partition was detected 4 s late, not yet understood)"),
     Option("learn_preload", bool, "with `preload` at its default, a standby also imports what "
            "the job's ranks imported from the standard library and installed packages (never the "
            "job's own code), learnt through their channels, so a Lightning or HF job is warm "
@@ -257,6 +261,7 @@ class Config:
     local_ranks_filter: str | None = None
     # torch._dynamo too: building any torch.optim optimizer imports it, about 1 s on its own.
     preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim", "torch._dynamo")
+    standby_early: bool = False
     learn_preload: bool = True
     standby_memory: int = 2048
     role: str = "default"

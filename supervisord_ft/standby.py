@@ -125,7 +125,7 @@ class StandbyLauncher:
     """A pool of ``size`` standbys in front of a :class:`SubprocessLauncher`."""
 
     def __init__(self, size: int, preload: Sequence[str], log: Any, ready_timeout: float,
-                 learn: bool = False, memory_mib: int = 0) -> None:
+                 learn: bool = False, memory_mib: int = 0, early: bool = False) -> None:
         self.size = size
         self.preload = tuple(preload)
         self.learnt: list[str] = []  # modules the ranks imported beyond ``preload``, in order
@@ -133,8 +133,8 @@ class StandbyLauncher:
         self.learning: str | None = None if learn else "off"  # why nothing more is learnt
         self.memory_mib = memory_mib  # what a standby with the learnt modules may hold
         self._channels: dict[int, str] = {}  # the launched ranks' channel sockets, by pid
-        # Standbys start at SCHED_IDLE, at once, when they can leave it when handed out.
-        self.idle_priority = procfs.can_leave_idle_priority()
+        # Standbys start at SCHED_IDLE, at once (``early``), when they can leave it when handed out.
+        self.idle_priority = early and procfs.can_leave_idle_priority()
         # A standby is a rank's start-up done ahead: one not ready within the ranks' own
         # ``startup_timeout`` (a preload whose import never returns) is killed.
         self.ready_timeout = ready_timeout

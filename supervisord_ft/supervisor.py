@@ -68,7 +68,7 @@ class Supervisor:
         self.run_id = run_id or runlog.new_run_id()
         learn = cfg.learn_preload and cfg.preload == Config.preload
         self.launcher = launcher or (StandbyLauncher(cfg.num_workers, cfg.preload, log, cfg.startup_timeout,
-                                                     learn, cfg.standby_memory)
+                                                     learn, cfg.standby_memory, cfg.standby_early)
                                      if cfg.standby else SubprocessLauncher())
         self.rendezvous = rendezvous or LocalRendezvous(cfg.master_addr, cfg.master_port)
         # torchrun's per-rank files, in a job folder named after the workers' TORCHELASTIC_RUN_ID.

@@ -138,7 +138,8 @@ NO_SYS_NICE = ["setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nic
 async def test_where_idle_priority_cannot_be_left_the_pool_fills_once_the_ranks_stop_using_the_cpu(
         daemon, tmp_path):
     (tmp_path / "busy.py").write_text(BUSY_THEN_WAIT)
-    d, go = await start_gated(daemon, tmp_path, [sys.executable, "busy.py"], wrap=NO_SYS_NICE)
+    d, go = await start_gated(daemon, tmp_path, [sys.executable, "busy.py"], "--standby-early",
+                              wrap=NO_SYS_NICE)
     await pool_ready(d)
     os.write(go, b"gg")
     assert await d.finish() == 0
@@ -163,7 +164,7 @@ print("scheduled", sorted({(os.sched_getscheduler(int(t)), os.getpriority(os.PRI
 async def test_standbys_start_with_the_launch_at_idle_priority_and_a_warm_rank_is_scheduled_as_a_cold_one(
         daemon, tmp_path):
     (tmp_path / "sched.py").write_text(SCHEDULING)
-    d, go = await start_gated(daemon, tmp_path, [sys.executable, "sched.py"])
+    d, go = await start_gated(daemon, tmp_path, [sys.executable, "sched.py"], "--standby-early")
     standbys = await pool_ready(d)
     assert {os.sched_getscheduler(pid) for pid in standbys} == {os.SCHED_IDLE}
     launched = datetime.fromisoformat(d.named("launching")[0]["timestamp"])
