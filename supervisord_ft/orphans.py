@@ -82,10 +82,27 @@ HELPERS: set[int] = set()
 
 
 def _orphans(procs: Iterable[procfs.Stat], keep: Collection[int]) -> dict[int, procfs.Stat]:
-    """Children of ours that a worker left: in another session, not a live worker nor a helper."""
+    """Children of ours that a worker left: in another session, not a live worker nor a helper
+    (one just started is not in HELPERS yet: its command line says what it is)."""
     me, session = os.getpid(), os.getsid(0)
     return {p.pid: p for p in procs if p.ppid == me and p.sid != session and p.pid not in keep
-            and p.pid not in HELPERS}
+            and p.pid not in HELPERS and not _helper_starting(p.pid)}
+
+
+def _helper_starting(pid: int) -> bool:
+    """``python -m supervisord_ft_standby[.name]``, or a fork of ours not yet exec'd: a helper
+    the pool or the store host started and registers once its spawn returns (a sweep running
+    meanwhile killed it, and the pool was disabled: 'standby-fill failed')."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+        with open("/proc/self/cmdline", "rb") as fh:
+            ours = fh.read()
+    except OSError:
+        return False
+    argv = cmdline.split(b"\0")
+    return cmdline == ours or any(  # not yet exec'd (its command line is still ours), or it is
+        a == b"supervisord_ft_standby" or a.startswith(b"supervisord_ft_standby.") for a in argv[1:3])
 
 
 # -- at every teardown and at the end ----------------------------------------------------------
