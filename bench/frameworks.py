@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from .launch import TORCHRUN_TUNED, BenchError, Launch, Ours, Runner
-from .report import Result, Summary, Table, ratios
+from .report import Result, Table, row
 from .workloads import ForeignJob
 
 NAME = "frameworks"
@@ -60,8 +60,7 @@ async def run(quick: bool) -> Result:
         ours = [s.seconds for s in samples[job, "ours"]]
         for runner in runners:
             runs = samples[job, runner.name]
-            total = Summary.of([s.seconds for s in runs])
-            ratio = ratios(ours, [s.seconds for s in runs]) if runner.name != "ours" else None
+            total, ratio = row(ours, [s.seconds for s in runs], runner.name == "ours")
             table.add(job, runner.name, total.fmt(), ratio.fmt() if ratio else "",
                       f"{sum(s.warm for s in runs)} of {WORKERS * len(runs)}" if runner.name == "ours" else "")
             data[f"{job}/{runner.name}"] = {"recovery_s": total, "ratio_ours_over": ratio,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from .launch import (OURS_COLD, TORCHRUN_DEFAULT, TORCHRUN_TUNED, BenchError, Launch, Ours, Record, Runner,
                      watch_exit)
-from .report import Result, Summary, Table, ratios
+from .report import Result, Summary, Table, row
 from .workloads import TrainJob
 
 NAME = "recovery"
@@ -114,8 +114,7 @@ async def run(quick: bool) -> Result:
         ours = [s.seconds for s in samples[n, "ours"]]
         for runner in runners:
             runs = samples[n, runner.name]
-            total = Summary.of([s.seconds for s in runs])
-            ratio = ratios(ours, [s.seconds for s in runs]) if runner.name != "ours" else None
+            total, ratio = row(ours, [s.seconds for s in runs], runner.name == "ours")
             lost = sum(not s.recovered for s in runs)
             main.add(n, runner.name, total.fmt(), ratio.fmt() if ratio else "",
                      f"{sum(s.warm_ranks for s in runs)} of {n * len(runs)}", sum(s.failed_restarts for s in runs),

@@ -72,6 +72,11 @@ def ratios(ours: Sequence[float], theirs: Sequence[float]) -> Summary:
     return Summary.of([a / b for a, b in zip(ours, theirs) if b])
 
 
+def row(ours: Sequence[float], these: Sequence[float], is_ours: bool) -> tuple[Summary, Summary | None]:
+    """One launcher's cell: its samples summarised, and ours/its per pair (None for ours itself)."""
+    return Summary.of(these), None if is_ours else ratios(ours, these)
+
+
 @dataclass
 class Table:
     title: str
