@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .envvars import CHANNEL
+from .envvars import CHANNEL, FAST_EXIT
 from .errors import ConfigError
 
 BOOT_DIR = Path(__file__).resolve().parent.parent / "supervisord_ft_standby" / "boot"
@@ -77,9 +77,10 @@ class Sockets:
 
 
 def cold_env(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` for a cold start: the bootstrap first on ``PYTHONPATH``, the job's value saved."""
+    """``env`` for a cold start: the bootstrap (the channel, the fast exit) first on
+    ``PYTHONPATH``, the job's value saved; unchanged if it has neither to do."""
     out = dict(env)
-    if CHANNEL not in out:
+    if CHANNEL not in out and FAST_EXIT not in out:
         return out
     if "PYTHONPATH" in out:
         out[SAVED_PYTHONPATH] = out["PYTHONPATH"]

@@ -55,6 +55,7 @@ CHECKPOINT_DIR = "SUPERVISORD_FT_CHECKPOINT_DIR"
 RESUME_FROM = "SUPERVISORD_FT_RESUME_FROM"  # unset on a fresh start
 KEEP_CHECKPOINTS = "SUPERVISORD_FT_KEEP_CHECKPOINTS"
 CHANNEL = "SUPERVISORD_FT_CHANNEL"  # the rank's channel socket (supervisord_ft.channel); unset: none
+FAST_EXIT = "SUPERVISORD_FT_FAST_EXIT"  # "1": a failed rank skips the interpreter's teardown
 UNBUFFERED = "PYTHONUNBUFFERED"  # a Python worker's lines reach the daemon as they are printed
 # torch's: the ranks are clients of a store the launcher hosts (set to exactly "True"), as
 # torchrun's agent does; unset when rank 0 hosts it.
@@ -66,7 +67,8 @@ ALL = (RANK, LOCAL_RANK, GROUP_RANK, GROUP_WORLD_SIZE, ROLE_RANK, ROLE_NAME, ROL
        WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
        TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, TORCHELASTIC_RUN_ID,
        TORCHELASTIC_ERROR_FILE, SIGNALS_TO_HANDLE, NCCL_ASYNC_ERROR_HANDLING, OMP_NUM_THREADS, RUN_ID,
-       RESTART_COUNT, CHECKPOINT_DIR, RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED, USE_AGENT_STORE, CHANNEL)
+       RESTART_COUNT, CHECKPOINT_DIR, RESUME_FROM, KEEP_CHECKPOINTS, UNBUFFERED, USE_AGENT_STORE, CHANNEL,
+       FAST_EXIT)
 # The ones that differ between ranks or attempts (or runs). The rest, read at interpreter start
 # or torch's import, are the same for every rank of every attempt.
 PER_RANK = tuple(v for v in ALL if v not in (UNBUFFERED, SIGNALS_TO_HANDLE, NCCL_ASYNC_ERROR_HANDLING,
@@ -82,7 +84,8 @@ def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run
              restart: int, max_restarts: int, checkpoint_dir: Path, keep_checkpoints: int,
              resume_from: Path | None, rdzv_id: str | None = None,
              channel: str | None = None, error_file: Path | None = None,
-             role: str = ROLE, virtual_local_rank: bool = False) -> dict[str, str]:
+             role: str = ROLE, virtual_local_rank: bool = False,
+             fast_exit: bool = False) -> dict[str, str]:
     """``base`` with every variable above set for ``rank`` (and a stale RESUME_FROM removed).
 
     ``virtual_local_rank`` (torchrun's ``--virtual-local-rank``): LOCAL_RANK is 0 for every
@@ -115,7 +118,8 @@ def for_rank(base: Mapping[str, str], rank: RankInfo, endpoint: Endpoint, *, run
     env.pop(USE_AGENT_STORE, None)
     if endpoint.agent_store:
         env[USE_AGENT_STORE] = "True"
-    for name, value in ((CHANNEL, channel), (TORCHELASTIC_ERROR_FILE, error_file)):
+    for name, value in ((CHANNEL, channel), (TORCHELASTIC_ERROR_FILE, error_file),
+                        (FAST_EXIT, "1" if fast_exit else None)):
         env.pop(name, None)
         if value is not None:
             env[name] = str(value)

@@ -439,7 +439,8 @@ class Supervisor:
                                 rdzv_id=self.cfg.rdzv_id if self.rendezvous.multi_node else None,
                                 channel=self.sockets.path(a.id, rank.rank) if self.sockets else None,
                                 error_file=self._error_file(a, rank.rank), role=self.cfg.role,
-                                virtual_local_rank=self.cfg.virtual_local_rank)
+                                virtual_local_rank=self.cfg.virtual_local_rank,
+                                fast_exit=self.cfg.fast_failed_exit)
 
     # -- RUNNING --------------------------------------------------------------------------------
     async def _watch(self) -> None:

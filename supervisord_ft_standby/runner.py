@@ -16,7 +16,8 @@ left open, and then runs the script (``python script.py``, or its ``.pyc``), the
 ``__main__`` module of a directory or zip archive (``python app.pyz``: a zipapp or a pex, run as
 the interpreter does). ``SystemExit`` ends the process as it would a cold one; an uncaught
 exception prints through ``sys.excepthook`` with the standby's own frames removed and exits 1
-(``KeyboardInterrupt``: by SIGINT, after the ``atexit`` handlers).
+(``KeyboardInterrupt``: by SIGINT, after the ``atexit`` handlers); the exception's exit skips the
+interpreter's teardown, as a cold rank's does (:mod:`.fastexit`).
 
 What a script can still tell: the modules already in ``sys.modules``, ``/proc/self/cmdline``,
 the process start time, and any environment variable read at interpreter start or import time
@@ -41,7 +42,7 @@ from importlib.machinery import SourceFileLoader, SourcelessFileLoader
 from importlib.util import MAGIC_NUMBER
 from typing import Any
 
-from . import channel, lines, threads
+from . import channel, fastexit, lines, threads
 
 _OWN_FRAMES = {__file__, threads.__file__}
 # When this standby was handed its rank (wall clock): a start-up report's zero (supervisord_ft_worker/startup.py).
@@ -49,6 +50,7 @@ ACTIVATED_AT: float | None = None
 
 
 def main() -> None:
+    fastexit.arm()  # first: the job's own atexit handlers, registered later, run before it
     reply_fd, preload = int(sys.argv[1]), sys.argv[2:]
     orders = lines.Reader(0)
     failed = {}
@@ -158,6 +160,7 @@ def _uncaught(exc: BaseException) -> Any:
     tb = _without_own_frames(exc.__traceback__)
     sys.excepthook(type(exc), exc.with_traceback(tb), tb)
     if not isinstance(exc, KeyboardInterrupt):
+        fastexit.failed()
         raise SystemExit(1)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

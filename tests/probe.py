@@ -8,6 +8,7 @@ is a failure, only rank 1 fails and rank 0 waits to be terminated, so that each 
 same way whatever the scheduling.
 """
 
+import atexit
 import ctypes
 import json
 import os
@@ -38,6 +39,17 @@ print(json.dumps({
     "group_leader": os.getpgid(0) == os.getpid(), "deathsig": deathsig.value,
     "stdin": os.readlink("/proc/self/fd/0"), "stdout": os.readlink("/proc/self/fd/1")[:5],
 }), flush=True)
+
+
+class Teardown:
+    """Says so when the interpreter's teardown frees it (a failed rank's fast exit skips that)."""
+
+    def __del__(self, write=os.write) -> None:
+        write(2, b"teardown\n")
+
+
+teardown = Teardown()
+atexit.register(os.write, 2, b"atexit\n")  # stderr, the traceback's stream: one order
 end = os.environ["PROBE_END"].split()
 if end != ["exit", "0"] and os.environ["RANK"] == "0":
     signal.pause()  # until the teardown's SIGTERM
@@ -46,5 +58,5 @@ if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
         go.read(1)
 if end[0] == "raise":
     raise ValueError(f"rank {os.environ['RANK']} fails")
-print("exiting", flush=True)
+print("exiting", file=sys.stderr, flush=True)
 sys.exit(int(end[1]))

@@ -3,8 +3,8 @@
 The daemon starts a cold rank with this directory first on ``PYTHONPATH`` and the job's own
 value, if it has one, in ``SUPERVISORD_FT_PYTHONPATH``. Python's ``site`` imports this module at start-up; it
 puts ``sys.path`` and ``PYTHONPATH`` back as the job gave them (children see the job's value),
-runs the job's own ``sitecustomize`` if it has one, and installs the channel. Nothing else of
-the rank changes; ``python -I`` or ``-E`` skip it (no channel: the rank is judged by output).
+runs the job's own ``sitecustomize`` if it has one, installs the channel and arms the fast exit
+of a failed rank (:mod:`supervisord_ft_standby.fastexit`). Nothing else of the rank changes; ``python -I`` or ``-E`` skip it (no channel: the rank is judged by output).
 """
 
 import importlib
@@ -38,17 +38,24 @@ def _chain() -> None:
         sys.modules.setdefault(__name__, ours)
 
 
-def _channel() -> None:
-    path = os.environ.get("SUPERVISORD_FT_CHANNEL")
-    if not path:
-        return
+def _load(name: str):
+    """Our module ``name`` (a sibling of this directory), loaded by path: our package is not on
+    the job's ``sys.path``."""
     spec = importlib.util.spec_from_file_location(
-        "_supervisord_ft_channel", os.path.join(os.path.dirname(_HERE), "channel.py"))
+        f"_supervisord_ft_{name}", os.path.join(os.path.dirname(_HERE), f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.install(path)
+    return module
+
+
+def _channel() -> None:
+    path = os.environ.get("SUPERVISORD_FT_CHANNEL")
+    if path:
+        _load("channel").install(path)
 
 
 _restore()
+if os.environ.get("SUPERVISORD_FT_FAST_EXIT") == "1":
+    _load("fastexit").arm()  # before the job's own sitecustomize, whose handlers then run first
 _channel()
 _chain()
