@@ -83,7 +83,7 @@ async def look_cost(procs: int, rounds: int) -> dict[str, object]:
         for n in sorted({8, len(sockets)}):
             ranks = list(range(n))
             socks, ps = {r: sockets[r] for r in ranks}, {r: pids[r] for r in ranks}
-            looker = Looker(socks, ps)
+            looker = Looker(socks, ps, progress={})
             for kind in ("look", "collect"):
                 wall, cpu, bad = [], [], 0
                 for _ in range(rounds + 1):  # the first round is a warm-up, dropped

@@ -31,6 +31,9 @@ class Seen:
     how: str | None  # "collectives" or "io"
     gaps: tuple[float, ...] = ()  # intervals between collectives entered since the last look
     channel: str | None = None  # why the channel gave nothing (None: it answered)
+    # The I/O counter last read predates the rank's last progress, so its growth says nothing of
+    # the silence (an import's megabytes before the first step): read again, judge next look.
+    unsure: bool = False
 
 
 @dataclass
@@ -45,10 +48,12 @@ class Looker:
     """Looks at one attempt's ranks; remembers what each showed last."""
 
     def __init__(self, sockets: Mapping[int, str], pids: Mapping[int, int],
-                 clock: Callable[[], float] = time.monotonic,
+                 progress: Mapping[int, float], clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
+        """``progress``: each rank's last sign of progress seen otherwise (on ``clock``)."""
         self.sockets = sockets
         self.pids = pids
+        self.progress = progress
         self.clock = clock
         self.wall = wall
         now = clock()
@@ -63,7 +68,8 @@ class Looker:
         last = self._last[rank]
         now = self.clock()
         io = procfs.io_chars(self.pids[rank])
-        grew = io is not None and last.io is not None and io - last.io >= IO_PROGRESS_BYTES
+        unsure = self.progress.get(rank, float("-inf")) > last.looked
+        grew = not unsure and io is not None and last.io is not None and io - last.io >= IO_PROGRESS_BYTES
         last.io = io if io is not None else last.io
         trace, why = None, None
         path = self.sockets.get(rank)
@@ -77,7 +83,7 @@ class Looker:
             except ValueError as exc:
                 why = f"not a flight-recorder trace ({exc})"[:200]
         previous_look, last.looked = last.looked, now
-        seen = Seen(now if grew else None, "io" if grew else None, channel=why)
+        seen = Seen(now if grew else None, "io" if grew else None, channel=why, unsure=unsure)
         if trace is None:
             return seen
         moved = last.counter is not None and trace.counter != last.counter
@@ -85,11 +91,11 @@ class Looker:
         gaps = tuple(g for g, end in trace.gaps if last.newest_ns is None or end > last.newest_ns)
         last.counter, last.newest_ns = trace.counter, trace.newest_ns or last.newest_ns
         if not (moved or newer):
-            return Seen(seen.at, seen.how, gaps)
+            return Seen(seen.at, seen.how, gaps, unsure=unsure)
         # When the newest collective was entered, on this clock; a retirement since the last
         # look with no newer entry happened after that look at the earliest.
         at = now - max(0.0, self.wall() - trace.newest_ns / 1e9) if newer and trace.newest_ns else previous_look
         if moved:
             at = max(at, previous_look)
-        return Seen(max(at, seen.at or at), "collectives", gaps)
+        return Seen(max(at, seen.at or at), "collectives", gaps, unsure=unsure)
 

@@ -341,7 +341,7 @@ class Supervisor:
         """Let the watchdog look at the ranks' collectives and I/O, now that they have pids."""
         pids = {w.rank: w.pid for w in a.workers}
         sockets = {r: self.sockets.path(a.id, r) for r in pids} if self.sockets else {}
-        a.watchdog.look = Looker(sockets, pids).look
+        a.watchdog.look = Looker(sockets, pids, a.watchdog.last).look
         a.watchdog.on_collectives = lambda rank: self._collectives_moved(a, rank)
         a.watchdog.on_no_channel = lambda rank, why: self._no_channel(a, rank, why)
         a.watchdog.on_cadence = self._cadence_changed

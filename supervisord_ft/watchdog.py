@@ -4,7 +4,8 @@ A rank makes progress when it prints anything (a whole line or not: a progress b
 ``\\r``), reports a step, enters or retires a collective (its flight recorder, read through its
 channel), or reads or writes steadily (:mod:`progress`). Output and steps reach the clock as they
 happen; the rest is looked for when a rank has shown nothing for :data:`LOOK_EVERY` seconds, and
-once more, fresh, before a hang is declared. Until a rank's first sign of progress it is
+once more, fresh, before a hang is declared (twice, :data:`CONFIRM_LOOK` apart, when the first
+could not judge the rank's I/O: its last reading predates the rank's last progress). Until a rank's first sign of progress it is
 allowed ``startup_timeout`` from the launch (imports, rendezvous, a checkpoint load). The group
 hangs when every live rank is past its deadline: while one progresses (saves, prints), the
 others may wait for it in a collective.
@@ -36,6 +37,9 @@ HANG_MULTIPLE = 40.0  # twice the margin a slow phase of 20x the usual step need
 MIN_SAMPLES = 10  # intervals seen before the cadence is trusted
 WARMUP_STEPS = 5  # a rank's first step intervals of an attempt: compilation, caches, not rhythm
 LOOK_EVERY = 30.0  # a rank silent this long is looked at (its collectives, its I/O)
+# A look that could not judge a rank's I/O (its counter was read before the rank's last
+# progress) is followed by another this much later, before the rank can be declared hung.
+CONFIRM_LOOK = 1.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class Watchdog:
         self.started: set[int] = set()  # ranks that showed any sign of progress
         self.stepped: dict[int, tuple[int, float]] = {}  # rank: (steps seen, when the last was)
         self.moved: set[int] = set()  # ranks whose collectives were seen to move
+        self.hold: dict[int, float] = {}  # rank: no hang before this (a confirming look is due)
         self._woken = asyncio.Event()
         # Called once per rank, when its collectives are first seen to move (a step is the
         # caller's own news: it parsed the line).
@@ -152,6 +157,8 @@ class Watchdog:
 
     def _seen(self, rank: int, seen: Seen) -> None:
         self.looked[rank] = self.clock()
+        if seen.unsure:
+            self.hold[rank] = self.looked[rank] + CONFIRM_LOOK
         for gap in seen.gaps:
             self.cadence.observe(gap)
         if seen.gaps:
@@ -167,7 +174,7 @@ class Watchdog:
                 self._started(rank)
 
     def _deadline(self, rank: int) -> float:
-        deadline = self.last[rank] + self.timeout
+        deadline = max(self.last[rank] + self.timeout, self.hold.get(rank, 0.0))
         if rank not in self.started:
             deadline = max(deadline, self.launched + self.startup_timeout)
         return deadline
