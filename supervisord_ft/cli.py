@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, dirlock, orphans, report, status, torchrun
-from .config import (OPTIONS, Config, build, ensure_appendable, ensure_fd_budget, ensure_writable_dir,
+from . import __version__, dirlock, orphans, rdzvservice, report, status, torchrun
+from .config import (DEFAULT_RDZV_PORT, OPTIONS, Config, build, ensure_appendable, ensure_fd_budget, ensure_writable_dir,
                      read_toml)
 from .console import ConsoleView
 from .errors import EXIT_CODES, EXIT_SIGNAL_BASE, ConfigError, SupervisorError
@@ -58,6 +58,11 @@ def parser() -> argparse.ArgumentParser:
         view.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's run_dir")
         view.add_argument("--run", metavar="RUN_ID", help="this run (a run_id or a unique prefix) "
                                                           "instead of the latest in RUN_DIR")
+    store = sub.add_parser("rdzv-store", help="serve a multi-node job's rendezvous store apart from "
+                           "its training nodes", description=rdzvservice.__doc__.split("\n\n")[1]
+                           .replace("\n", " ").replace("``", "`"))
+    store.add_argument("endpoint", metavar="HOST[:PORT]", help="the address to listen on (this "
+                       f"machine's) and port (default {DEFAULT_RDZV_PORT}): every node's --rdzv-endpoint")
     sub.choices["status"].add_argument("--json", action="store_true", help="one JSON object")
     sub.choices["report"].add_argument(
         "--output", type=Path, metavar="HTML", help="where to write the report (default: "
@@ -224,6 +229,8 @@ def main(argv: Sequence[str] | None = None, torchrun_form: bool = False) -> int:
     try:
         if not torchrun_form and argv[:1] and argv[0] in {name for name, *_ in READERS}:
             return _read(parser().parse_args(argv))
+        if not torchrun_form and argv[:1] == ["rdzv-store"]:
+            return rdzvservice.main(parser().parse_args(argv).endpoint)
         cfg = load_config(argv, torchrun_form)
         with _runner() as runner:
             return runner.run(_run(cfg))

@@ -487,12 +487,19 @@ def _check_nodes(cfg: Config) -> Config:
     if cfg.rdzv_endpoint is None:
         raise ConfigError(f"rdzv_endpoint: required with nnodes {cfg.nnodes} (HOST:PORT of the "
                           "rendezvous store)")
-    host, sep, port = cfg.rdzv_endpoint.rpartition(":")
-    if not sep or cfg.rdzv_endpoint.endswith("]"):  # HOST, or an IPv6 [ADDR], with no port
-        return replace(cfg, rdzv_endpoint=f"{cfg.rdzv_endpoint}:{DEFAULT_RDZV_PORT}")
+    host, port = endpoint_parts(cfg.rdzv_endpoint)
+    return replace(cfg, rdzv_endpoint=f"{host}:{port}")
+
+
+def endpoint_parts(endpoint: str) -> tuple[str, int]:
+    """``HOST[:PORT]`` (an IPv6 address in brackets) as its host, as written, and its port
+    (:data:`DEFAULT_RDZV_PORT` if left out, as torchrun); ConfigError if it is neither."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or endpoint.endswith("]"):  # HOST, or an IPv6 [ADDR], with no port
+        return endpoint, DEFAULT_RDZV_PORT
     if not (host and port.isdigit() and 0 < int(port) < 65536):
-        raise ConfigError(f"rdzv_endpoint: expected HOST:PORT, got {cfg.rdzv_endpoint!r}")
-    return cfg
+        raise ConfigError(f"rdzv_endpoint: expected HOST:PORT, got {endpoint!r}")
+    return host, int(port)
 
 
 def _check_rank_logs(cfg: Config) -> None:

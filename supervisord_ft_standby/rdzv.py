@@ -151,7 +151,7 @@ class Member:
         refuses a connection. Torch's store client would retry its connect for ``read_timeout``
         (60 s) whatever the join's deadline, and then say only that it timed out; a mistyped
         host then failed the run as a helper that did not answer."""
-        if _is_local(self.host):
+        if _is_local(self.host) and self.conf.get("is_host") != "0":
             return  # this node hosts the store, or joins the one that another process here hosts
         wait = min(max(deadline - time.monotonic(), 0.1), PROBE_TIMEOUT)
         try:

@@ -262,7 +262,10 @@ class Cluster:
 
     def __init__(self, root: Path, nnodes: int, args: tuple[str, ...], *, nnodes_spec: str | None = None,
                  per_node: list[list[str]] | None = None, rdzv_conf: str = "",
-                 command: list[str] | None = None, net: Any = None, loopback: str = "127.0.0.1") -> None:
+                 command: list[str] | None = None, net: Any = None, loopback: str = "127.0.0.1",
+                 endpoint: str | None = None) -> None:
+        """``endpoint``: a rendezvous store served apart (``supervisord-ft rdzv-store``), which no
+        node hosts; by default node 0 hosts it."""
         self.root = root
         self.args = args
         self.spec = nnodes_spec or str(nnodes)
@@ -275,14 +278,15 @@ class Cluster:
         with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET) as s:
             s.bind((loopback, 0))  # a namespace's ports are all free; loopback's are shared
             host = f"[{self.addrs[0]}]" if ipv6 else self.addrs[0]
-            self.endpoint = f"{host}:{s.getsockname()[1]}"
+            self.endpoint = endpoint or f"{host}:{s.getsockname()[1]}"
+        self.apart = endpoint is not None
         self.nodes: list[Daemon] = []
         self.started: list[Daemon] = []  # every daemon ever started, for the cleanup
 
     def argv(self, n: int) -> list[str]:
         # On loopback every node's address is the endpoint's: say which one hosts. In namespaces
         # the daemons find out themselves (the endpoint's address is node 0's).
-        host = "" if self.net else f"is_host={int(n == 0)}"
+        host = "" if self.net else f"is_host={int(n == 0 and not self.apart)}"
         conf = ",".join(filter(None, [host, self.rdzv_conf]))
         return ["--nnodes", self.spec, "--nproc-per-node", "1", "--rdzv-endpoint", self.endpoint,
                 "--rdzv-id", "test-job", "--local-addr", self.addrs[n], "--rdzv-conf", conf,

@@ -23,15 +23,16 @@ from supervisord_ft.supervisor import STOP_SIGNALS
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "supervisord-ft.service"
+STORE_UNIT = DEPLOY / "supervisord-ft-rdzv-store.service"
 SBATCH = DEPLOY / "supervisord-ft.sbatch"
 JOB = DEPLOY / "supervisord-ft-job.yaml"
 GRACE = Config().grace_period
 KUBERNETES = "1.31.0"  # the oldest release where podFailurePolicy is GA
 
 
-def unit_settings() -> dict[str, str]:
+def unit_settings(unit: Path = UNIT) -> dict[str, str]:
     settings = {}
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         if "=" in line and not line.startswith(("#", "[")):
             key, value = line.split("=", 1)
             settings[key] = value
@@ -46,12 +47,13 @@ def assert_daemon_accepts(argv: list[str]) -> None:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze not installed (apt-get install systemd)")
-def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path):
+@pytest.mark.parametrize("shipped", [UNIT, STORE_UNIT], ids=lambda p: p.name)
+def test_the_systemd_units_pass_systemd_analyze_verify(tmp_path: Path, shipped: Path):
     # verify insists that ExecStart's program exists: point it at this checkout's entry point.
     exe = Path(sys.executable).with_name("supervisord-ft")
     assert exe.exists(), "install the package first (make venv)"
-    unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace("/opt/supervisord-ft/.venv/bin/supervisord-ft", str(exe)))
+    unit = tmp_path / shipped.name
+    unit.write_text(shipped.read_text().replace("/opt/supervisord-ft/.venv/bin/supervisord-ft", str(exe)))
     out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
@@ -65,6 +67,14 @@ def test_the_systemd_unit_is_notify_watched_and_never_restarts_what_cannot_succe
     assert set(s["RestartPreventExitStatus"].split()) == {str(EXIT_FAILED), str(EXIT_USAGE)}
     assert float(s["TimeoutStopSec"]) > GRACE
     assert_daemon_accepts(shlex.split(s["ExecStart"]))
+
+
+def test_the_store_unit_runs_the_store_command_and_restarts_it():
+    s = unit_settings(STORE_UNIT)
+    argv = shlex.split(s["ExecStart"])
+    assert Path(argv[0]).name == "supervisord-ft" and argv[1] == "rdzv-store"
+    assert parser().parse_args(argv[1:]).endpoint == "head.cluster:29400"
+    assert s["Restart"] == "on-failure" and s["KillSignal"] == "SIGTERM"
 
 
 def test_the_kubernetes_job_validates_against_the_kubernetes_schema():

@@ -9,9 +9,11 @@ Run by ``make test-multinode`` (marker ``multinode``; CI runs it), not by ``make
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
+import sys
 from datetime import datetime
 
 import pytest
@@ -191,30 +193,76 @@ async def test_a_store_that_refuses_is_waited_for_until_join_timeout_and_named(c
     assert f"cannot connect to {c.endpoint}" in reason and "refused" in reason, reason
 
 
-async def test_with_min_max_nodes_the_job_goes_on_without_a_lost_node(cluster):
-    from harness import FAKE_WORKER
-    # Both nodes are in the first round: after MIN nodes, the round waits last_call_timeout for more.
-    c = await cluster(2, "--restart-backoff", "0", "--grace-period", "2", nnodes_spec="1:2",
-                      rdzv_conf=FAST.replace("last_call_timeout=1", "last_call_timeout=5"),
-                      command=[*FAKE_WORKER, "--print-env", "--steps", "400", "--step-time", "0.05"])
-    lost, survivor = c.nodes[1], c.nodes[0]
+LOSE = ["--restart-backoff", "0", "--grace-period", "2"]
+# Both nodes are in the first round: after MIN nodes, the round waits last_call_timeout for more.
+LOSE_CONF = FAST.replace("last_call_timeout=1", "last_call_timeout=5")
+
+
+async def lose_a_node(c: Cluster, lost: int) -> tuple[Daemon, int]:
+    """Both nodes step in one round; node ``lost``'s daemon is SIGKILLed (its rank dies with it)
+    and the other's rank too, as a rank that lost its peer would (the fake worker has no
+    collective): the survivor and its killed rank's pid."""
+    survivor = c.nodes[1 - lost]
     for d in c.nodes:
         first = await d.wait_for(lambda e: e["event"] == "rendezvous_round")
         assert first["world_size"] == 2
-    await lost.wait_for(lambda e: e.get("worker_event") == "step")
-    await survivor.wait_for(lambda e: e.get("worker_event") == "step")
-    await lost.sigkill()
-    # Nothing of node 1 fails on node 0 (no collective in the fake worker): it stops that node
-    # by telling a restart itself, as a node whose ranks lost a peer would.
+        await d.wait_for(lambda e: e.get("worker_event") == "step")
+    await c.nodes[lost].sigkill()
     survivor_pid = survivor.worker_pids()[0]
     os.kill(survivor_pid, signal.SIGKILL)
+    return survivor, survivor_pid
+
+
+async def goes_on_alone(survivor: Daemon, survivor_pid: int) -> None:
     alone = await survivor.wait_for(lambda e: e["event"] == "rendezvous_round" and e["round"] >= 1, timeout=60)
     assert alone["nnodes"] == 1 and alone["world_size"] == 1
     env = await survivor.wait_for(lambda e: e.get("worker_event") == "env" and e["restart"] == 1)
     assert env["env"]["WORLD_SIZE"] == "1" and env["env"]["GROUP_WORLD_SIZE"] == "1"
     survivor.signal(signal.SIGTERM)
-    assert await c.finish(nodes=[0]) == [143]
+    assert await survivor.finish() == 143
     assert not pid_alive(survivor_pid)
+
+
+async def test_with_min_max_nodes_the_job_goes_on_without_a_lost_node(cluster):
+    from harness import FAKE_WORKER
+    c = await cluster(2, *LOSE, nnodes_spec="1:2", rdzv_conf=LOSE_CONF,
+                      command=[*FAKE_WORKER, "--print-env", "--steps", "400", "--step-time", "0.05"])
+    await goes_on_alone(*await lose_a_node(c, lost=1))
+
+
+async def test_the_node_that_hosts_the_store_lost_ends_the_others_at_join_timeout_never_a_hang(cluster):
+    from harness import FAKE_WORKER
+    c = await cluster(2, *LOSE, nnodes_spec="1:2", rdzv_conf=f"{LOSE_CONF},join_timeout=4",
+                      command=[*FAKE_WORKER, "--steps", "400", "--step-time", "0.05"])
+    survivor, _ = await lose_a_node(c, lost=0)  # node 0 hosts the rendezvous store
+    assert await survivor.finish(timeout=30) == 1
+    reason = survivor.named("state_changed", to="FAILED")[0]["reason"]
+    assert f"rendezvous store {c.endpoint} unreachable for join_timeout 4 s" in reason, reason
+
+
+async def test_with_the_store_served_apart_the_job_goes_on_without_any_node(cluster):
+    """``supervisord-ft rdzv-store`` on its own (a head node's): no node hosts the store, so the
+    node that would have (the endpoint's address is every node's here) may be lost too."""
+    from harness import FAKE_WORKER
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{free.getsockname()[1]}"
+    store = await asyncio.create_subprocess_exec(sys.executable, "-m", "supervisord_ft", "rdzv-store", endpoint,
+                                                 stdout=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(60):
+            assert json.loads(await store.stdout.readline())["event"] == "rdzv_store_listening"
+        c = await cluster(2, *LOSE, nnodes_spec="1:2", rdzv_conf=LOSE_CONF, endpoint=endpoint,
+                          command=[*FAKE_WORKER, "--print-env", "--steps", "400", "--step-time", "0.05"])
+        await goes_on_alone(*await lose_a_node(c, lost=0))
+        store.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert json.loads(await store.stdout.readline()) == {"event": "rdzv_store_stopped", "signal": "SIGTERM"}
+            assert await store.wait() == 0
+    finally:
+        if store.returncode is None:
+            store.kill()
+            await store.wait()
 
 
 def at(event: dict) -> float:
