@@ -1,11 +1,12 @@
-"""15. Jobs we did not write, with no configuration: a Lightning job, and a plain DDP script that
-crashes 1 s into training.
+"""15. Jobs we did not write, with no configuration: a Lightning job, an HF accelerate job (a tiny
+GPT-2), and a plain DDP script that crashes 1 s into training.
 
 Both print only what the bench reads (``bench/jobs/``: a ``tick`` per step with the worker's wall
 clock, the injected crash's time), nothing of the daemon's conventions. Recovery = the first tick
 after the relaunch − the crash. Ours runs with its defaults: the standbys learn what the job
-imports (Lightning, 2690 modules) and, with ``--standby-early`` (off by default), where the
-daemon may lower and restore a standby's priority, start with the first launch at SCHED_IDLE. The Lightning job crashes 12 s into
+imports (Lightning, 2690 modules) and, where the daemon may lower and restore a standby's
+priority, start with the first launch at SCHED_IDLE; a rank that raised leaves once its
+``atexit`` handlers have run (``fast_failed_exit``). The Lightning and accelerate jobs crash 12 s into
 training (its pool, learnt, is ready by then); the DDP script 1 s in, while ours' pool may
 still be importing torch beside the starting ranks.
 """
@@ -21,6 +22,7 @@ from .workloads import ForeignJob
 
 NAME = "frameworks"
 JOBS = {"Lightning, crash 12 s in": ForeignJob("lightning_ticks.py", ("--crash-at", "400", "--step-time", "0.03")),
+        "HF accelerate, crash 12 s in": ForeignJob("accelerate_ticks.py", ("--crash-at", "300", "--step-time", "0.03")),
         "plain DDP, crash 1 s in": ForeignJob("ddp_ticks.py", ("--crash-at", "50", "--step-time", "0.02"))}
 WORKERS = 2
 TIMEOUT = 120.0
@@ -46,7 +48,7 @@ async def measure(runner: Runner, job: ForeignJob) -> Sample:
 
 
 async def run(quick: bool) -> Result:
-    runners: tuple[Runner, ...] = (Ours(options=("--standby-early",)), TORCHRUN_TUNED)
+    runners: tuple[Runner, ...] = (Ours(), TORCHRUN_TUNED)
     pairs = 1 if quick else 3
     samples = {(job, r.name): [] for job in JOBS for r in runners}
     for _ in range(pairs):
@@ -66,6 +68,6 @@ async def run(quick: bool) -> Result:
             data[f"{job}/{runner.name}"] = {"recovery_s": total, "ratio_ours_over": ratio,
                                             "samples": [s.seconds for s in runs],
                                             "warm_ranks": [s.warm for s in runs]}
-    table.notes.append(f"{WORKERS} ranks; {pairs} pairs per job; ours: its defaults and --standby-early, no preload set; torchrun "
+    table.notes.append(f"{WORKERS} ranks; {pairs} pairs per job; ours: its defaults, no preload set; torchrun "
                        "tuned: --monitor-interval 0.001 and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.")
     return Result(NAME, [table], data)

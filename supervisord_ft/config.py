@@ -163,8 +163,8 @@ OPTIONS: tuple[Option, ...] = (
            "a standby imports"),
     Option("standby_early", bool, "where a standby can leave SCHED_IDLE again (CAP_SYS_NICE), "
            "start the pool with the first launch and right after every hand-out at SCHED_IDLE, so "
-           "an early crash is warm too (off: the pool fills once the launched group settles; on, "
-           "a multi-node test's partition was detected 4 s late, not yet understood)"),
+           "an early crash is warm too (off, or where it cannot: the pool fills once the launched "
+           "group settles)"),
     Option("learn_preload", bool, "with `preload` at its default, a standby also imports what "
            "the job's ranks imported from the standard library and installed packages (never the "
            "job's own code), learnt through their channels, so a Lightning or HF job is warm "
@@ -265,7 +265,7 @@ class Config:
     local_ranks_filter: str | None = None
     # torch._dynamo too: building any torch.optim optimizer imports it, about 1 s on its own.
     preload: tuple[str, ...] = ("torch", "torch.distributed", "torch.optim", "torch._dynamo")
-    standby_early: bool = False
+    standby_early: bool = True
     learn_preload: bool = True
     standby_memory: int = 2048
     fast_failed_exit: bool = True
