@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import math
 import os
 import random
 import re
@@ -63,7 +64,10 @@ async def all_running(run: Launch, attempt: int, workers: int) -> dict[int, Reco
             seen[r.fields["rank"]] = r
             if len(seen) == workers:
                 return seen
-    raise BenchError(f"{run.runner.name}: {len(seen)} of {workers} ranks of attempt {attempt} started\n"
+    spawned = len(run.named("worker_started", attempt=attempt))
+    dropped = sum(r.fields.get("lines", 0) for r in run.named("worker_output_dropped"))
+    raise BenchError(f"{run.runner.name}: {len(seen)} of {workers} ranks of attempt {attempt} printed their first "
+                     f"line within {START_TIMEOUT:g} s (ours: {spawned} spawned, {dropped} lines dropped)\n"
                      f"{run.stderr_tail()}")
 
 
@@ -123,7 +127,7 @@ async def output_cost(runner: Runner, workers: int) -> dict[str, float]:
     async with Launch(runner, job, workers) as run:
         await all_running(run, 0, workers)
         lines = lambda: sum(1 for r in run.records if r.event == "tick")  # noqa: E731
-        dropped = lambda: sum(r.fields.get("lines", 0) for r in run.records if r.event == "worker_output_dropped")  # noqa: E731
+        dropped = lambda: sum(r.fields.get("lines", 0) for r in run.named("worker_output_dropped"))  # noqa: E731
         await run.wait_for(lambda r: r.event == "tick", START_TIMEOUT, "output")
         cpu0, lines0, t0 = cpu_seconds(run.pid) or 0.0, lines(), time.time()
         async for _ in run.follow(until=t0 + WINDOW):
@@ -146,12 +150,14 @@ async def run(quick: bool) -> Result:
         for seed, runner in enumerate(RUNNERS):
             try:
                 rec = await recoveries(runner, size, seed)
-                out = await output_cost(runner, size.workers)
             except BenchError as exc:  # a launcher that cannot hold N ranks: say what it did not do
-                said = str(exc).splitlines()[0]
                 data[f"{runner.name} {size.workers}"] = {"failed": str(exc)}
-                table.add(size.workers, runner.name, f"failed: {said}", *[""] * 8)
+                table.add(size.workers, runner.name, f"failed: {str(exc).splitlines()[0]}", *[""] * 8)
                 continue
+            try:
+                out = await output_cost(runner, size.workers)
+            except BenchError as exc:
+                out = {"failed": str(exc), "cpu_us_per_line": math.nan, "lines_per_s": math.nan}
             kills = rec["kills"]
             s = {k: Summary.of([x[k] for x in kills], p99=k == "detection_s") for k in kills[0] if k != "phases"}  # type: ignore[index]
             data[f"{runner.name} {size.workers}"] = {**rec, **s, "output": out}
@@ -160,6 +166,7 @@ async def run(quick: bool) -> Result:
                       f"{s['detection_s'].fmt()} ({s['detection_s'].p99:.3f})", s["signalled_s"].fmt(),
                       s["teardown_s"].fmt(), s["running_again_s"].fmt(),
                       f"{rec['rss_mib']:.1f} ({rec['rss_kib_per_rank']:.1f})", rec["fds"],
+                      f"failed: {out['failed'].splitlines()[0]}" if "failed" in out else
                       f"{out['cpu_us_per_line']:.1f} ({out['lines_per_s']:.0f})")
     table.notes.append(f"{sizes[0].kills} kill(s) per size and launcher, each after the group ran again; "
                        f"output: {RATE:g} lines/s per rank, {WINDOW:g} s window. torchrun default "

@@ -119,19 +119,20 @@ def test_a_soft_open_files_limit_below_the_ranks_need_is_raised_to_the_hard_limi
     assert len(matching(events, "worker_exited", returncode=0)) == n
 
 
-async def test_a_hang_of_many_ranks_without_a_channel_reads_a_few_from_outside_at_a_time_within_the_bound(monkeypatch):
-    # 1,024 py-spy processes at once ran the daemon out of descriptors (EMFILE, unhandled).
+async def test_a_hang_of_many_ranks_without_a_channel_reads_a_few_from_outside_at_a_time_within_the_bound(
+        monkeypatch, tmp_path):
+    # 1,024 py-spy processes at once ran the daemon out of descriptors (EMFILE, unhandled). A
+    # py-spy of our own on PATH takes 0.5 s a rank: 2 at a time within 1.5 s read about 6 of 60.
+    fake = tmp_path / "py-spy"
+    fake.write_text("#!/bin/sh\nsleep 0.5\necho 'Thread 1 (active): MainThread'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(diagnosis, "PYSPY_AT_ONCE", 2)
     monkeypatch.setattr(diagnosis, "PYSPY_TIMEOUT", 1.5)
-    sleeper = await asyncio.create_subprocess_exec(sys.executable, "-c", "import sys; sys.stdin.readline()",
-                                                   stdin=subprocess.PIPE)
-    try:
-        t0 = time.monotonic()
-        reports = await diagnosis.collect({}, {r: sleeper.pid for r in range(60)}, outside=True)
-        seconds = time.monotonic() - t0
-    finally:
-        sleeper.kill()
-        await sleeper.wait()
+    t0 = time.monotonic()
+    reports = await diagnosis.collect({}, {r: os.getpid() for r in range(60)}, outside=True)
+    seconds = time.monotonic() - t0
     read = [r for r, rep in reports.items() if rep.stacks_from == "py-spy"]
     not_reached = [r for r, rep in reports.items() if any("not reached within 1.5 s" in p for p in rep.problems)]
-    assert seconds < 1.5 + 1.0 and read and not_reached and len(read) + len(not_reached) >= 58, reports
+    assert seconds < 1.5 + 1.0 and 1 <= len(read) <= 6, (seconds, read)
+    assert len(not_reached) >= 60 - 2 - len(read)  # (the 2 still running at the bound: no stack within it)
