@@ -31,6 +31,8 @@ def main() -> int:
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--flood-lines", type=int, default=0, help="print this many lines, then exit 0")
     p.add_argument("--flood-rate", type=float, default=10_000.0, help="lines per second")
+    p.add_argument("--flood-batch", type=int, default=BATCH,
+                   help="lines per write (1: a line per print, as a training log is written)")
     p.add_argument("--hold", type=float, default=600.0, help="seconds to live when nothing else ends it")
     args = p.parse_args()
 
@@ -49,7 +51,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_sigterm else on_sigterm)
     emit("step", step=1)
     if args.flood_lines:
-        flood(args.flood_lines, args.flood_rate)
+        flood(args.flood_lines, args.flood_rate, args.flood_batch)
         emit("flood_done", lines=args.flood_lines)
         return 0
     if rank == args.exit_rank:
@@ -60,16 +62,17 @@ def main() -> int:
     return 0
 
 
-def flood(lines: int, rate: float) -> None:
-    """Print ``lines`` short JSON lines at ``rate`` per second, each stamped with its write time."""
+def flood(lines: int, rate: float, batch: int = BATCH) -> None:
+    """Print ``lines`` short JSON lines at ``rate`` per second, ``batch`` per write, each stamped
+    with its write time."""
     start = time.time()
-    for first in range(0, lines, BATCH):
+    for first in range(0, lines, batch):
         due = start + first / rate
         if (ahead := due - time.time()) > 0:
             time.sleep(ahead)
         t = time.time()
         os.write(1, "".join(f'{{"event":"tick","i":{i},"t":{t:.6f}}}\n'
-                            for i in range(first, min(first + BATCH, lines))).encode())
+                            for i in range(first, min(first + batch, lines))).encode())
 
 
 if __name__ == "__main__":

@@ -63,7 +63,11 @@ class Recovery:
     marks: dict[str, float]  # when each of diagnosis, jit_wait and teardown ended
 
     def phases(self, started: float, now: float) -> dict[str, float]:
-        """Seconds per phase; ``started``: every rank of the new attempt started, ``now``: it progressed."""
+        """Seconds per phase; ``started``: every rank of the new attempt started, ``now``: it progressed.
+
+        With hundreds of ranks the first progresses before the last is started (``started`` is
+        still 0): the relaunch then ends at that progress, and the first progress took no time."""
+        started = started or now
         out, t = {"detection": self.detection}, self.since
         for name in PHASES[1:4]:
             end = self.marks.get(name, t)

@@ -32,6 +32,7 @@ MAX_ANSWER = 4 << 20  # a stack dump of thousands of threads fits; beyond it is 
 AF_UNIX_MAX = 107  # sun_path holds 108 bytes, the last a NUL
 # Beside a rank's socket, the list of modules it imported (supervisord_ft_standby.channel.MODULES).
 MODULES = ".modules"
+NO_SOCKET = "no socket (the rank has not imported torch.distributed, or is not a Python rank)"
 EXIT_ASK_TIMEOUT = 0.5  # the server answers a ping in milliseconds, even while Python spins
 
 
@@ -92,6 +93,8 @@ def cold_env(env: Mapping[str, str]) -> dict[str, str]:
 
 async def ask(path: str, handler: str, timeout: float) -> Answer:
     """POST ``/handler/<handler>`` to the rank serving ``path``: its answer's body, or ChannelError."""
+    if not os.path.exists(path):  # a stat, not a socket and a failed connect: 1,024 ranks are asked at once
+        raise ChannelError(NO_SOCKET)
     writer = None
     try:
         async with asyncio.timeout(timeout):
@@ -109,8 +112,7 @@ async def ask(path: str, handler: str, timeout: float) -> Answer:
                 raise ChannelError(f"answer cut short ({len(body)} of {length} bytes)")
             return Answer(body, truncated)
     except FileNotFoundError:
-        raise ChannelError("no socket (the rank has not imported torch.distributed, or is not "
-                           "a Python rank)") from None
+        raise ChannelError(NO_SOCKET) from None
     except TimeoutError:
         raise ChannelError(f"no answer within {timeout:g} s") from None
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:

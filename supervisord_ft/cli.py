@@ -176,7 +176,7 @@ def load_config(argv: Sequence[str], torchrun_form: bool = False) -> Config:
 async def _run(cfg: Config) -> int:
     ensure_writable_dir("checkpoint_dir", cfg.checkpoint_dir)
     ensure_writable_dir("run_dir", cfg.run_dir)
-    ensure_fd_budget(cfg.num_workers)
+    fd_limit = ensure_fd_budget(cfg.num_workers)
     # Multi-node: every node's daemon shares the checkpoint dir; each holds its own run_dir.
     locked = ("run_dir", cfg.run_dir) if cfg.multi_node else ("checkpoint_dir", cfg.checkpoint_dir)
     with dirlock.hold(*locked):
@@ -198,6 +198,10 @@ async def _run(cfg: Config) -> int:
             rendezvous = _rendezvous(cfg, logger, where)
             try:
                 service.announce(logger)
+                if fd_limit is not None:
+                    logger.info("open_files_limit_raised", before=fd_limit.before, after=fd_limit.after,
+                                needed=fd_limit.needed, num_workers=cfg.num_workers,
+                                reason="the soft RLIMIT_NOFILE was below what the ranks need: raised to the hard limit")
                 await leftovers.kill(logger)
                 return await Supervisor(cfg, logger, rendezvous=rendezvous, run_id=run_id).run()
             finally:

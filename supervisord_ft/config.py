@@ -21,13 +21,14 @@ from . import builtin_job, ranklogs, torchrun
 from .errors import ConfigError
 
 LOG_FORMATS = ("auto", "json", "console")
-# Local ranks one daemon supervises. Each holds a process and two pipe descriptors in the daemon,
-# so 4096 ranks need ~8,200 descriptors (raise `ulimit -n`) and 4096 pids, far above any one
+# Local ranks one daemon supervises. Each holds a process and up to four descriptors in the daemon
+# (FDS_PER_WORKER), so 4096 ranks need ~16,400 (raise `ulimit -n`) and 4096 pids, far above any one
 # node's accelerators or cores; beyond it a typo (1000000000) would be taken as a plan.
 MAX_WORKERS = 4096
-# Descriptors the daemon holds: a base (stdio, event loop, events file) and per rank its two pipes
-# and a spare for the spawn in progress.
-FDS_BASE, FDS_PER_WORKER = 64, 3
+# Descriptors the daemon holds: a base (stdio, event loop, events file, the spawn in progress)
+# and per rank its two pipes, and the two connections a diagnosis opens to every live rank's
+# channel at once (stacks and collectives), before any signal.
+FDS_BASE, FDS_PER_WORKER = 64, 4
 
 
 # torchrun's defaults and the settings its c10d rendezvous reads (`--rdzv-conf`).
@@ -556,17 +557,31 @@ def reference_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def ensure_fd_budget(num_workers: int) -> None:
-    """Raise the soft RLIMIT_NOFILE as far as ``num_workers`` needs (as daemons do), or refuse:
-    past it every launch would fail to spawn a rank."""
+@dataclass(frozen=True)
+class FdLimit:
+    """The soft RLIMIT_NOFILE as :func:`ensure_fd_budget` found and left it."""
+
+    before: int
+    after: int
+    needed: int
+
+
+def ensure_fd_budget(num_workers: int) -> FdLimit | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit when it is below what ``num_workers``
+    need (as daemons do; 1,024 under systemd and most shells, ~4,200 needed at 1,024 ranks), or
+    refuse: past it a launch fails to spawn a rank, or a diagnosis loses ranks to EMFILE. The
+    hard limit, not the estimate: the estimate does not see a job's own descriptors. The limit
+    raised, for the caller to say (None: left as it was)."""
     need = FDS_BASE + FDS_PER_WORKER * num_workers
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
-        return
+        return None
     if hard != resource.RLIM_INFINITY and hard < need:
         raise ConfigError(f"num_workers: {num_workers} ranks need about {need} open files, but "
                           f"RLIMIT_NOFILE allows {hard} (raise `ulimit -n` or LimitNOFILE)")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    target = need if hard == resource.RLIM_INFINITY else hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return FdLimit(soft, target, need)
 
 
 def ensure_appendable(key: str, path: Path) -> None:

@@ -20,12 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import blocking, flight
-from .channel import ChannelError, ask
+from .channel import NO_SOCKET, ChannelError, ask
 
 ASK_TIMEOUT = 0.5  # a rank's C++ server answers in milliseconds, even while Python spins
 PYSPY_TIMEOUT = 3.0  # py-spy attaches, reads and detaches in well under a second
+# py-spy processes at once. Each costs the CPU of a short attach and two descriptors: 1,024 at
+# once, for a hang of ranks without a channel, ran the daemon out of descriptors (an unhandled
+# EMFILE in the diagnosis). Ranks still waiting at PYSPY_TIMEOUT are said not reached.
+PYSPY_AT_ONCE = 16
 WRITE_TIMEOUT = 2.0  # the files are small; a stalled run dir must not hold the teardown
 LAST_COLLECTIVES = 8  # per rank file
+NO_CHANNEL = "no channel"
+# What a rank that serves no channel (not Python, no torch, or the channel off) leaves as problems.
+SERVES_NONE = frozenset({NO_CHANNEL, f"channel: {NO_SOCKET}"})
 
 
 @dataclass
@@ -43,6 +50,11 @@ class RankReport:
 
     def waiting(self) -> flight.Group | None:
         return self.trace.waiting_in() if self.trace is not None else None
+
+    @property
+    def empty(self) -> bool:
+        """Nothing was got from it because it serves no channel: its file would say only that."""
+        return self.stacks is None and self.trace is None and set(self.problems) <= SERVES_NONE
 
     def in_collective(self) -> bool:
         return self.waiting() is not None or (self.trace is None and flight.in_collective(self.frames))
@@ -67,15 +79,16 @@ async def collect(socket_of: Mapping[int, str], pids: Mapping[int, int],
     ``outside``: read with py-spy every rank that gave no stack (a hang); otherwise only a rank
     whose channel exists but did not answer, so that a crash of a job without channels (not
     Python, no torch) is not recovered later by the time py-spy takes."""
-    reports = await asyncio.gather(*(_one(r, socket_of.get(r), pid, outside)
+    pyspy = asyncio.Semaphore(PYSPY_AT_ONCE)
+    reports = await asyncio.gather(*(_one(r, socket_of.get(r), pid, outside, pyspy)
                                      for r, pid in pids.items()))
     return {r.rank: r for r in reports}
 
 
-async def _one(rank: int, path: str | None, pid: int, outside: bool) -> RankReport:
+async def _one(rank: int, path: str | None, pid: int, outside: bool, pyspy: asyncio.Semaphore) -> RankReport:
     report = RankReport(rank, pid)
     if path is None:
-        report.problems.append("no channel")
+        report.problems.append(NO_CHANNEL)
     else:
         stacks, trace = await asyncio.gather(ask(path, "dump_traceback", ASK_TIMEOUT),
                                              ask(path, "fr_trace_json", ASK_TIMEOUT),
@@ -96,27 +109,34 @@ async def _one(rank: int, path: str | None, pid: int, outside: bool) -> RankRepo
             except ValueError as exc:
                 report.problems.append(f"collectives: not a flight-recorder trace ({exc})"[:200])
     if report.stacks is None and (outside or (path is not None and os.path.exists(path))):
-        await _pyspy(report)
+        await _pyspy(report, pyspy)
     return report
 
 
-async def _pyspy(report: RankReport) -> None:
+async def _pyspy(report: RankReport, at_once: asyncio.Semaphore) -> None:
     # On PATH, or beside our interpreter: a venv's bin/ is not on PATH unless it was activated.
     exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if exe is None:
         report.problems.append("py-spy: not installed")
         return
-    proc = await asyncio.create_subprocess_exec(
-        exe, "dump", "--pid", str(report.pid), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    proc = None
     try:
         async with asyncio.timeout(PYSPY_TIMEOUT):
-            out, _ = await proc.communicate()
+            try:
+                async with at_once:
+                    proc = await asyncio.create_subprocess_exec(
+                        exe, "dump", "--pid", str(report.pid), stdin=asyncio.subprocess.DEVNULL,
+                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                    out, _ = await proc.communicate()
+            except OSError as exc:  # EMFILE, EAGAIN: this rank goes without, the others do not
+                report.problems.append(f"py-spy: not started: {exc}"[:200])
+                return
     except TimeoutError:
-        report.problems.append(f"py-spy: no stack within {PYSPY_TIMEOUT:g} s")
+        report.problems.append(f"py-spy: no stack within {PYSPY_TIMEOUT:g} s" if proc is not None else
+                               f"py-spy: not reached within {PYSPY_TIMEOUT:g} s ({PYSPY_AT_ONCE} ranks read at once)")
         return
     finally:
-        if proc.returncode is None:
+        if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()
     text = out.decode("utf-8", "replace")
@@ -187,11 +207,15 @@ def rank_file(rep: RankReport, attempt: int, why: str) -> str:
 
 
 async def write(directory: Path, diagnosis: Diagnosis, attempt: int, why: str) -> str | None:
-    """Write one file per rank under ``directory``; None if done, else what went wrong."""
+    """Write one file per rank that told or could have told something under ``directory``;
+    None if done, else what went wrong. A rank that serves no channel gets none (the event's
+    ``unanswered`` says so): at 1,024 such ranks the files cost a third of a second before the
+    teardown, for nothing."""
     def _write() -> None:
         directory.mkdir(parents=True, exist_ok=True)
         for rep in diagnosis.reports.values():
-            (directory / f"rank-{rep.rank}.txt").write_text(rank_file(rep, attempt, why))
+            if not rep.empty:
+                (directory / f"rank-{rep.rank}.txt").write_text(rank_file(rep, attempt, why))
     try:
         async with asyncio.timeout(WRITE_TIMEOUT):
             await blocking.in_thread(_write, "diagnosis-writer")

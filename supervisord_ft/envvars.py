@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .rendezvous import Endpoint, RankInfo
+if TYPE_CHECKING:  # annotations only: a torch-free worker that reads the names stays a bare interpreter
+    from .rendezvous import Endpoint, RankInfo
 
 # torchrun's names and meanings
 RANK = "RANK"

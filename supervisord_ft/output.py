@@ -80,6 +80,8 @@ RESERVED = frozenset({
     "world_size", "rank_offset", "votes",
     # per-rank log files: the attempt's folder; the logging call's key for an event kept off stdout
     "logs", OFF_STDOUT,
+    # the open files limit raised at start
+    "before", "after", "needed",
 })
 
 
