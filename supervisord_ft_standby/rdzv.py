@@ -59,6 +59,20 @@ PROBE_TIMEOUT = 2.0
 KNOCK_INTERVAL = 1.0  # torch's join looks at the rendezvous state as often
 
 
+# The bell of the member whose join runs on this thread (one per process in the helper; the
+# rendezvous load bench runs many members in one process, each joining on a thread of its own).
+_joining = threading.local()
+
+
+def _delay(seconds: float | tuple[float, float]) -> None:
+    """Torch's join pause, in place of its module's ``_delay``: the joining member's bell, if any."""
+    bell = getattr(_joining, "bell", None)
+    if bell is not None:
+        return bell.sleep(seconds)
+    from torch.distributed.elastic.rendezvous.utils import _delay as torch_delay
+    return torch_delay(seconds)
+
+
 class Bell:
     """Wakes a joining helper when the rendezvous state changes, instead of a second later.
 
@@ -67,8 +81,9 @@ class Bell:
     joined. Here every write of the state by a helper rings the bell (a counter and one key per
     ring in the store), and a helper's sleep ends at the next ring. A ring missed (one between the
     read of the counter and the wait) costs the second torch would have slept anyway. Torch has no
-    hook for either: its module's ``_delay``, the handler's backend and its one-second read cache
-    are replaced, in this helper process only.
+    hook for either: its module's ``_delay`` (in this process only; it sleeps on the bell of the
+    member joining on the calling thread), the handler's backend and its one-second read cache
+    are replaced.
     """
 
     def __init__(self, ringer: Any, sleeper: Any) -> None:
@@ -87,7 +102,7 @@ class Bell:
             return result
 
         backend.set_state = set_state
-        dynamic_rendezvous._delay = self.sleep
+        dynamic_rendezvous._delay = _delay
         # The holder serves reads from a cache for a second: a wake-up would read the old state.
         handler._state_holder._cache_duration = 0
 
@@ -127,16 +142,22 @@ class Member:
         self.nnodes = 0
         self.hosted: Hosted | None = None  # the round's workers' store, on group rank 0
         self.rdzv_host: Hosted | None = None  # the rendezvous store, where the endpoint is this node's
+        self.bell: Bell | None = None
         self._lock = threading.Lock()
 
     def emit(self, **fields: Any) -> None:
         with self._lock:  # the news threads write too
             lines.write(1, **fields)
 
+    def _connection(self) -> Any:
+        """A new connection to the rendezvous store (the rendezvous load bench counts its calls)."""
+        import torch.distributed as dist
+        return dist.TCPStore(self.host, self.port, is_master=False, timeout=self.read_timeout)
+
     def _client(self, prefix: str | None) -> Any:
         """A connection of our own to the rendezvous store; keys under ``prefix`` unless None."""
         import torch.distributed as dist
-        store = dist.TCPStore(self.host, self.port, is_master=False, timeout=self.read_timeout)
+        store = self._connection()
         return store if prefix is None else dist.PrefixStore(prefix, store)
 
     def _params(self, conf: dict[str, str]) -> Any:
@@ -174,14 +195,14 @@ class Member:
         (:class:`~supervisord_ft_standby.store.Hosted`, as the workers' stores): torch's own listens on every
         interface, so anyone who reached any address of the node could write the rendezvous.
         """
-        from torch.distributed.elastic.rendezvous import registry
         from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
         from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
         guesses = ["1", "0"] if _is_local(self.host) else ["0"]
         for is_host in [self.conf["is_host"]] if "is_host" in self.conf else guesses:
             self.params = self._params({**self.conf, "is_host": is_host})
-            if is_host == "0":
-                self.handler = registry.get_rendezvous_handler(self.params)
+            if is_host == "0":  # the client that torch's registry would make, through _connection
+                store = self._client(None)
+                self.handler = create_handler(store, C10dRendezvousBackend(store, self.params.run_id), self.params)
                 break
             if self.rdzv_host is None:  # after a reconnect: the store this helper hosts goes on
                 try:
@@ -199,7 +220,8 @@ class Member:
             break
         prefix = f"supervisord_ft/{self.params.run_id}"
         self.job = self._client(prefix)
-        Bell(self._client(prefix), self._client(prefix)).hang(self.handler)
+        self.bell = Bell(self._client(prefix), self._client(prefix))
+        self.bell.hang(self.handler)
 
     # -- join ---------------------------------------------------------------------------------
     def join(self, local_world_size: int) -> None:
@@ -213,6 +235,7 @@ class Member:
                 if self.handler is None:
                     self._reachable(deadline)
                     self._connect()
+                _joining.bell = self.bell
                 with self._knocking():
                     info = self.handler.next_rendezvous()
             except RendezvousClosedError:
