@@ -74,37 +74,44 @@ def _delay(seconds: float | tuple[float, float]) -> None:
 
 
 class Bell:
-    """Wakes a joining helper when the rendezvous state changes, instead of a second later.
+    """Wakes a joining helper when the rendezvous moves on, instead of a second later.
 
     While it waits for other nodes, torch's join reads the shared state, sleeps a second
     (``_delay(1)``) and reads it again, so a round completes up to a second after its last node
-    joined. Here every write of the state by a helper rings the bell (a counter and one key per
-    ring in the store), and a helper's sleep ends at the next ring. A ring missed (one between the
-    read of the counter and the wait) costs the second torch would have slept anyway. Torch has no
-    hook for either: its module's ``_delay`` (in this process only; it sleeps on the bell of the
-    member joining on the calling thread), the handler's backend and its one-second read cache
-    are replaced.
+    joined. Here a helper that writes the state into another phase (another round, the round
+    complete, the rendezvous closed) rings the bell (a counter and one key per ring in the store),
+    and a helper's sleep ends at the next ring. Only those writes: a waiting node acts on nothing
+    else before torch's second is up, and a ring on every write (each node's join, each heartbeat)
+    woke every waiting node to read the whole state, N times per round and N / 5 times a second
+    while a round ran (the rendezvous load bench, BENCHMARKS.md section 16). A ring missed (one
+    between the read of the counter and the wait) costs the second torch would have slept anyway.
+    Torch has no hook for either: its module's ``_delay`` (in this process only; it sleeps on the
+    bell of the member joining on the calling thread), the handler's state holder's ``sync`` and
+    its one-second read cache are replaced.
     """
 
     def __init__(self, ringer: Any, sleeper: Any) -> None:
         self.ringer, self.sleeper = ringer, sleeper  # one connection each: a wait blocks its own
         self._lock = threading.Lock()  # rings come from the join and from the heartbeat thread
+        self._phase: tuple[int, bool, bool] | None = None  # of the state this node last synced
 
     def hang(self, handler: Any) -> None:
         from torch.distributed.elastic.rendezvous import dynamic_rendezvous
-        backend = handler._state_holder._backend
-        write = backend.set_state
+        holder = handler._state_holder
+        sync = holder.sync
 
-        def set_state(*args: Any, **kwargs: Any) -> Any:
-            result = write(*args, **kwargs)
-            if result is not None and result[2]:  # (state, token, written)
+        def synced() -> bool | None:
+            written = sync()  # True: our changes to the state last synced are in the store
+            state = holder.state
+            phase, self._phase = self._phase, (state.round, state.complete, state.closed)
+            if written and phase != self._phase:
                 self.ring()
-            return result
+            return written
 
-        backend.set_state = set_state
+        holder.sync = synced
         dynamic_rendezvous._delay = _delay
         # The holder serves reads from a cache for a second: a wake-up would read the old state.
-        handler._state_holder._cache_duration = 0
+        holder._cache_duration = 0
 
     def ring(self) -> None:
         with self._lock:
