@@ -318,12 +318,17 @@ class Member:
             self.hosted = Hosted(self.config["local_addr"], self.config["master_port"])
             self.job.set(f"{key}master", json.dumps([self.config["local_addr"], self.hosted.port]))
             self.hosted.serve()
-        sizes = [json.loads(self.job.get(f"{key}node/{n}")) for n in range(self.nnodes)]
-        addr, port = json.loads(self.job.get(f"{key}master"))
+        *sizes, master = self._gather([f"{key}node/{n}" for n in range(self.nnodes)] + [f"{key}master"])
+        addr, port = master
         threading.Thread(target=self._watch, args=(self.round,), daemon=True).start()
         self.emit(event="round", round=self.round, group_rank=self.group_rank, nnodes=self.nnodes,
                   world_size=sum(sizes), rank_offset=sum(sizes[:self.group_rank]),
                   master_addr=addr, master_port=port, restarts=self.job.add(RESTARTS, 0))
+
+    def _gather(self, keys: list[str]) -> list[Any]:
+        """The values of ``keys`` once all are set (bounded: ``read_timeout``), in one request: a
+        ``get`` per node cost each node N calls and the store N² per round."""
+        return [json.loads(value) for value in self.job.multi_get(keys)]
 
     def _watch(self, round_: int) -> None:
         """Report the round's news the moment some node sets it; or that the store went away."""
@@ -346,7 +351,7 @@ class Member:
         key = f"{self.round}/step/"
         try:
             self.job.set(f"{key}{self.group_rank}", json.dumps({"step": step, "steps": steps}))
-            ballots = [json.loads(self.job.get(f"{key}{n}")) for n in range(self.nnodes)]
+            ballots = self._gather([f"{key}{n}" for n in range(self.nnodes)])
         except DistError as exc:  # a node of the round is gone before it voted
             self.emit(event="broken", round=self.round, reason=str(exc).splitlines()[0])
             return
