@@ -73,6 +73,17 @@ def _delay(seconds: float | tuple[float, float]) -> None:
     return torch_delay(seconds)
 
 
+def _method_name(depth: int = 2) -> str:
+    """What torch's ``get_method_name`` answers, the name of the function ``depth`` frames up,
+    read from the frame itself: torch calls ``inspect.stack()`` twice for it, which reads the
+    source lines of every frame on the stack, and it names an event so on every write of the
+    rendezvous state (each try of a contended compare-and-set): most of a joining helper's CPU."""
+    try:
+        return sys._getframe(depth).f_code.co_name
+    except ValueError:  # a shallower stack, as torch's check
+        return "no_method_name"
+
+
 class Bell:
     """Wakes a joining helper when the rendezvous moves on, instead of a second later.
 
@@ -202,8 +213,10 @@ class Member:
         (:class:`~supervisord_ft_standby.store.Hosted`, as the workers' stores): torch's own listens on every
         interface, so anyone who reached any address of the node could write the rendezvous.
         """
+        from torch.distributed.elastic.rendezvous import dynamic_rendezvous
         from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
         from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+        dynamic_rendezvous.get_method_name = _method_name
         guesses = ["1", "0"] if _is_local(self.host) else ["0"]
         for is_host in [self.conf["is_host"]] if "is_host" in self.conf else guesses:
             self.params = self._params({**self.conf, "is_host": is_host})
