@@ -9,7 +9,9 @@
   :class:`~supervisord_ft_standby.rdzv.Member` (our helper's rendezvous: torch's handler with the
   bell, the news thread, the knock, the round's keys); ``"torch"``: each node torch's own
   ``DynamicRendezvousHandler`` driven as torchrun's agent drives it (``next_rendezvous``, then
-  ``num_nodes_waiting`` every ``monitor_interval``; a node whose workers failed joins again).
+  ``num_nodes_waiting`` every ``monitor_interval``; a node whose workers failed joins again);
+  ``"torch-named"``: the same, its events named as our helper names them (``rdzv._method_name``),
+  so that torch's own pace shows apart from its CPU, which N threads spend on this machine's cores.
   Prints one JSON line: the times, the store's CPU per phase (from /proc), the calls made to the
   store per phase (every connection is wrapped in :class:`Counting`).
 """
@@ -191,6 +193,9 @@ def drive_torch(index: int, cfg: dict[str, Any], plan: Plan) -> None:
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+    if cfg["impl"] == "torch-named":
+        from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+        dynamic_rendezvous.get_method_name = rdzv._method_name
     m = cfg["member"]
     store = connect(cfg["port"], timedelta(seconds=60))  # torch's read_timeout
     params = RendezvousParameters(backend="c10d", endpoint=m["endpoint"], run_id=RUN_ID, min_nodes=m["min_nodes"],
@@ -294,7 +299,11 @@ def main() -> None:
     cfg = json.loads(sys.argv[2])
     if cfg["impl"] == "ours":
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # as our helper's main() does
-    result = simulate(cfg)
+    try:
+        result = simulate(cfg)
+    except SimError as exc:
+        print(f"{cfg['impl']} at {cfg['nodes']} nodes: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
     print(json.dumps(result), flush=True)
     os._exit(0)  # node threads still block in the store's waits
 
