@@ -39,7 +39,7 @@ from .report import Result, Summary, Table
 NAME = "rdzv_load"
 IMPLS = ("ours", "torch", "torch-named")
 MONITOR_INTERVAL = 0.1  # torchrun's default --monitor-interval
-JOIN_TIMEOUT = 300
+JOIN_TIMEOUT = 180  # seconds, for each phase: a side that takes longer at some N is a row saying so
 SHIM = Path(__file__).resolve().parent / "numeric_names.c"
 
 
