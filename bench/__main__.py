@@ -18,12 +18,12 @@ from types import ModuleType
 from supervisord_ft.orphans import become_subreaper
 
 from . import (channel, checkpoint_stall, detection, failures, frameworks, goodput, multinode, overhead, ranks,
-               recovery, scale, slow_consumer, standby_cost, status_log, steps_lost, teardown)
+               rdzv_load, recovery, scale, slow_consumer, standby_cost, status_log, steps_lost, teardown)
 from .report import machine, save
 
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (
     detection, recovery, steps_lost, goodput, teardown, overhead, scale, checkpoint_stall, slow_consumer,
-    standby_cost, multinode, channel, failures, status_log, frameworks, ranks)}
+    standby_cost, multinode, channel, failures, status_log, frameworks, rdzv_load, ranks)}
 
 
 async def main(names: list[str], quick: bool) -> int:

@@ -59,37 +59,70 @@ PROBE_TIMEOUT = 2.0
 KNOCK_INTERVAL = 1.0  # torch's join looks at the rendezvous state as often
 
 
+# The bell of the member whose join runs on this thread (one per process in the helper; the
+# rendezvous load bench runs many members in one process, each joining on a thread of its own).
+_joining = threading.local()
+
+
+def _delay(seconds: float | tuple[float, float]) -> None:
+    """Torch's join pause, in place of its module's ``_delay``: the joining member's bell, if any."""
+    bell = getattr(_joining, "bell", None)
+    if bell is not None:
+        return bell.sleep(seconds)
+    from torch.distributed.elastic.rendezvous.utils import _delay as torch_delay
+    return torch_delay(seconds)
+
+
+def _method_name(depth: int = 2) -> str:
+    """What torch's ``get_method_name`` answers, the name of the function ``depth`` frames up,
+    read from the frame itself: torch calls ``inspect.stack()`` twice for it, which reads the
+    source lines of every frame on the stack, and it names an event so on every write of the
+    rendezvous state (each try of a contended compare-and-set): most of a joining helper's CPU."""
+    try:
+        return sys._getframe(depth).f_code.co_name
+    except ValueError:  # a shallower stack, as torch's check
+        return "no_method_name"
+
+
 class Bell:
-    """Wakes a joining helper when the rendezvous state changes, instead of a second later.
+    """Wakes a joining helper when the rendezvous moves on, instead of a second later.
 
     While it waits for other nodes, torch's join reads the shared state, sleeps a second
     (``_delay(1)``) and reads it again, so a round completes up to a second after its last node
-    joined. Here every write of the state by a helper rings the bell (a counter and one key per
-    ring in the store), and a helper's sleep ends at the next ring. A ring missed (one between the
-    read of the counter and the wait) costs the second torch would have slept anyway. Torch has no
-    hook for either: its module's ``_delay``, the handler's backend and its one-second read cache
-    are replaced, in this helper process only.
+    joined. Here a helper that writes the state into another phase (another round, the round
+    complete, the rendezvous closed) rings the bell (a counter and one key per ring in the store),
+    and a helper's sleep ends at the next ring. Only those writes: a waiting node acts on nothing
+    else before torch's second is up, and a ring on every write (each node's join, each heartbeat)
+    woke every waiting node to read the whole state, N times per round and N / 5 times a second
+    while a round ran (the rendezvous load bench, BENCHMARKS.md section 16). A ring missed (one
+    between the read of the counter and the wait) costs the second torch would have slept anyway.
+    Torch has no hook for either: its module's ``_delay`` (in this process only; it sleeps on the
+    bell of the member joining on the calling thread), the handler's state holder's ``sync`` and
+    its one-second read cache are replaced.
     """
 
     def __init__(self, ringer: Any, sleeper: Any) -> None:
         self.ringer, self.sleeper = ringer, sleeper  # one connection each: a wait blocks its own
         self._lock = threading.Lock()  # rings come from the join and from the heartbeat thread
+        self._phase: tuple[int, bool, bool] | None = None  # of the state this node last synced
 
     def hang(self, handler: Any) -> None:
         from torch.distributed.elastic.rendezvous import dynamic_rendezvous
-        backend = handler._state_holder._backend
-        write = backend.set_state
+        holder = handler._state_holder
+        sync = holder.sync
 
-        def set_state(*args: Any, **kwargs: Any) -> Any:
-            result = write(*args, **kwargs)
-            if result is not None and result[2]:  # (state, token, written)
+        def synced() -> bool | None:
+            written = sync()  # True: our changes to the state last synced are in the store
+            state = holder.state
+            phase, self._phase = self._phase, (state.round, state.complete, state.closed)
+            if written and phase != self._phase:
                 self.ring()
-            return result
+            return written
 
-        backend.set_state = set_state
-        dynamic_rendezvous._delay = self.sleep
+        holder.sync = synced
+        dynamic_rendezvous._delay = _delay
         # The holder serves reads from a cache for a second: a wake-up would read the old state.
-        handler._state_holder._cache_duration = 0
+        holder._cache_duration = 0
 
     def ring(self) -> None:
         with self._lock:
@@ -127,16 +160,22 @@ class Member:
         self.nnodes = 0
         self.hosted: Hosted | None = None  # the round's workers' store, on group rank 0
         self.rdzv_host: Hosted | None = None  # the rendezvous store, where the endpoint is this node's
+        self.bell: Bell | None = None
         self._lock = threading.Lock()
 
     def emit(self, **fields: Any) -> None:
         with self._lock:  # the news threads write too
             lines.write(1, **fields)
 
+    def _connection(self) -> Any:
+        """A new connection to the rendezvous store (the rendezvous load bench counts its calls)."""
+        import torch.distributed as dist
+        return dist.TCPStore(self.host, self.port, is_master=False, timeout=self.read_timeout)
+
     def _client(self, prefix: str | None) -> Any:
         """A connection of our own to the rendezvous store; keys under ``prefix`` unless None."""
         import torch.distributed as dist
-        store = dist.TCPStore(self.host, self.port, is_master=False, timeout=self.read_timeout)
+        store = self._connection()
         return store if prefix is None else dist.PrefixStore(prefix, store)
 
     def _params(self, conf: dict[str, str]) -> Any:
@@ -174,14 +213,16 @@ class Member:
         (:class:`~supervisord_ft_standby.store.Hosted`, as the workers' stores): torch's own listens on every
         interface, so anyone who reached any address of the node could write the rendezvous.
         """
-        from torch.distributed.elastic.rendezvous import registry
+        from torch.distributed.elastic.rendezvous import dynamic_rendezvous
         from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
         from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+        dynamic_rendezvous.get_method_name = _method_name
         guesses = ["1", "0"] if _is_local(self.host) else ["0"]
         for is_host in [self.conf["is_host"]] if "is_host" in self.conf else guesses:
             self.params = self._params({**self.conf, "is_host": is_host})
-            if is_host == "0":
-                self.handler = registry.get_rendezvous_handler(self.params)
+            if is_host == "0":  # the client that torch's registry would make, through _connection
+                store = self._client(None)
+                self.handler = create_handler(store, C10dRendezvousBackend(store, self.params.run_id), self.params)
                 break
             if self.rdzv_host is None:  # after a reconnect: the store this helper hosts goes on
                 try:
@@ -199,7 +240,8 @@ class Member:
             break
         prefix = f"supervisord_ft/{self.params.run_id}"
         self.job = self._client(prefix)
-        Bell(self._client(prefix), self._client(prefix)).hang(self.handler)
+        self.bell = Bell(self._client(prefix), self._client(prefix))
+        self.bell.hang(self.handler)
 
     # -- join ---------------------------------------------------------------------------------
     def join(self, local_world_size: int) -> None:
@@ -213,6 +255,7 @@ class Member:
                 if self.handler is None:
                     self._reachable(deadline)
                     self._connect()
+                _joining.bell = self.bell
                 with self._knocking():
                     info = self.handler.next_rendezvous()
             except RendezvousClosedError:
@@ -288,12 +331,17 @@ class Member:
             self.hosted = Hosted(self.config["local_addr"], self.config["master_port"])
             self.job.set(f"{key}master", json.dumps([self.config["local_addr"], self.hosted.port]))
             self.hosted.serve()
-        sizes = [json.loads(self.job.get(f"{key}node/{n}")) for n in range(self.nnodes)]
-        addr, port = json.loads(self.job.get(f"{key}master"))
+        *sizes, master = self._gather([f"{key}node/{n}" for n in range(self.nnodes)] + [f"{key}master"])
+        addr, port = master
         threading.Thread(target=self._watch, args=(self.round,), daemon=True).start()
         self.emit(event="round", round=self.round, group_rank=self.group_rank, nnodes=self.nnodes,
                   world_size=sum(sizes), rank_offset=sum(sizes[:self.group_rank]),
                   master_addr=addr, master_port=port, restarts=self.job.add(RESTARTS, 0))
+
+    def _gather(self, keys: list[str]) -> list[Any]:
+        """The values of ``keys`` once all are set (bounded: ``read_timeout``), in one request: a
+        ``get`` per node cost each node N calls and the store N² per round."""
+        return [json.loads(value) for value in self.job.multi_get(keys)]
 
     def _watch(self, round_: int) -> None:
         """Report the round's news the moment some node sets it; or that the store went away."""
@@ -316,7 +364,7 @@ class Member:
         key = f"{self.round}/step/"
         try:
             self.job.set(f"{key}{self.group_rank}", json.dumps({"step": step, "steps": steps}))
-            ballots = [json.loads(self.job.get(f"{key}{n}")) for n in range(self.nnodes)]
+            ballots = self._gather([f"{key}{n}" for n in range(self.nnodes)])
         except DistError as exc:  # a node of the round is gone before it voted
             self.emit(event="broken", round=self.round, reason=str(exc).splitlines()[0])
             return
