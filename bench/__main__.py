@@ -17,13 +17,13 @@ from types import ModuleType
 
 from supervisord_ft.orphans import become_subreaper
 
-from . import (channel, checkpoint_stall, detection, failures, frameworks, goodput, multinode, overhead, ranks,
-               rdzv_load, recovery, scale, slow_consumer, standby_cost, status_log, steps_lost, teardown)
+from . import (channel, checkpoint_stall, detection, failures, frameworks, goodput, goodput_model, multinode,
+               overhead, ranks, rdzv_load, recovery, scale, slow_consumer, standby_cost, status_log, steps_lost, teardown)
 from .report import machine, save
 
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (
     detection, recovery, steps_lost, goodput, teardown, overhead, scale, checkpoint_stall, slow_consumer,
-    standby_cost, multinode, channel, failures, status_log, frameworks, rdzv_load, ranks)}
+    standby_cost, multinode, channel, failures, status_log, frameworks, rdzv_load, ranks, goodput_model)}
 
 
 async def main(names: list[str], quick: bool) -> int:
