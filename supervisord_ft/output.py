@@ -47,6 +47,9 @@ EMIT_BATCH = 64
 # many chunks in a row, seconds of splitting per turn, with exits, signals and recovery waiting).
 FAIR_CHUNK = 32 << 10
 REDRAW_INTERVAL = 1.0  # seconds between two logged redraws of one pipe
+# Drops are reported once the backlog empties, and at least this often while it never does (a
+# flood the daemon cannot keep up with: 1,024 ranks printing 10 lines a second each).
+DROP_REPORT_EVERY = 5.0
 # Far deeper than any log record, far shallower than the encoder's recursion limit (~1000).
 MAX_DEPTH = 32
 TRACEBACK_HEADER = b"Traceback (most recent call last):"
@@ -284,6 +287,7 @@ class OutputRouter:
         self._backlog: deque[tuple[Source, bytes, bool]] = deque()
         self._backlog_bytes = 0
         self._dropped: dict[Source, int] = {}
+        self._drops_reported = time.monotonic()
         self._in_traceback: set[Source] = set()  # stderr pipes in the middle of a traceback
         self._ready = asyncio.Event()
         self.lines = 0
@@ -320,7 +324,8 @@ class OutputRouter:
             await asyncio.sleep(0)
 
     def flush(self, limit: int | None = None) -> None:
-        """Emit up to ``limit`` pending lines now (all when None), then report drops."""
+        """Emit up to ``limit`` pending lines now (all when None), then report drops (once the
+        backlog is empty, or DROP_REPORT_EVERY after the last report)."""
         n = 0
         while self._backlog and (limit is None or n < limit):
             source, raw, truncated = self._backlog.popleft()
@@ -330,7 +335,9 @@ class OutputRouter:
                 self.on_json(source, fields)
             n += 1
         self.lines += n
-        if self._dropped and not self._backlog:
+        now = time.monotonic()
+        if self._dropped and (not self._backlog or now - self._drops_reported >= DROP_REPORT_EVERY):
+            self._drops_reported = now
             for source, count in self._dropped.items():
                 source.log.warning("worker_output_dropped", stream=source.stream, lines=count,
                                    reason="output faster than the daemon can log it")

@@ -17,7 +17,7 @@ import pytest
 import structlog
 
 from harness import ROOT, MemoryStdout, pid_alive
-from supervisord_ft import workers
+from supervisord_ft import output, workers
 from supervisord_ft.logs import Log
 from supervisord_ft.noderdzv import NOTICES
 from supervisord_ft.rendezvous import RankInfo
@@ -73,6 +73,17 @@ async def test_a_full_backlog_drops_lines_and_reports_how_many():
     dropped = [e for e in events if e["event"] == "worker_output_dropped"]
     assert len(kept) == 10 and kept[0]["line"] == "line 000"
     assert dropped[0]["lines"] == 90 and dropped[0]["level"] == "warning"
+
+
+async def test_drops_are_reported_while_a_flood_never_lets_the_backlog_empty(monkeypatch):
+    monkeypatch.setattr(output, "DROP_REPORT_EVERY", 0.0)  # every flush, for the test
+    sink = MemoryStdout()
+    router = OutputRouter(16, max_backlog_bytes=10 * (8 + LINE_OVERHEAD))
+    pipe = Pipe(router, Source(0, 0, "stdout", Log(None, sink).logger.bind(rank=0)), -1)
+    pipe.data_received(b"".join(b"line %03d\n" % i for i in range(100)))
+    router.flush(limit=1)  # the emitter behind: nine lines still wait
+    assert [e["lines"] for e in sink.events() if e["event"] == "worker_output_dropped"] == [90]
+    pipe.connection_lost(None)
 
 
 async def test_any_key_a_worker_uses_is_logged_and_none_overwrites_or_breaks_the_daemons():
