@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .report import Result, Table
+from .report import Result, Summary, Table
 
 NAME = "goodput_model"
 RESULTS = Path(__file__).parent / "results"
@@ -85,8 +85,7 @@ def goodput(p: Phases, gpus: int) -> dict[str, float | bool]:
 
 
 def _median(runs: list[dict], key: str) -> float:
-    values = sorted(r[key] for r in runs)
-    return values[len(values) // 2]
+    return Summary.of([r[key] for r in runs]).median
 
 
 def rounds(rdzv: dict, side: str, key: str) -> dict[int, float]:
